@@ -1,0 +1,330 @@
+"""Dispatch: envelopes in, durable Celery task messages out.
+
+Layer: bridges; imports the `hub` core only (tasks are sent by name).
+
+The event loop never waits on the broker. `submit()` appends the envelope to
+the open batch of its kind and returns a future. A batch is handed to the
+publisher thread when the loop has gone idle (a `call_soon` after the reads
+of one loop turn) or when it is full; while the thread is still busy with the
+previous batch, the open batch keeps growing, so batches grow with load and
+stay small (low latency) when the hub is quiet. See docs/delivery.md.
+
+The publisher thread owns one broker connection with publisher confirms. A
+batch is one task message (its envelopes as a list); when RabbitMQ confirms
+it, every envelope's future resolves and the bridges acknowledge the devices.
+When RabbitMQ is unreachable the batch goes to the local spool instead, which
+also resolves the futures; spooled batches are replayed in order once the
+broker is back, and new batches queue behind them. When the spool is full the
+thread waits, the futures stay pending, and devices stop being acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery
+from kombu import Connection
+
+from hub.envelope import Envelope, Kind
+from hub.errors import DispatchError
+from hub.metrics import Metrics
+from hub.routing import INGEST_TASKS, QUEUES, celery_queues, task_routes
+from hub.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: How many spooled batches are replayed before new work is looked at again.
+_REPLAY_CHUNK = 32
+
+
+@dataclass(slots=True)
+class _Batch:
+    kind: Kind
+    envelopes: list[Envelope] = field(default_factory=list)
+    futures: list[asyncio.Future[None]] = field(default_factory=list)
+
+    def body(self) -> list[dict[str, Any]]:
+        return [e.to_dict() for e in self.envelopes]
+
+
+_STOP = object()
+
+
+def publisher_app(settings: Settings) -> Celery:
+    """A Celery app used only to format and publish task messages by name."""
+    app = Celery("hub-dispatch", set_as_current=False)
+    transport_options: dict[str, Any] = {}
+    if not settings.embedded:
+        transport_options["confirm_publish"] = True
+    app.conf.update(
+        broker_url=settings.effective_broker_url,
+        broker_transport_options=transport_options,
+        broker_connection_timeout=2.0,
+        task_serializer="json",
+        accept_content=["json"],
+        task_queues=celery_queues(),
+        task_routes=task_routes(),
+        task_default_delivery_mode="persistent",
+    )
+    return app
+
+
+class Dispatcher:
+    """Batches envelopes and makes them durable without blocking the event loop."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._app = publisher_app(settings)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._open: dict[Kind, _Batch] = {}
+        self._flush_scheduled = False
+        self._thread_busy = 0  # batches handed over and not yet done
+        self._handoff: queue.Queue[Any] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._stop_requested = threading.Event()
+        self._max = settings.batch_max_messages
+
+    # -- event loop side ---------------------------------------------------
+
+    async def start(self) -> None:
+        from bridges.spool import Spool
+
+        self._loop = asyncio.get_running_loop()
+        # Opening the spool reads its size; keep that disk access off the loop.
+        spool = await asyncio.to_thread(
+            Spool, self._settings.spool_path, self._settings.spool_max_messages
+        )
+        self._metrics.spool_size.set(spool.messages)
+        publisher = _Publisher(
+            self._app, spool, self._settings, self._metrics, self._stop_requested
+        )
+        self._thread = threading.Thread(
+            target=publisher.run,
+            args=(self._handoff, self._loop, self._done),
+            name="hub-dispatch",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def submit(self, envelope: Envelope) -> asyncio.Future[None]:
+        """Queue `envelope`; the future resolves once it is durable (see module doc)."""
+        loop = self._loop
+        if loop is None or self._stopping:
+            raise DispatchError("the dispatcher is not running")
+        future: asyncio.Future[None] = loop.create_future()
+        batch = self._open.get(envelope.kind)
+        if batch is None:
+            batch = self._open[envelope.kind] = _Batch(envelope.kind)
+        batch.envelopes.append(envelope)
+        batch.futures.append(future)
+        if len(batch.envelopes) >= self._max:
+            self._hand_over(self._open.pop(envelope.kind))
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            if self._settings.batch_window_ms > 0:
+                loop.call_later(self._settings.batch_window_ms / 1000, self._flush)
+            else:
+                loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        # Adaptive batching: while the thread still works on a batch, keep the
+        # open ones growing; `_done` flushes again when the thread is free.
+        if self._thread_busy > 0:
+            return
+        self.flush_all()
+
+    def flush_all(self) -> None:
+        for kind in list(self._open):
+            self._hand_over(self._open.pop(kind))
+
+    def _hand_over(self, batch: _Batch) -> None:
+        self._thread_busy += 1
+        self._handoff.put(batch)
+
+    def _done(self, batch: _Batch, error: BaseException | None) -> None:
+        """Called on the loop when the thread has made a batch durable (or given up)."""
+        self._thread_busy -= 1
+        for future in batch.futures:
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+        if self._open and self._thread_busy == 0 and not self._flush_scheduled:
+            self.flush_all()
+
+    @property
+    def pending(self) -> int:
+        """Envelopes accepted and not yet durable."""
+        return sum(len(b.envelopes) for b in self._open.values())
+
+    async def stop(self) -> None:
+        """Make everything accepted so far durable, then stop the thread."""
+        if self._thread is None or self._stopping:
+            return
+        self.flush_all()
+        self._stopping = True
+        self._stop_requested.set()
+        self._handoff.put(_STOP)
+        await asyncio.to_thread(self._thread.join)
+        # Let the thread's last call_soon_threadsafe callbacks run.
+        await asyncio.sleep(0)
+        self._thread = None
+
+
+class _Publisher:
+    """The publisher thread: owns the broker connection and the spool."""
+
+    def __init__(
+        self,
+        app: Celery,
+        spool: Any,
+        settings: Settings,
+        metrics: Metrics,
+        stop_requested: threading.Event,
+    ) -> None:
+        self._app = app
+        self._stop_requested = stop_requested
+        self._spool = spool
+        self._settings = settings
+        self._metrics = metrics
+        self._connection: Connection | None = None
+        self._producer: Any = None
+        self._next_attempt = 0.0
+        self._down_logged = False
+
+    # -- broker connection -------------------------------------------------
+
+    def _connected(self) -> bool:
+        if self._connection is not None:
+            return True
+        now = time.monotonic()
+        if now < self._next_attempt:
+            return False
+        self._next_attempt = now + self._settings.broker_retry_interval_s
+        try:
+            connection = self._app.connection_for_write()
+            connection.ensure_connection(max_retries=1, timeout=2)
+            channel = connection.default_channel
+            for declared in celery_queues():
+                declared(channel).declare()
+            self._producer = self._app.amqp.Producer(channel, auto_declare=False)
+        except Exception as exc:  # boundary: any broker failure means "unreachable"
+            self._mark_down(exc)
+            return False
+        self._connection = connection
+        self._metrics.broker_connected.set(1)
+        if self._down_logged:
+            log.info("task broker reachable again; replaying %d spooled", self._spool.messages)
+        self._down_logged = False
+        return True
+
+    def _mark_down(self, exc: BaseException) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):  # already broken; nothing to save
+                self._connection.release()
+        self._connection = None
+        self._producer = None
+        self._metrics.broker_connected.set(0)
+        if not self._down_logged:
+            log.warning("task broker unreachable (%s); spooling locally", exc)
+            self._down_logged = True
+
+    def _publish(self, task_name: str, queue_name: str, body: Sequence[Any]) -> bool:
+        """One task message, confirmed; False (and disconnected) on any failure."""
+        if not self._connected():
+            return False
+        try:
+            self._app.send_task(
+                task_name,
+                args=(body,),
+                task_id=uuid.uuid4().hex,
+                producer=self._producer,
+                queue=queue_name,
+                retry=False,
+            )
+        except Exception as exc:  # boundary: connection loss, nack, confirm timeout
+            self._mark_down(exc)
+            return False
+        return True
+
+    # -- the loop of the thread --------------------------------------------
+
+    def run(self, handoff: queue.Queue[Any], loop: asyncio.AbstractEventLoop, done: Any) -> None:
+        stopping = False
+        while True:
+            timeout = self._settings.broker_retry_interval_s if self._spool.messages else None
+            try:
+                item = handoff.get(timeout=timeout) if not stopping else handoff.get_nowait()
+            except queue.Empty:
+                item = None
+                if stopping:
+                    break
+            if item is _STOP:
+                stopping = True
+            elif item is not None:
+                error = self._make_durable(item)
+                loop.call_soon_threadsafe(done, item, error)
+            self._replay()
+        if self._connection is not None:
+            self._connection.release()
+        self._spool.close()
+
+    def _make_durable(self, batch: _Batch) -> BaseException | None:
+        task_name = INGEST_TASKS[batch.kind]
+        queue_name = QUEUES[batch.kind]
+        body = batch.body()
+        count = len(body)
+        if self._spool.messages == 0 and self._publish(task_name, queue_name, body):
+            self._metrics.batches_published.inc()
+            self._metrics.envelopes_published.inc(count)
+            return None
+        # The broker is away (or older batches wait in the spool: keep order).
+        text = json.dumps(body, separators=(",", ":"))
+        while not self._spool.has_room(count):
+            # Backpressure: nothing is acknowledged until there is room again.
+            self._replay()
+            if self._spool.has_room(count):
+                break
+            if self._stop_requested.is_set():
+                # Shutting down with a full spool and no broker: these stay
+                # unacknowledged and the devices will send them again.
+                return DispatchError("spool full and broker unreachable at shutdown")
+            time.sleep(min(self._settings.broker_retry_interval_s, 0.5))
+        try:
+            self._spool.append(task_name, queue_name, text, count)
+        except Exception as exc:  # boundary: a disk failure must fail these futures, not hang them
+            log.exception("could not spool a batch of %d", count)
+            return DispatchError(f"could not spool: {exc}")
+        self._metrics.envelopes_spooled.inc(count)
+        self._metrics.spool_size.set(self._spool.messages)
+        return None
+
+    def _replay(self) -> None:
+        """Publish spooled batches oldest first, a chunk at a time."""
+        if not self._spool.messages or not self._connected():
+            return
+        for spooled in self._spool.oldest(_REPLAY_CHUNK):
+            if not self._publish(spooled.task_name, spooled.queue, json.loads(spooled.body)):
+                return
+            self._spool.remove(spooled)
+            self._metrics.batches_published.inc()
+            self._metrics.envelopes_published.inc(spooled.count)
+        self._metrics.spool_size.set(self._spool.messages)
+        if not self._spool.messages:
+            log.info("spool replayed")

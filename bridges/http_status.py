@@ -1,0 +1,94 @@
+"""Health, status and Prometheus metrics over HTTP for the hub process.
+
+Layer: bridges; imports the `hub` core only.
+
+A deliberately tiny HTTP/1.0 responder on asyncio (GET only): `/healthz`,
+`/status` (JSON) and `/metrics` (Prometheus text). It shares the event loop
+with the device listeners and does no blocking work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from hub.errors import ConfigError
+from hub.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+_MAX_REQUEST_BYTES = 8192
+
+
+class HttpStatusServer:
+    def __init__(
+        self, host: str, port: int, metrics: Metrics, status: Callable[[], dict[str, Any]]
+    ) -> None:
+        self._host = host
+        self._requested_port = port
+        self._metrics = metrics
+        self._status = status
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        try:
+            self._server = await asyncio.start_server(
+                self._serve, self._host, self._requested_port, reuse_address=True
+            )
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"HTTP port {self._requested_port} on {self._host} is already in use; "
+                    "choose another with http_port / HUB_HTTP_PORT",
+                    key="http_port", env="HUB_HTTP_PORT",
+                ) from None
+            raise
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            if len(head) > _MAX_REQUEST_BYTES:
+                raise ValueError("request too large")
+            method, path, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+            status, content_type, body = self._route(method, path.split("?", 1)[0])
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
+            status, content_type, body = "400 Bad Request", "text/plain", b"bad request\n"
+        except Exception:  # boundary: one request must not take the server down
+            log.exception("status request failed")
+            status, content_type, body = "500 Internal Server Error", "text/plain", b"error\n"
+        writer.write(
+            f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+        )
+        try:
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    def _route(self, method: str, path: str) -> tuple[str, str, bytes]:
+        if method != "GET":
+            return "405 Method Not Allowed", "text/plain", b"GET only\n"
+        if path == "/healthz":
+            return "200 OK", "text/plain", b"ok\n"
+        if path == "/status":
+            return "200 OK", "application/json", json.dumps(self._status()).encode()
+        if path == "/metrics":
+            return "200 OK", "text/plain; version=0.0.4", self._metrics.render()
+        return "404 Not Found", "text/plain", b"not found\n"

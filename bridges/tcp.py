@@ -1,0 +1,413 @@
+"""The TCP bridge: device connections speaking a registered codec, in and out of envelopes.
+
+Layer: bridges; imports the `hub` core only.
+
+One `TcpServer` per configured listener (port + codec). Each connection owns a
+sans-IO codec in the hub role; this module only moves bytes and applies the
+rules of docs/protocol.md ("Connection lifecycle"): the first frame must be a
+HELLO with a valid credential; every TELEMETRY, EVENT or STATE frame becomes an
+envelope, and the device gets its ACK only once the dispatcher made it
+durable. A connection with too many unacknowledged frames stops being read
+(backpressure), a silent one is closed after the idle timeout, and a protocol
+violation gets a NAK with its reason and a close: it never touches another
+device's connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from hub.envelope import Envelope, Kind, envelope_id
+from hub.errors import AuthError, ConfigError, DispatchError, RemoteProtocolError
+from hub.metrics import Metrics
+from hub.protocol.base import CodecFactory, load_codec
+from hub.protocol.events import (
+    NEED_DATA,
+    Ack,
+    Command,
+    CommandResult,
+    ConnectionClosed,
+    DeviceEvent,
+    Hello,
+    Nak,
+    NakReason,
+    Ping,
+    Pong,
+    Role,
+    StateReport,
+    Telemetry,
+)
+from hub.registry import CredentialCache
+from hub.settings import Settings, TcpListener
+
+log = logging.getLogger(__name__)
+
+_KINDS: dict[type[Any], Kind] = {
+    Telemetry: Kind.TELEMETRY,
+    DeviceEvent: Kind.EVENT,
+    StateReport: Kind.STATE,
+}
+_AUTH_REASONS = {
+    "unknown_device": NakReason.UNKNOWN_DEVICE,
+    "bad_credential": NakReason.BAD_CREDENTIAL,
+}
+
+
+class Dispatch:
+    """What the TCP bridge needs of the dispatcher (see bridges.dispatch.Dispatcher)."""
+
+    def submit(self, envelope: Envelope) -> asyncio.Future[None]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class DeviceConnection(asyncio.Protocol):
+    """One device's TCP connection."""
+
+    def __init__(self, server: TcpServer) -> None:
+        self._server = server
+        self._codec = server.codec_factory(Role.HUB, max_frame_bytes=server.max_frame_bytes)
+        self._transport: asyncio.Transport | None = None
+        self.device_id: str | None = None
+        self._boot_id = 0
+        self._authenticating = False
+        self._inflight = 0
+        self._paused = False
+        self._closing = False
+        self._last_activity = time.monotonic()
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self.peer = "?"
+
+    # -- asyncio.Protocol ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self._server.connections.add(self)
+        self._server.metrics.connections.labels("tcp").inc()
+        self._schedule_idle_check()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._server.connections.discard(self)
+        self._server.metrics.connections.labels("tcp").dec()
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        if self.device_id is not None and self._server.devices.get(self.device_id) is self:
+            del self._server.devices[self.device_id]
+            self._server.presence(self.device_id, online=False)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_activity = time.monotonic()
+        self._codec.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        self._codec.receive_data(b"")
+        self._process()
+        return None
+
+    def pause_writing(self) -> None:
+        # The device reads slowly; stop reading from it too, so ACKs do not pile up.
+        self._pause()
+
+    def resume_writing(self) -> None:
+        self._maybe_resume()
+
+    # -- events ------------------------------------------------------------
+
+    def _process(self) -> None:
+        while not self._closing and not self._authenticating:
+            try:
+                event = self._codec.next_event()
+            except RemoteProtocolError as exc:
+                self._refuse(exc.seq, NakReason(exc.code), str(exc))
+                return
+            if event is NEED_DATA:
+                return
+            self._handle(event)
+
+    def _handle(self, event: Any) -> None:
+        kind = _KINDS.get(type(event))
+        if kind is not None:
+            self._data(event, kind)
+        elif isinstance(event, Hello):
+            self._hello(event)
+        elif isinstance(event, Ping):
+            self._send(Pong(event.seq))
+        elif isinstance(event, ConnectionClosed):
+            self._close()
+        elif isinstance(event, CommandResult):
+            self._command_result(event)
+        elif isinstance(event, (Pong, Ack, Nak)):
+            return  # keep-alive answers and acks of commands need nothing here
+        else:  # pragma: no cover - the codec's role rules exclude anything else
+            log.error("unexpected event %r from %s", event, self.peer)
+
+    def _hello(self, hello: Hello) -> None:
+        cache = self._server.credentials
+        if cache.missing(hello.device_id):
+            # Not seen yet: look it up off the loop, and stop reading meanwhile
+            # (the codec keeps any frames that follow the HELLO).
+            self._authenticating = True
+            task = asyncio.ensure_future(self._refresh_then_verify(hello))
+            self._server.background.add(task)
+            task.add_done_callback(self._server.background.discard)
+            return
+        self._verify(hello)
+
+    async def _refresh_then_verify(self, hello: Hello) -> None:
+        try:
+            await self._server.refresh_credentials(hello.device_id)
+        except Exception:  # boundary: the registry is unavailable
+            log.exception("registry lookup failed for %r", hello.device_id)
+            self._authenticating = False
+            self._refuse(hello.seq, NakReason.INTERNAL, "registry unavailable")
+            return
+        self._authenticating = False
+        if self._closing:
+            return
+        self._verify(hello)
+        self._process()
+
+    def _verify(self, hello: Hello) -> None:
+        try:
+            self._server.credentials.verify(hello.device_id, hello.credential)
+        except AuthError as exc:
+            self._server.metrics.auth_failures.labels("tcp", exc.reason).inc()
+            log.warning("refused device %r from %s: %s", hello.device_id, self.peer, exc.reason)
+            self._refuse(hello.seq, _AUTH_REASONS[exc.reason], exc.reason, count=False)
+            return
+        self.device_id = hello.device_id
+        self._boot_id = hello.boot_id
+        previous = self._server.devices.get(hello.device_id)
+        if previous is not None and previous is not self:
+            # The device reconnected while its old socket still looks open (a
+            # half-open connection): the newest one wins.
+            log.info(
+                "device %r reconnected from %s; closing its older connection",
+                hello.device_id,
+                self.peer,
+            )
+            previous._close()
+        self._server.devices[hello.device_id] = self
+        self._send(Ack(hello.seq))
+        self._server.presence(hello.device_id, online=True)
+
+    def _data(self, event: Telemetry | DeviceEvent | StateReport, kind: Kind) -> None:
+        device_id = self.device_id
+        assert device_id is not None  # the codec refuses data before HELLO
+        server = self._server
+        server.metrics.messages_received.labels("tcp").inc()
+        try:
+            envelope = Envelope(
+                id=envelope_id(device_id, event.seq, self._boot_id),
+                device_id=device_id,
+                kind=kind,
+                seq=event.seq,
+                payload=event.payload,
+                device_time=(
+                    datetime.fromtimestamp(event.device_time_ms / 1000, UTC)
+                    if event.device_time_ms
+                    else None
+                ),
+                transport="tcp",
+                protocol=server.codec_name,
+            )
+            future = server.dispatcher.submit(envelope)
+        except Exception as exc:  # boundary: a bad payload or a stopped dispatcher
+            server.metrics.invalid_payloads.labels("tcp").inc()
+            log.warning("device %r seq %d refused: %s", device_id, event.seq, exc)
+            self._send(Nak(event.seq, NakReason.BAD_PAYLOAD, str(exc)[:200]))
+            return
+        self._inflight += 1
+        seq = event.seq
+        future.add_done_callback(lambda f: self._durable(seq, f))
+        if self._inflight >= server.max_inflight:
+            self._pause()
+
+    def _durable(self, seq: int, future: asyncio.Future[None]) -> None:
+        self._inflight -= 1
+        if future.cancelled() or future.exception() is not None:
+            # Not durable (hub shutting down): no ACK, the device sends it again.
+            return
+        if not self._closing:
+            self._server.metrics.messages_acked.labels("tcp").inc()
+            self._send(Ack(seq))
+        self._maybe_resume()
+
+    def _command_result(self, event: CommandResult) -> None:
+        device_id = self.device_id
+        assert device_id is not None
+        try:
+            envelope = Envelope(
+                device_id=device_id,
+                kind=Kind.COMMAND_RESULT,
+                payload={
+                    "command_id": event.command_id,
+                    "ok": event.ok,
+                    "result": event.result,
+                    "error": event.error,
+                },
+                transport="tcp",
+                protocol=self._server.codec_name,
+            )
+            future = self._server.dispatcher.submit(envelope)
+        except Exception as exc:  # boundary: a result that is not JSON-safe
+            log.warning("device %r: bad command result: %s", device_id, exc)
+            self._send(Nak(event.seq, NakReason.BAD_PAYLOAD, str(exc)[:200]))
+            return
+        seq = event.seq
+        future.add_done_callback(lambda f: self._durable_result(seq, f))
+
+    def _durable_result(self, seq: int, future: asyncio.Future[None]) -> None:
+        if not self._closing and not future.cancelled() and future.exception() is None:
+            self._send(Ack(seq))
+
+    def send_command(self, command: Command) -> None:
+        self._send(command)
+
+    # -- flow control, errors, timeouts -------------------------------------
+
+    def _pause(self) -> None:
+        if not self._paused and self._transport is not None and not self._closing:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def _maybe_resume(self) -> None:
+        if (
+            self._paused
+            and not self._closing
+            and self._transport is not None
+            and self._inflight < self._server.max_inflight // 2 + 1
+            and not self._transport.is_closing()
+        ):
+            self._paused = False
+            self._transport.resume_reading()
+
+    def _refuse(self, seq: int, reason: NakReason, message: str, *, count: bool = True) -> None:
+        if count:
+            self._server.metrics.protocol_errors.labels("tcp", reason.name.lower()).inc()
+            log.warning(
+                "closing %s (device %r): %s: %s",
+                self.peer,
+                self.device_id,
+                reason.name,
+                message,
+            )
+        self._send(Nak(seq, reason, message[:200]))
+        self._close()
+
+    def _send(self, event: Any) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(self._codec.send(event))
+
+    def _close(self) -> None:
+        self._closing = True
+        if self._transport is not None:
+            # close() flushes what was written (the NAK) before closing.
+            self._transport.close()
+
+    def _schedule_idle_check(self) -> None:
+        # One timer per half timeout instead of one reset per frame.
+        loop = asyncio.get_running_loop()
+        self._idle_handle = loop.call_later(self._server.idle_timeout_s / 2, self._idle_check)
+
+    def _idle_check(self) -> None:
+        if self._closing:
+            return
+        idle = time.monotonic() - self._last_activity
+        if idle >= self._server.idle_timeout_s and self._inflight == 0:
+            log.info("closing %s (device %r): idle for %.0f s", self.peer, self.device_id, idle)
+            self._close()
+            return
+        self._schedule_idle_check()
+
+
+class TcpServer:
+    """One listener: a port and the codec it speaks."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        listener: TcpListener,
+        dispatcher: Dispatch,
+        credentials: CredentialCache,
+        refresh_credentials: Callable[[str], Awaitable[None]],
+        metrics: Metrics,
+    ) -> None:
+        self.host = listener.host or settings.host
+        self.requested_port = listener.port
+        self.codec_name = listener.codec
+        self.codec_factory: CodecFactory = load_codec(listener.codec)
+        self.dispatcher = dispatcher
+        self.credentials = credentials
+        self.refresh_credentials = refresh_credentials
+        self.metrics = metrics
+        self.idle_timeout_s = settings.idle_timeout_s
+        self.max_frame_bytes = settings.max_frame_bytes
+        self.max_inflight = settings.max_inflight_per_connection
+        self.connections: set[DeviceConnection] = set()
+        self.devices: dict[str, DeviceConnection] = {}
+        self.background: set[asyncio.Future[None]] = set()
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "not started"
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(
+                lambda: DeviceConnection(self),
+                self.host,
+                self.requested_port,
+                reuse_address=True,
+                backlog=4096,
+            )
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"TCP port {self.requested_port} ({self.codec_name}) on {self.host} is "
+                    "already in use; choose another with tcp_port / HUB_TCP_PORT "
+                    "(or tcp_listeners in the configuration file)",
+                    key="tcp_port",
+                    env="HUB_TCP_PORT",
+                ) from None
+            raise ConfigError(
+                f"cannot listen on {self.host}:{self.requested_port}: {exc.strerror}",
+                key="host",
+                env="HUB_HOST",
+            ) from None
+
+    def presence(self, device_id: str, *, online: bool) -> None:
+        """Record a connect or disconnect as a presence envelope (not acknowledged to anyone)."""
+        with contextlib.suppress(DispatchError):  # shutting down: presence is best effort
+            self.dispatcher.submit(
+                Envelope(
+                    device_id=device_id,
+                    kind=Kind.PRESENCE,
+                    payload={"online": online},
+                    transport="tcp",
+                    protocol=self.codec_name,
+                )
+            )
+
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for connection in list(self.connections):
+            connection._close()
+        await self._server.wait_closed()
+        self._server = None

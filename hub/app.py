@@ -1,0 +1,222 @@
+"""The composition root: builds and runs a whole hub from its settings.
+
+Layer: composition root. The one core module allowed to import `bridges`.
+
+`HubApp` starts, on one asyncio loop: the dispatcher (RabbitMQ or the
+embedded local queue), one TCP server per configured listener, the MQTT side
+(embedded amqtt broker, or a bridge from an external broker) and the HTTP
+status endpoint. In the embedded default (no RabbitMQ configured) it also
+runs a worker for the local queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from bridges.dispatch import Dispatcher
+from bridges.http_status import HttpStatusServer
+from bridges.tcp import TcpServer
+from hub import __version__
+from hub.errors import ConfigError
+from hub.metrics import Metrics
+from hub.registry import CredentialCache, Registry
+from hub.settings import Settings
+from hub.storage import make_engine, migrate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    host: str
+    port: int
+    detail: str
+
+
+class HubApp:
+    """A whole hub process. `await start()`, then `await stop()`."""
+
+    def __init__(self, settings: Settings, *, run_worker: bool | None = None) -> None:
+        self.settings = settings
+        self.data_path = settings.data_dir.resolve()
+        self.metrics = Metrics()
+        self.engine = make_engine(settings.effective_database_url)
+        self.registry = Registry(self.engine)
+        self.credentials = CredentialCache()
+        self.dispatcher = Dispatcher(settings, self.metrics)
+        self.tcp_servers: list[TcpServer] = []
+        self.mqtt: Any = None
+        self.http: HttpStatusServer | None = None
+        self._worker: subprocess.Popen[bytes] | None = None
+        # The embedded default runs its own worker; with RabbitMQ, workers are
+        # separate `celery -A tasks worker` processes.
+        self._run_worker = settings.embedded if run_worker is None else run_worker
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        data_dir = self.settings.data_dir
+        try:
+            await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
+            if not os.access(data_dir, os.W_OK):
+                raise PermissionError(data_dir)
+        except PermissionError:
+            raise ConfigError(
+                f"data folder {data_dir.resolve()} is not writable; choose another with "
+                "data_dir / HUB_DATA_DIR",
+                key="data_dir", env="HUB_DATA_DIR",
+            ) from None
+        await asyncio.to_thread(migrate, self.settings.effective_database_url)
+        self.credentials.update(await asyncio.to_thread(self.registry.credential_hashes))
+        await self.dispatcher.start()
+        try:
+            for listener in self.settings.listeners:
+                server = TcpServer(
+                    self.settings, listener, self.dispatcher, self.credentials,
+                    self.refresh_credentials, self.metrics,
+                )
+                await server.start()
+                self.tcp_servers.append(server)
+            if self.settings.mqtt_enabled:
+                await self._start_mqtt()
+            self.http = HttpStatusServer(
+                self.settings.host, self.settings.http_port, self.metrics, self.status
+            )
+            await self.http.start()
+            if self._run_worker:
+                self._start_worker()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start_mqtt(self) -> None:
+        if self.settings.mqtt_external_url:
+            from bridges.mqtt_external import ExternalMqttBridge
+
+            self.mqtt = ExternalMqttBridge(self.settings, self.dispatcher, self.metrics)
+        else:
+            from bridges.mqtt_embedded import EmbeddedMqtt
+
+            self.mqtt = EmbeddedMqtt(
+                self.settings, self.dispatcher, self.credentials,
+                self.refresh_credentials, self.metrics,
+            )
+        await self.mqtt.start()
+
+    def _start_worker(self) -> None:
+        env = dict(os.environ)
+        env["HUB_DATA_DIR"] = str(self.settings.data_dir.resolve())
+        env["HUB_DATABASE_URL"] = self.settings.effective_database_url
+        env["HUB_RESULT_BACKEND"] = self.settings.effective_result_backend
+        if self.settings.broker_url:
+            env["HUB_BROKER_URL"] = self.settings.broker_url
+        env.pop("HUB_CONFIG", None)
+        log_file = (self.settings.data_dir / "worker.log").open("ab")
+        self._worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool=solo",
+             "--loglevel=WARNING", "--without-gossip", "--without-mingle"],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+        log_file.close()
+
+    async def stop(self) -> None:
+        for server in self.tcp_servers:
+            await server.stop()
+        self.tcp_servers.clear()
+        if self.mqtt is not None:
+            await self.mqtt.stop()
+            self.mqtt = None
+        await self.dispatcher.stop()
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
+        if self._worker is not None:
+            self._worker.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(self._worker.wait, 30)
+            except subprocess.TimeoutExpired:
+                self._worker.kill()
+            self._worker = None
+        self.engine.dispose()
+
+    # -- services for the bridges ------------------------------------------------
+
+    async def refresh_credentials(self, device_id: str) -> None:
+        """Load one device's credential hash from the database into the cache."""
+        hashes = await asyncio.to_thread(self.registry.credential_hashes, [device_id])
+        if hashes:
+            self.credentials.update(hashes)
+        else:
+            self.credentials.forget(device_id)
+
+    # -- what it shows -----------------------------------------------------------
+
+    def listeners(self) -> list[Listener]:
+        found = [
+            Listener(f"tcp/{s.codec_name}", s.host, s.port, f"devices speaking {s.codec_name}")
+            for s in self.tcp_servers
+        ]
+        if self.mqtt is not None and hasattr(self.mqtt, "port"):
+            found.append(Listener("mqtt", self.settings.host, self.mqtt.port, "embedded broker"))
+        if self.http is not None:
+            found.append(
+                Listener("http", self.settings.host, self.http.port, "/healthz /status /metrics")
+            )
+        return found
+
+    def mode(self) -> str:
+        if self.settings.embedded:
+            return f"embedded (local queue in {self.settings.data_dir}, in-hub worker)"
+        worker = "in-hub worker" if self._run_worker else "separate `celery -A tasks worker`"
+        return f"RabbitMQ at {_redact(self.settings.broker_url or '')}, {worker}"
+
+    def status(self) -> dict[str, Any]:
+        connections = sum(len(s.devices) for s in self.tcp_servers)
+        mqtt_clients = getattr(self.mqtt, "connected_devices", None)
+        return {
+            "version": __version__,
+            "mode": self.mode(),
+            "listeners": [asdict(x) for x in self.listeners()],
+            "devices_connected": {"tcp": connections, "mqtt": mqtt_clients},
+            "dispatch_pending": self.dispatcher.pending,
+            "spool_messages": int(self.metrics.spool_size._value.get()),
+            "broker_connected": bool(self.metrics.broker_connected._value.get()),
+        }
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+async def serve(settings: Settings, *, run_worker: bool | None = None, out: Any = None) -> None:
+    """Run a hub until SIGINT or SIGTERM; print where everything listens."""
+    out = out or sys.stdout
+    app = HubApp(settings, run_worker=run_worker)
+    await app.start()
+    print(f"hub {__version__} running, mode: {app.mode()}", file=out)
+    for listener in app.listeners():
+        print(f"  {listener.name:<12} {listener.host}:{listener.port}  {listener.detail}",
+              file=out)
+    print(f"  data         {app.data_path}", file=out)
+    print("Press Ctrl+C to stop.", file=out, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        print("stopping: making accepted messages durable...", file=out, flush=True)
+        await app.stop()
+        print("stopped", file=out, flush=True)

@@ -1,0 +1,257 @@
+"""The `hub` command: run the hub, manage devices, read what they sent.
+
+Layer: composition root (imports `hub.app`, which imports `bridges`).
+
+Every error the user can cause (a port in use, a bad setting, an unwritable
+data folder, an unreachable broker) is one readable line and a non-zero exit
+status; `--verbose` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from datetime import datetime
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from hub import __version__
+from hub.errors import ConfigError, HubError
+from hub.settings import Settings, load_settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, default=_json_default))
+
+
+def friendly_errors(func: F) -> F:
+    """Turn HubErrors into one line on stderr and an exit status (2 for configuration)."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as exc:
+            if ctx.obj and ctx.obj.get("verbose"):
+                raise
+            click.echo(f"hub: configuration error: {exc}", err=True)
+            sys.exit(2)
+        except HubError as exc:
+            if ctx.obj and ctx.obj.get("verbose"):
+                raise
+            click.echo(f"hub: error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _settings(ctx: click.Context, **overrides: Any) -> Settings:
+    return load_settings(ctx.obj.get("config"), **overrides)
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Configuration: a TOML file (--config or HUB_CONFIG) and HUB_* environment "
+    "variables; see docs/configuration.md.",
+)
+@click.option(
+    "--config", "config", type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML configuration file (default: $HUB_CONFIG).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging and full tracebacks.")
+@click.version_option(__version__, prog_name="hub")
+@click.pass_context
+def main(ctx: click.Context, config: Path | None, verbose: bool) -> None:
+    """A hub for device fleets: TCP and MQTT devices in, Celery tasks out."""
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config
+    ctx.obj["verbose"] = verbose
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not verbose:
+        # amqtt and kombu are chatty at INFO about every client and connection.
+        for name in ("amqtt", "transitions", "kombu", "celery", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@main.command(
+    epilog="Examples:\n\n\b\n  hub run\n  hub run --tcp-port 7700 --mqtt-port 1884\n"
+    "  HUB_BROKER_URL=amqp://guest:guest@127.0.0.1:5672// hub run"
+)
+@click.option("--host", help="Address to listen on (HUB_HOST, default 0.0.0.0).")
+@click.option("--tcp-port", type=int, help="Native protocol TCP port (HUB_TCP_PORT, 7700).")
+@click.option("--mqtt-port", type=int, help="Embedded MQTT broker port (HUB_MQTT_PORT, 1883).")
+@click.option("--http-port", type=int, help="Status and metrics port (HUB_HTTP_PORT, 8080).")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Data folder (HUB_DATA_DIR).")
+@click.option("--broker-url", help="RabbitMQ URL; empty runs the embedded default.")
+@click.option("--no-mqtt", is_flag=True, help="Do not start the MQTT side.")
+@click.option(
+    "--worker/--no-worker", default=None,
+    help="Run a task worker alongside the hub (default: only in the embedded mode).",
+)
+@click.pass_context
+@friendly_errors
+def run(ctx: click.Context, no_mqtt: bool, worker: bool | None, **options: Any) -> None:
+    """Serve devices: TCP listeners, MQTT broker, dispatch to tasks."""
+    if no_mqtt:
+        options["mqtt_enabled"] = False
+    settings = _settings(ctx, **options)
+    try:
+        from hub.app import serve
+
+        asyncio.run(serve(settings, run_worker=worker))
+    except KeyboardInterrupt:
+        pass
+
+
+@main.group()
+def devices() -> None:
+    """Register, list and remove devices."""
+
+
+def _registry(ctx: click.Context) -> Any:
+    from hub.registry import Registry
+    from hub.storage import make_engine, migrate
+
+    settings = _settings(ctx)
+    migrate(settings.effective_database_url)
+    return Registry(make_engine(settings.effective_database_url))
+
+
+@devices.command("add")
+@click.argument("device_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@friendly_errors
+def devices_add(ctx: click.Context, device_id: str, as_json: bool) -> None:
+    """Register DEVICE_ID and print its new credential (shown only once)."""
+    credential = _registry(ctx).add(device_id)
+    if as_json:
+        _emit_json({"device_id": device_id, "credential": credential})
+    else:
+        click.echo(f"device {device_id} added; its credential (shown only once):")
+        click.echo(credential)
+
+
+@devices.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@friendly_errors
+def devices_list(ctx: click.Context, as_json: bool) -> None:
+    """List registered devices."""
+    records = _registry(ctx).list()
+    if as_json:
+        _emit_json([{"device_id": r.id, "created_at": r.created_at} for r in records])
+        return
+    for r in records:
+        click.echo(f"{r.id}\t{r.created_at:%Y-%m-%d %H:%M:%S}")
+    if not records:
+        click.echo("no devices; add one with `hub devices add ID`", err=True)
+
+
+@devices.command("remove")
+@click.argument("device_id")
+@click.pass_context
+@friendly_errors
+def devices_remove(ctx: click.Context, device_id: str) -> None:
+    """Remove DEVICE_ID from the registry (its data stays)."""
+    if not _registry(ctx).remove(device_id):
+        raise HubError(f"no device {device_id!r}")
+    click.echo(f"device {device_id} removed")
+
+
+def _engine(ctx: click.Context) -> Any:
+    from hub.storage import make_engine, migrate
+
+    settings = _settings(ctx)
+    migrate(settings.effective_database_url)
+    return make_engine(settings.effective_database_url)
+
+
+@main.command()
+@click.argument("device_id")
+@click.option("--last", default=10, show_default=True, help="How many messages.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@friendly_errors
+def telemetry(ctx: click.Context, device_id: str, last: int, as_json: bool) -> None:
+    """Show the newest telemetry stored for DEVICE_ID."""
+    from hub.storage import recent_telemetry
+
+    rows = recent_telemetry(_engine(ctx), device_id, last)
+    if as_json:
+        _emit_json(rows)
+        return
+    if not rows:
+        click.echo(f"no telemetry stored for {device_id}", err=True)
+    for row in rows:
+        values = json.dumps(row["payload"], separators=(",", ":"))
+        click.echo(f"{row['received_at']:%Y-%m-%d %H:%M:%S.%f}  seq={row['seq']}  {values}")
+
+
+@main.command()
+@click.argument("device_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@friendly_errors
+def state(ctx: click.Context, device_id: str, as_json: bool) -> None:
+    """Show DEVICE_ID's last known state and whether it is online."""
+    from hub.storage import device_state
+
+    row = device_state(_engine(ctx), device_id)
+    if row is None:
+        raise HubError(f"nothing stored yet for device {device_id!r}")
+    if as_json:
+        _emit_json(row)
+        return
+    click.echo(f"device      {device_id}")
+    click.echo(f"online      {'yes' if row['online'] else 'no'} (via {row['transport']})")
+    click.echo(f"last seen   {row['last_seen_at']}")
+    click.echo(f"last values {json.dumps(row['last_values'])}")
+    click.echo(f"state       {json.dumps(row['state'])}")
+
+
+@main.command()
+@click.option("--url", help="The hub's status URL (default: http://127.0.0.1:<http_port>).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@friendly_errors
+def status(ctx: click.Context, url: str | None, as_json: bool) -> None:
+    """Show a running hub's listeners, connected devices and spool."""
+    settings = _settings(ctx)
+    url = url or f"http://127.0.0.1:{settings.http_port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            data = json.load(response)
+    except (urllib.error.URLError, OSError) as exc:
+        raise HubError(f"no hub answers at {url} ({exc}); is `hub run` running?") from None
+    if as_json:
+        _emit_json(data)
+        return
+    click.echo(f"mode        {data['mode']}")
+    for listener in data["listeners"]:
+        click.echo(f"listening   {listener['name']:<12} {listener['host']}:{listener['port']}")
+    click.echo(f"devices     {data['devices_connected']}")
+    click.echo(f"pending     {data['dispatch_pending']}")
+    click.echo(f"spool       {data['spool_messages']} messages")
+    click.echo(f"broker      {'connected' if data['broker_connected'] else 'unreachable'}")

@@ -1,0 +1,191 @@
+"""The normalized envelope: the only thing that crosses from bridges to tasks.
+
+Layer: core; imports only `hub.errors`.
+
+Every device message, whichever transport and protocol it came by, becomes one
+`Envelope`. It serializes to a JSON-safe dict for Celery and validates when it
+is read back; a bad envelope raises `EnvelopeError`, which is never retried.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import math
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from hub.errors import EnvelopeError
+
+SCHEMA_VERSION = 1
+MAX_DEVICE_ID_CHARS = 128
+
+
+class Kind(enum.StrEnum):
+    """What a device message means; routes it to a queue and a task."""
+
+    TELEMETRY = "telemetry"
+    EVENT = "event"
+    STATE = "state"
+    COMMAND_RESULT = "command_result"
+    PRESENCE = "presence"
+
+
+def envelope_id(device_id: str, seq: int | None, boot_id: int | str = 0) -> str:
+    """The id of a message: derived from device id, boot id and sequence number
+    where the device gives one, so that a retransmission carries the same id and
+    is processed once; random otherwise.
+
+    The boot id (chosen by the device at power-up, see docs/protocol.md) keeps a
+    device that restarts its sequence counter from having its new messages taken
+    for retransmissions of old ones.
+    """
+    if seq is None:
+        return uuid.uuid4().hex
+    digest = hashlib.blake2b(f"{device_id}\x00{boot_id}\x00{seq}".encode(), digest_size=16)
+    return digest.hexdigest()
+
+
+def _utc_from(value: object, name: str) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise EnvelopeError(f"{name} must be an ISO 8601 string", field=name)
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise EnvelopeError(f"{name} is not ISO 8601: {value!r}", field=name) from exc
+    if parsed.tzinfo is None:
+        raise EnvelopeError(f"{name} must carry a time zone", field=name)
+    return parsed.astimezone(UTC)
+
+
+def validate_device_id(device_id: object) -> str:
+    """Device ids are 1-128 printable characters without `/`, `+`, `#` or spaces,
+    so that they are safe as MQTT topic levels and in file names."""
+    if not isinstance(device_id, str) or not device_id:
+        raise EnvelopeError("device_id must be a non-empty string", field="device_id")
+    if len(device_id) > MAX_DEVICE_ID_CHARS:
+        raise EnvelopeError("device_id is longer than 128 characters", field="device_id")
+    if any(c in "/+# " or not c.isprintable() for c in device_id):
+        raise EnvelopeError(
+            f"device_id {device_id!r} contains '/', '+', '#', a space or a control character",
+            field="device_id",
+        )
+    return device_id
+
+
+def _check_json_safe(value: object, path: str) -> None:
+    if value is None or isinstance(value, (str, bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise EnvelopeError(f"{path} is not a finite number", field="payload")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_json_safe(item, f"{path}[{i}]")
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise EnvelopeError(f"{path} has a non-string key {key!r}", field="payload")
+            _check_json_safe(item, f"{path}.{key}")
+        return
+    raise EnvelopeError(f"{path} is not JSON-safe ({type(value).__name__})", field="payload")
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One device message, normalized.
+
+    `payload` must be a JSON-safe mapping; `device_time` is what the device
+    claimed (may be None), `received_at` when the hub read it, both UTC.
+    """
+
+    device_id: str
+    kind: Kind
+    payload: Mapping[str, Any]
+    transport: str
+    protocol: str
+    id: str = ""
+    seq: int | None = None
+    device_time: datetime | None = None
+    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    schema: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        validate_device_id(self.device_id)
+        if not isinstance(self.kind, Kind):
+            try:
+                object.__setattr__(self, "kind", Kind(self.kind))
+            except ValueError as exc:
+                raise EnvelopeError(f"unknown kind {self.kind!r}", field="kind") from exc
+        if not isinstance(self.payload, Mapping):
+            raise EnvelopeError("payload must be a mapping", field="payload")
+        _check_json_safe(self.payload, "payload")
+        if self.seq is not None and (not isinstance(self.seq, int) or self.seq < 0):
+            raise EnvelopeError("seq must be a non-negative integer", field="seq")
+        if not self.id:
+            object.__setattr__(self, "id", envelope_id(self.device_id, self.seq))
+        if self.received_at.tzinfo is None:
+            raise EnvelopeError("received_at must carry a time zone", field="received_at")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict; `Envelope.from_dict` reads it back."""
+        return {
+            "schema": self.schema,
+            "id": self.id,
+            "device_id": self.device_id,
+            "kind": self.kind.value,
+            "seq": self.seq,
+            "device_time": self.device_time.isoformat() if self.device_time else None,
+            "received_at": self.received_at.isoformat(),
+            "transport": self.transport,
+            "protocol": self.protocol,
+            "payload": dict(self.payload),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: object) -> Envelope:
+        """Validate and build an envelope from `to_dict()` output."""
+        if not isinstance(data, Mapping):
+            raise EnvelopeError("an envelope must be a mapping")
+        schema = data.get("schema")
+        if schema != SCHEMA_VERSION:
+            raise EnvelopeError(f"unsupported envelope schema {schema!r}", field="schema")
+        for name in ("id", "transport", "protocol"):
+            if not isinstance(data.get(name), str) or not data.get(name):
+                raise EnvelopeError(f"{name} must be a non-empty string", field=name)
+        received_at = _utc_from(data.get("received_at"), "received_at")
+        if received_at is None:
+            raise EnvelopeError("received_at is required", field="received_at")
+        seq = data.get("seq")
+        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)):
+            raise EnvelopeError("seq must be an integer or null", field="seq")
+        return cls(
+            id=data["id"],
+            device_id=data.get("device_id"),  # type: ignore[arg-type]  # validated in __post_init__
+            kind=data.get("kind"),  # type: ignore[arg-type]
+            seq=seq,
+            device_time=_utc_from(data.get("device_time"), "device_time"),
+            received_at=received_at,
+            transport=data["transport"],
+            protocol=data["protocol"],
+            payload=data.get("payload"),  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Envelope:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise EnvelopeError(f"envelope is not JSON: {exc}") from exc
+        return cls.from_dict(data)

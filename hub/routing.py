@@ -1,0 +1,58 @@
+"""Where each kind of envelope goes: task names and queues.
+
+Layer: core; imports only `hub.envelope` (and kombu's declarative queue types).
+
+Bridges send tasks by name (they never import `tasks`), and the worker's
+`task_routes` come from the same table, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from kombu import Exchange, Queue
+
+from hub.envelope import Kind
+
+#: One ingest task per kind; each takes a list of envelope dicts (a batch).
+INGEST_TASKS: dict[Kind, str] = {
+    Kind.TELEMETRY: "tasks.ingest.telemetry",
+    Kind.EVENT: "tasks.ingest.event",
+    Kind.STATE: "tasks.ingest.state",
+    Kind.COMMAND_RESULT: "tasks.ingest.command_result",
+    Kind.PRESENCE: "tasks.ingest.presence",
+}
+
+QUEUES: dict[Kind, str] = {
+    Kind.TELEMETRY: "hub.telemetry",
+    Kind.EVENT: "hub.events",
+    Kind.STATE: "hub.state",
+    Kind.COMMAND_RESULT: "hub.command_results",
+    Kind.PRESENCE: "hub.presence",
+}
+
+#: Queue of user handler runs (one task per envelope and handler).
+HANDLER_QUEUE = "hub.handlers"
+#: Where handler runs that failed every retry end up.
+DEAD_LETTER_QUEUE = "hub.dead_letter"
+
+
+#: The direct exchange every hub queue is bound to (routing key = queue name).
+EXCHANGE = "hub"
+
+
+def celery_queues() -> list[Queue]:
+    """Durable queue declarations shared by publishers and workers.
+
+    Publishers declare them too: a confirm from RabbitMQ means "stored" only if
+    a durable queue was there to take the message.
+    """
+    exchange = Exchange(EXCHANGE, type="direct", durable=True)
+    return [Queue(name, exchange, routing_key=name, durable=True) for name in all_queues()]
+
+
+def task_routes() -> dict[str, dict[str, str]]:
+    """Celery `task_routes` for the ingest tasks."""
+    return {INGEST_TASKS[kind]: {"queue": QUEUES[kind]} for kind in Kind}
+
+
+def all_queues() -> list[str]:
+    return [*QUEUES.values(), HANDLER_QUEUE]

@@ -1,0 +1,273 @@
+"""Storage schema and database access shared by the hub, the workers and the CLI.
+
+Layer: core; imports only `hub.errors` and `hub.envelope`. No Celery, no asyncio.
+
+SQLite in the data folder by default, PostgreSQL by URL. The schema is created
+and changed by Alembic migrations (`hub/migrations`), never by `create_all`,
+so a deployed database moves forward with the code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Engine,
+    Index,
+    String,
+    TypeDecorator,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import NullPool
+
+from hub.envelope import Envelope, Kind
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every database (SQLite keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UtcDateTime}
+
+
+class Device(Base):
+    """A device of the registry. The credential is stored as its SHA-256 only."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    credential_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class _MessageColumns:
+    envelope_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(128))
+    seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    device_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    stored_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    transport: Mapped[str] = mapped_column(String(16))
+    protocol: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class TelemetryRow(_MessageColumns, Base):
+    """One telemetry message; the envelope id as key makes storing idempotent."""
+
+    __tablename__ = "telemetry"
+    __table_args__ = (Index("ix_telemetry_device_received", "device_id", "received_at"),)
+
+
+class EventRow(_MessageColumns, Base):
+    """One device event."""
+
+    __tablename__ = "device_events"
+    __table_args__ = (Index("ix_device_events_device_received", "device_id", "received_at"),)
+
+
+class DeviceState(Base):
+    """Each device's last known state and presence."""
+
+    __tablename__ = "device_state"
+
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    last_values: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    online: Mapped[bool] = mapped_column(Boolean, default=False)
+    transport: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    last_seen_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets the hub, workers and the CLI read while one of them writes; the
+    # busy timeout makes concurrent writers wait instead of failing.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite gets WAL and a busy timeout, and its folder is created."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, poolclass=NullPool, json_serializer=_dumps)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True, json_serializer=_dumps)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def migrate(url: str) -> None:
+    """Bring the database at `url` to the newest schema (Alembic `upgrade head`)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    # Alembic configures logging from its ini file; we have none and keep ours.
+    config.attributes["configure_logger"] = False
+    engine = make_engine(url)
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+    finally:
+        engine.dispose()
+
+
+def _insert_ignore(engine: Engine, table: Any) -> Any:
+    if engine.dialect.name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    if engine.dialect.name == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing()
+    raise NotImplementedError(f"database {engine.dialect.name} is not supported")
+
+
+def _row(env: Envelope, now: datetime) -> dict[str, Any]:
+    return {
+        "envelope_id": env.id,
+        "device_id": env.device_id,
+        "seq": env.seq,
+        "device_time": env.device_time,
+        "received_at": env.received_at,
+        "stored_at": now,
+        "transport": env.transport,
+        "protocol": env.protocol,
+        "payload": dict(env.payload),
+    }
+
+
+def store_envelopes(engine: Engine, envelopes: Sequence[Envelope]) -> int:
+    """Store a batch in one transaction, idempotently on the envelope id.
+
+    Telemetry and events get a row each (a retransmission is ignored); every
+    device seen gets its state row updated: last values, state reports,
+    presence. Returns how many message rows were new.
+    """
+    now = datetime.now(UTC)
+    telemetry = [_row(e, now) for e in envelopes if e.kind is Kind.TELEMETRY]
+    events = [_row(e, now) for e in envelopes if e.kind is Kind.EVENT]
+    inserted = 0
+    with engine.begin() as conn:
+        if telemetry:
+            result = conn.execute(_insert_ignore(engine, TelemetryRow.__table__), telemetry)
+            inserted += max(result.rowcount, 0)
+        if events:
+            result = conn.execute(_insert_ignore(engine, EventRow.__table__), events)
+            inserted += max(result.rowcount, 0)
+        _update_state(conn, envelopes, now)
+    return inserted
+
+
+def _update_state(conn: Any, envelopes: Iterable[Envelope], now: datetime) -> None:
+    latest: dict[str, list[Envelope]] = {}
+    for env in envelopes:
+        if env.kind in (Kind.TELEMETRY, Kind.STATE, Kind.PRESENCE):
+            latest.setdefault(env.device_id, []).append(env)
+    if not latest:
+        return
+    table = DeviceState.__table__
+    existing = {
+        row.device_id: row
+        for row in conn.execute(select(table).where(table.c.device_id.in_(list(latest))))
+    }
+    for device_id, envs in latest.items():
+        row = existing.get(device_id)
+        state = dict(row.state) if row is not None else {}
+        values = dict(row.last_values) if row is not None else {}
+        online = bool(row.online) if row is not None else False
+        transport = row.transport if row is not None else None
+        last_seen = row.last_seen_at if row is not None else None
+        for env in sorted(envs, key=lambda e: e.received_at):
+            last_seen = env.received_at if last_seen is None else max(last_seen, env.received_at)
+            transport = env.transport
+            if env.kind is Kind.TELEMETRY:
+                values.update(env.payload)
+                online = True
+            elif env.kind is Kind.STATE:
+                state.update(env.payload)
+                online = True
+            elif env.kind is Kind.PRESENCE:
+                online = bool(env.payload.get("online", False))
+        record = {
+            "device_id": device_id,
+            "state": state,
+            "last_values": values,
+            "online": online,
+            "transport": transport,
+            "last_seen_at": last_seen,
+            "updated_at": now,
+        }
+        if row is None:
+            conn.execute(_insert_ignore(conn.engine, table), [record])
+        else:
+            conn.execute(table.update().where(table.c.device_id == device_id).values(**record))
+
+
+def recent_telemetry(engine: Engine, device_id: str, last: int = 10) -> list[dict[str, Any]]:
+    """The newest `last` telemetry rows of a device, oldest first."""
+    table = TelemetryRow.__table__
+    query = (
+        select(table)
+        .where(table.c.device_id == device_id)
+        .order_by(table.c.received_at.desc(), table.c.seq.desc())
+        .limit(last)
+    )
+    with engine.connect() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(query)]
+    return list(reversed(rows))
+
+
+def device_state(engine: Engine, device_id: str) -> dict[str, Any] | None:
+    table = DeviceState.__table__
+    with engine.connect() as conn:
+        row = conn.execute(select(table).where(table.c.device_id == device_id)).first()
+    return dict(row._mapping) if row is not None else None
+
+
+def count_rows(engine: Engine, kind: Kind = Kind.TELEMETRY, device_prefix: str = "") -> int:
+    """How many stored rows of `kind` belong to devices whose id starts with the prefix."""
+    from sqlalchemy import func
+
+    table = (TelemetryRow if kind is Kind.TELEMETRY else EventRow).__table__
+    query = select(func.count()).select_from(table)
+    if device_prefix:
+        query = query.where(table.c.device_id.startswith(device_prefix, autoescape=True))
+    with engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())

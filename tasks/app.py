@@ -1,0 +1,63 @@
+"""The Celery application object and its configuration.
+
+Layer: tasks; imports the `hub` core only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_init
+
+from hub.routing import celery_queues, task_routes
+from hub.settings import load_settings
+from hub.storage import migrate
+
+log = logging.getLogger(__name__)
+
+settings = load_settings()
+
+app = Celery("tasks", include=["tasks.ingest"])
+app.conf.update(
+    broker_url=settings.effective_broker_url,
+    result_backend=settings.effective_result_backend,
+    # Results live in the database so any process can read them (not rpc://).
+    result_extended=True,
+    database_create_tables_at_setup=True,
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    task_queues=celery_queues(),
+    task_routes=task_routes(),
+    task_default_queue="hub.handlers",
+    task_default_exchange="hub",
+    task_default_routing_key="hub.handlers",
+    # At least once: a message is acknowledged to RabbitMQ after its task ran,
+    # and requeued if the worker dies in the middle. Tasks are idempotent.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=4,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    enable_utc=True,
+)
+
+
+@worker_init.connect
+def _migrate_on_start(**_: Any) -> None:
+    """Bring the database schema up to date before the first task runs."""
+    url = settings.effective_database_url
+    for attempt in range(3):
+        try:
+            migrate(url)
+            return
+        except Exception:
+            # Another process (the hub, a second worker) may be migrating the
+            # same database right now; its work is ours too.
+            if attempt == 2:
+                raise
+            log.warning("schema migration collided with another process; retrying")
+            time.sleep(1.0)
