@@ -219,7 +219,9 @@ class _Publisher:
         self._next_attempt = now + self._settings.broker_retry_interval_s
         try:
             connection = self._app.connection_for_write()
-            connection.ensure_connection(max_retries=1, timeout=2)
+            # One quick attempt: kombu's retrying connect would sleep here and
+            # stall the spool; the retry cadence is ours (broker_retry_interval_s).
+            connection.ensure_connection(max_retries=0)
             channel = connection.default_channel
             for declared in celery_queues():
                 declared(channel).declare()

@@ -1,0 +1,1 @@
+"""Test support: real services and processes for the integration tests."""
