@@ -43,7 +43,10 @@ class Codec(Protocol):
 
 
 class CodecFactory(Protocol):
-    name: ClassVar[str]
+    # A read-only property, not a ClassVar: a class object (the usual factory)
+    # can never match a ClassVar protocol member, only an attribute it exposes.
+    @property
+    def name(self) -> str: ...
 
     def __call__(self, role: Role, *, max_frame_bytes: int = ...) -> Codec: ...
 
