@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from hub.envelope import Envelope, Kind, envelope_id
 from hub.errors import AuthError, ConfigError, DispatchError, RemoteProtocolError
@@ -60,11 +60,10 @@ _AUTH_REASONS = {
 }
 
 
-class Dispatch:
+class Dispatch(Protocol):
     """What the TCP bridge needs of the dispatcher (see bridges.dispatch.Dispatcher)."""
 
-    def submit(self, envelope: Envelope) -> asyncio.Future[None]:  # pragma: no cover
-        raise NotImplementedError
+    def submit(self, envelope: Envelope) -> asyncio.Future[None]: ...
 
 
 class DeviceConnection(asyncio.Protocol):

@@ -111,7 +111,7 @@ def main(ctx: click.Context, config: Path | None, verbose: bool) -> None:
 )
 @click.pass_context
 @friendly_errors
-def run(ctx: click.Context, no_mqtt: bool, worker: bool | None, **options: Any) -> None:
+def run(ctx: click.Context, /, no_mqtt: bool, worker: bool | None, **options: Any) -> None:
     """Serve devices: TCP listeners, MQTT broker, dispatch to tasks."""
     if no_mqtt:
         options["mqtt_enabled"] = False
@@ -159,7 +159,7 @@ def devices_add(ctx: click.Context, device_id: str, as_json: bool) -> None:
 @friendly_errors
 def devices_list(ctx: click.Context, as_json: bool) -> None:
     """List registered devices."""
-    records = _registry(ctx).list()
+    records = _registry(ctx).devices()
     if as_json:
         _emit_json([{"device_id": r.id, "created_at": r.created_at} for r in records])
         return
@@ -255,3 +255,7 @@ def status(ctx: click.Context, url: str | None, as_json: bool) -> None:
     click.echo(f"pending     {data['dispatch_pending']}")
     click.echo(f"spool       {data['spool_messages']} messages")
     click.echo(f"broker      {'connected' if data['broker_connected'] else 'unreachable'}")
+
+
+if __name__ == "__main__":
+    main()

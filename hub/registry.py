@@ -16,7 +16,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, delete, insert, select
 
 from hub.envelope import validate_device_id
 from hub.errors import AuthError, EnvelopeError, HubError
@@ -56,7 +56,7 @@ class Registry:
             if conn.execute(select(Device.id).where(Device.id == device_id)).first():
                 raise DeviceExists(device_id)
             conn.execute(
-                Device.__table__.insert().values(
+                insert(Device).values(
                     id=device_id,
                     credential_sha256=hash_credential(credential),
                     created_at=datetime.now(UTC),
@@ -69,7 +69,7 @@ class Registry:
             result = conn.execute(delete(Device).where(Device.id == device_id))
         return result.rowcount > 0
 
-    def list(self) -> list[DeviceRecord]:
+    def devices(self) -> list[DeviceRecord]:
         with self._engine.connect() as conn:
             rows = conn.execute(select(Device.id, Device.created_at).order_by(Device.id))
             return [DeviceRecord(id=r.id, created_at=r.created_at) for r in rows]

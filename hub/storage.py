@@ -27,6 +27,7 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -237,7 +238,9 @@ def _update_state(conn: Any, envelopes: Iterable[Envelope], now: datetime) -> No
         if row is None:
             conn.execute(_insert_ignore(conn.engine, table), [record])
         else:
-            conn.execute(table.update().where(table.c.device_id == device_id).values(**record))
+            conn.execute(
+                update(DeviceState).where(DeviceState.device_id == device_id).values(**record)
+            )
 
 
 def recent_telemetry(engine: Engine, device_id: str, last: int = 10) -> list[dict[str, Any]]:

@@ -1,0 +1,106 @@
+"""The `hub` command as a user runs it: real processes, real database."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from hub.envelope import Envelope
+from hub.storage import store_envelopes
+from tests.support.processes import ROOT
+
+
+def hub_cli(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    environ["HUB_DATA_DIR"] = str(tmp_path / "data")
+    environ.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "hub.cli", *args],
+        cwd=ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_devices_add_list_remove(tmp_path: Path) -> None:
+    added = hub_cli(tmp_path, "devices", "add", "meter-1", "--json")
+    assert added.returncode == 0, added.stderr
+    credential = json.loads(added.stdout)["credential"]
+    assert len(credential) >= 32
+
+    listed = hub_cli(tmp_path, "devices", "list", "--json")
+    assert [d["device_id"] for d in json.loads(listed.stdout)] == ["meter-1"]
+
+    again = hub_cli(tmp_path, "devices", "add", "meter-1")
+    assert again.returncode == 1 and "already registered" in again.stderr
+    assert "Traceback" not in again.stderr
+
+    assert hub_cli(tmp_path, "devices", "remove", "meter-1").returncode == 0
+    gone = hub_cli(tmp_path, "devices", "remove", "meter-1")
+    assert gone.returncode == 1 and "no device 'meter-1'" in gone.stderr
+
+
+def test_telemetry_and_state_read_back_what_workers_stored(
+    tmp_path: Path, engine: Engine, database_url: str
+) -> None:
+    envelopes = [
+        Envelope(
+            device_id="cli-dev",
+            kind="telemetry",
+            payload={"t": n},
+            transport="tcp",
+            protocol="native",
+            seq=n,
+        )
+        for n in range(1, 6)
+    ]
+    store_envelopes(engine, envelopes)
+    env = {"HUB_DATABASE_URL": database_url}
+    shown = hub_cli(tmp_path, "telemetry", "cli-dev", "--last", "2", "--json", env=env)
+    assert [row["payload"] for row in json.loads(shown.stdout)] == [{"t": 4}, {"t": 5}]
+    state = hub_cli(tmp_path, "state", "cli-dev", "--json", env=env)
+    assert json.loads(state.stdout)["last_values"] == {"t": 5}
+    assert json.loads(state.stdout)["online"] is True
+    missing = hub_cli(tmp_path, "state", "nobody", env=env)
+    assert missing.returncode == 1 and "nothing stored" in missing.stderr
+
+
+def test_a_bad_setting_is_one_line_and_exit_status_2(tmp_path: Path) -> None:
+    result = hub_cli(tmp_path, "run", env={"HUB_TCP_PORT": "70000"})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "HUB_TCP_PORT" in result.stderr and "70000" in result.stderr
+
+
+@pytest.mark.parametrize("which", ["tcp", "http"])
+def test_hub_run_on_a_port_in_use_names_the_setting(tmp_path: Path, which: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        ports = {"tcp": "0", "http": "0", which: port}
+        result = hub_cli(
+            tmp_path,
+            "run",
+            "--no-mqtt",
+            "--host",
+            "127.0.0.1",
+            "--tcp-port",
+            ports["tcp"],
+            "--http-port",
+            ports["http"],
+        )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"HUB_{which.upper()}_PORT" in result.stderr and port in result.stderr
