@@ -66,6 +66,14 @@ class Dispatch(Protocol):
     def submit(self, envelope: Envelope) -> asyncio.Future[None]: ...
 
 
+class ConnectionEvents(Protocol):
+    """Told when a device connects or goes (see bridges.downlink.Downlink)."""
+
+    def device_connected(self, device_id: str, transport: str) -> None: ...
+
+    def device_disconnected(self, device_id: str) -> None: ...
+
+
 class DeviceConnection(asyncio.Protocol):
     """One device's TCP connection."""
 
@@ -81,6 +89,8 @@ class DeviceConnection(asyncio.Protocol):
         self._closing = False
         self._last_activity = time.monotonic()
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._command_seq = 0
+        self._commands_sent: set[str] = set()
         self.peer = "?"
 
     # -- asyncio.Protocol ----------------------------------------------------
@@ -103,6 +113,8 @@ class DeviceConnection(asyncio.Protocol):
         if self.device_id is not None and self._server.devices.get(self.device_id) is self:
             del self._server.devices[self.device_id]
             self._server.presence(self.device_id, online=False)
+            if self._server.events is not None:
+                self._server.events.device_disconnected(self.device_id)
 
     def data_received(self, data: bytes) -> None:
         self._last_activity = time.monotonic()
@@ -200,6 +212,8 @@ class DeviceConnection(asyncio.Protocol):
         self._server.devices[hello.device_id] = self
         self._send(Ack(hello.seq))
         self._server.presence(hello.device_id, online=True)
+        if self._server.events is not None:
+            self._server.events.device_connected(hello.device_id, "tcp")
 
     def _data(self, event: Telemetry | DeviceEvent | StateReport, kind: Kind) -> None:
         device_id = self.device_id
@@ -271,8 +285,14 @@ class DeviceConnection(asyncio.Protocol):
         if not self._closing and not future.cancelled() and future.exception() is None:
             self._send(Ack(seq))
 
-    def send_command(self, command: Command) -> None:
-        self._send(command)
+    def send_command(self, command_id: str, name: str, args: dict[str, Any]) -> bool:
+        """Send a command frame unless this connection already carried that command."""
+        if self._closing or command_id in self._commands_sent:
+            return not self._closing
+        self._commands_sent.add(command_id)
+        self._command_seq = (self._command_seq + 1) & 0xFFFFFFFF
+        self._send(Command(seq=self._command_seq, command_id=command_id, name=name, args=args))
+        return True
 
     # -- flow control, errors, timeouts -------------------------------------
 
@@ -342,8 +362,10 @@ class TcpServer:
         credentials: CredentialCache,
         refresh_credentials: Callable[[str], Awaitable[None]],
         metrics: Metrics,
+        events: ConnectionEvents | None = None,
     ) -> None:
         self.host = listener.host or settings.host
+        self.events = events
         self.requested_port = listener.port
         self.codec_name = listener.codec
         self.codec_factory: CodecFactory = load_codec(listener.codec)
@@ -388,6 +410,13 @@ class TcpServer:
                 key="host",
                 env="HUB_HOST",
             ) from None
+
+    def deliver_command(self, command: Any) -> bool:
+        """Hand a `hub.commands.PendingCommand` to the device if it is connected here."""
+        connection = self.devices.get(command.device_id)
+        if connection is None:
+            return False
+        return connection.send_command(command.id, command.name, command.args)
 
     def presence(self, device_id: str, *, online: bool) -> None:
         """Record a connect or disconnect as a presence envelope (not acknowledged to anyone)."""

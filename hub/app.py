@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bridges.dispatch import Dispatcher
+from bridges.downlink import Downlink
 from bridges.http_status import HttpStatusServer
 from bridges.tcp import TcpServer
 from hub import __version__
@@ -52,6 +53,7 @@ class HubApp:
         self.registry = Registry(self.engine)
         self.credentials = CredentialCache()
         self.dispatcher = Dispatcher(settings, self.metrics)
+        self.downlink = Downlink(settings, self.engine)
         self.tcp_servers: list[TcpServer] = []
         self.mqtt: Any = None
         self.http: HttpStatusServer | None = None
@@ -72,18 +74,26 @@ class HubApp:
             raise ConfigError(
                 f"data folder {data_dir.resolve()} is not writable; choose another with "
                 "data_dir / HUB_DATA_DIR",
-                key="data_dir", env="HUB_DATA_DIR",
+                key="data_dir",
+                env="HUB_DATA_DIR",
             ) from None
         await asyncio.to_thread(migrate, self.settings.effective_database_url)
         self.credentials.update(await asyncio.to_thread(self.registry.credential_hashes))
         await self.dispatcher.start()
         try:
+            await self.downlink.start()
             for listener in self.settings.listeners:
                 server = TcpServer(
-                    self.settings, listener, self.dispatcher, self.credentials,
-                    self.refresh_credentials, self.metrics,
+                    self.settings,
+                    listener,
+                    self.dispatcher,
+                    self.credentials,
+                    self.refresh_credentials,
+                    self.metrics,
+                    self.downlink,
                 )
                 await server.start()
+                self.downlink.add_transport(server.deliver_command)
                 self.tcp_servers.append(server)
             if self.settings.mqtt_enabled:
                 await self._start_mqtt()
@@ -106,8 +116,11 @@ class HubApp:
             from bridges.mqtt_embedded import EmbeddedMqtt
 
             self.mqtt = EmbeddedMqtt(
-                self.settings, self.dispatcher, self.credentials,
-                self.refresh_credentials, self.metrics,
+                self.settings,
+                self.dispatcher,
+                self.credentials,
+                self.refresh_credentials,
+                self.metrics,
             )
         await self.mqtt.start()
 
@@ -121,9 +134,21 @@ class HubApp:
         env.pop("HUB_CONFIG", None)
         log_file = (self.settings.data_dir / "worker.log").open("ab")
         self._worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--pool=solo",
-             "--loglevel=WARNING", "--without-gossip", "--without-mingle"],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tasks",
+                "worker",
+                "--pool=solo",
+                "--loglevel=WARNING",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
         log_file.close()
 
@@ -135,6 +160,7 @@ class HubApp:
             await self.mqtt.stop()
             self.mqtt = None
         await self.dispatcher.stop()
+        await self.downlink.stop()
         if self.http is not None:
             await self.http.stop()
             self.http = None
@@ -206,8 +232,7 @@ async def serve(settings: Settings, *, run_worker: bool | None = None, out: Any 
     await app.start()
     print(f"hub {__version__} running, mode: {app.mode()}", file=out)
     for listener in app.listeners():
-        print(f"  {listener.name:<12} {listener.host}:{listener.port}  {listener.detail}",
-              file=out)
+        print(f"  {listener.name:<12} {listener.host}:{listener.port}  {listener.detail}", file=out)
     print(f"  data         {app.data_path}", file=out)
     print("Press Ctrl+C to stop.", file=out, flush=True)
     stop = asyncio.Event()

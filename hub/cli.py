@@ -72,7 +72,9 @@ def _settings(ctx: click.Context, **overrides: Any) -> Settings:
     "variables; see docs/configuration.md.",
 )
 @click.option(
-    "--config", "config", type=click.Path(dir_okay=False, path_type=Path),
+    "--config",
+    "config",
+    type=click.Path(dir_okay=False, path_type=Path),
     help="TOML configuration file (default: $HUB_CONFIG).",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging and full tracebacks.")
@@ -106,7 +108,8 @@ def main(ctx: click.Context, config: Path | None, verbose: bool) -> None:
 @click.option("--broker-url", help="RabbitMQ URL; empty runs the embedded default.")
 @click.option("--no-mqtt", is_flag=True, help="Do not start the MQTT side.")
 @click.option(
-    "--worker/--no-worker", default=None,
+    "--worker/--no-worker",
+    default=None,
     help="Run a task worker alongside the hub (default: only in the embedded mode).",
 )
 @click.pass_context
@@ -229,6 +232,76 @@ def state(ctx: click.Context, device_id: str, as_json: bool) -> None:
     click.echo(f"last seen   {row['last_seen_at']}")
     click.echo(f"last values {json.dumps(row['last_values'])}")
     click.echo(f"state       {json.dumps(row['state'])}")
+
+
+@main.command(
+    epilog="Examples:\n\n\b\n  hub send tcp-1 ping\n"
+    "  hub send thermo-7 set_interval --args '{\"seconds\": 5}' --ttl 300 --wait 10"
+)
+@click.argument("device_id")
+@click.argument("command")
+@click.option("--args", "args_json", default="{}", help="Arguments as a JSON object.")
+@click.option("--ttl", default=60.0, show_default=True, help="Seconds the command may wait.")
+@click.option(
+    "--wait",
+    default=None,
+    type=float,
+    help="Seconds to wait for the reply (default: the ttl); 0 prints the command id and returns.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@friendly_errors
+def send(
+    ctx: click.Context,
+    device_id: str,
+    command: str,
+    args_json: str,
+    ttl: float,
+    wait: float | None,
+    as_json: bool,
+) -> None:
+    """Send COMMAND to DEVICE_ID and print its reply (or the error, exit status 1)."""
+    try:
+        args = json.loads(args_json)
+    except ValueError as exc:
+        raise HubError(f"--args is not JSON: {exc}") from None
+    if not isinstance(args, dict):
+        raise HubError("--args must be a JSON object")
+    from celery.exceptions import TimeoutError as ResultTimeout
+
+    import tasks.application
+    from hub.errors import CommandError
+    from hub.storage import migrate
+
+    settings = _settings(ctx)
+    migrate(settings.effective_database_url)
+    tasks.application.configure(settings)
+    from tasks import send_command
+
+    try:
+        result = send_command(device_id, command, args, ttl=ttl)
+    except HubError:
+        raise
+    except Exception as exc:  # boundary: the broker is unreachable or refuses us
+        raise HubError(f"could not send the command: {exc}") from None
+    if wait == 0:
+        if as_json:
+            _emit_json({"command_id": result.id})
+        else:
+            click.echo(result.id)
+        return
+    try:
+        reply = result.get(timeout=wait if wait is not None else ttl + 5)
+    except CommandError as exc:
+        if as_json:
+            _emit_json({"command_id": result.id, "ok": False, "error": str(exc)})
+        raise HubError(str(exc)) from None
+    except ResultTimeout:
+        raise HubError(f"no reply within {wait} s (command {result.id} still pending)") from None
+    if as_json:
+        _emit_json({"command_id": result.id, "ok": True, "result": reply})
+    else:
+        click.echo(json.dumps(reply, default=_json_default))
 
 
 @main.command()

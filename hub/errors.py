@@ -65,3 +65,19 @@ class AuthError(HubError):
         super().__init__(message)
         self.device_id = device_id
         self.reason = reason
+
+
+class CommandError(HubError):
+    """Root of the errors a command's result can fail with.
+
+    They take one message argument so that Celery's result backend can store
+    and rebuild them in any process (`AsyncResult.get()` raises them again).
+    """
+
+
+class CommandFailed(CommandError):
+    """The device answered the command with an error."""
+
+
+class CommandExpired(CommandError):
+    """The command's time to live passed before the device answered."""

@@ -29,6 +29,9 @@ QUEUES: dict[Kind, str] = {
     Kind.PRESENCE: "hub.presence",
 }
 
+#: Fails a command whose time to live passed (scheduled by send_command).
+COMMAND_EXPIRE_TASK = "tasks.commands.expire"
+
 #: Queue of user handler runs (one task per envelope and handler).
 HANDLER_QUEUE = "hub.handlers"
 #: Where handler runs that failed every retry end up.
@@ -51,7 +54,9 @@ def celery_queues() -> list[Queue]:
 
 def task_routes() -> dict[str, dict[str, str]]:
     """Celery `task_routes` for the ingest tasks."""
-    return {INGEST_TASKS[kind]: {"queue": QUEUES[kind]} for kind in Kind}
+    routes = {INGEST_TASKS[kind]: {"queue": QUEUES[kind]} for kind in Kind}
+    routes[COMMAND_EXPIRE_TASK] = {"queue": QUEUES[Kind.COMMAND_RESULT]}
+    return routes
 
 
 def all_queues() -> list[str]:

@@ -107,6 +107,38 @@ class DeviceState(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+class CommandRow(Base):
+    """A command to a device; `status` is pending until answered or expired.
+
+    The row is the single source of truth for a command's fate: whoever moves
+    it out of `pending` first (the device's answer or the expiry) writes the
+    Celery result, so a late answer cannot overwrite an expiry.
+    """
+
+    __tablename__ = "commands"
+    __table_args__ = (Index("ix_commands_device_status", "device_id", "status"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(String(128))
+    args: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class DeviceConnection(Base):
+    """Which hub process holds a device's connection right now."""
+
+    __tablename__ = "device_connections"
+
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    hub_id: Mapped[str] = mapped_column(String(64))
+    transport: Mapped[str] = mapped_column(String(16))
+    connected_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets the hub, workers and the CLI read while one of them writes; the
     # busy timeout makes concurrent writers wait instead of failing.

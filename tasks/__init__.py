@@ -5,6 +5,7 @@ name). Configuration comes from the same settings as the hub (TOML file and
 `HUB_*` variables), so the worker finds the same broker and database.
 """
 
-from tasks.app import app
+from tasks.application import app
+from tasks.commands import send_command
 
-__all__ = ["app"]
+__all__ = ["app", "send_command"]

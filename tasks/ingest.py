@@ -11,30 +11,18 @@ envelope is logged and dropped (never retried); a database error is retried.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
-from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
 from hub.envelope import Envelope
 from hub.errors import EnvelopeError
-from hub.storage import make_engine, store_envelopes
-from tasks.app import app, settings
+from hub.storage import store_envelopes
+from tasks.application import app
+from tasks.commands import complete_commands
+from tasks.db import engine
 
 log = logging.getLogger(__name__)
-
-_engine: Engine | None = None
-_engine_pid = 0
-
-
-def engine() -> Engine:
-    """One engine per worker process (created after the fork, never inherited)."""
-    global _engine, _engine_pid
-    if _engine is None or _engine_pid != os.getpid():
-        _engine = make_engine(settings.effective_database_url)
-        _engine_pid = os.getpid()
-    return _engine
 
 
 def parse_batch(batch: list[dict[str, Any]]) -> list[Envelope]:
@@ -87,6 +75,4 @@ def presence(batch: list[dict[str, Any]]) -> int:
 
 @app.task(name="tasks.ingest.command_result", **_RETRY)
 def command_result(batch: list[dict[str, Any]]) -> int:
-    # Storing command results and completing their AsyncResults comes with the
-    # command path; until then they are validated and kept as events would be.
-    return len(parse_batch(batch))
+    return complete_commands(parse_batch(batch))

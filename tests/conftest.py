@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 from hub.registry import Registry
 from hub.settings import Settings
 from hub.storage import make_engine, migrate
-from tests.support.processes import HubThread, Worker, make_test_settings
+from tests.support.processes import HubThread, SimulatedDevice, Worker, make_test_settings
 from tests.support.raw_device import RawDevice
 from tests.support.services import amqp_url, create_vhost, delete_vhost
 
@@ -129,3 +129,29 @@ def connect() -> Iterator[Callable[[int], RawDevice]]:
     yield open_device
     for device in opened:
         device.close()
+
+
+@pytest.fixture
+def simulated_devices() -> Iterator[Callable[..., SimulatedDevice]]:
+    """Start long-lived simulated devices (`start(transport, port, id, credential)`)."""
+    started: list[SimulatedDevice] = []
+
+    def start(transport: str, port: int, device_id: str, credential: str) -> SimulatedDevice:
+        device = SimulatedDevice(transport, port, device_id, credential)
+        started.append(device)
+        return device
+
+    yield start
+    for device in started:
+        device.stop()
+
+
+@pytest.fixture
+def command_api(hub_settings_factory: Callable[..., Settings]) -> Iterator[Any]:
+    """The `tasks` API (send_command, AsyncResult) pointed at this run's broker and database."""
+    import tasks.application
+
+    previous = tasks.application.settings
+    tasks.application.configure(hub_settings_factory())
+    yield tasks
+    tasks.application.configure(previous)

@@ -17,9 +17,9 @@ from hub.protocol.events import Ack, ConnectionClosed, Nak, NakReason
 from hub.storage import count_rows
 from tests.support.processes import CuttableProxy, HubThread, Worker, wait_until
 from tests.support.raw_device import RawDevice
+from tests.support.services import RABBITMQ_HOST, RABBITMQ_PORT, amqp_url
 
 Connect = Callable[[int], RawDevice]
-from tests.support.services import RABBITMQ_HOST, RABBITMQ_PORT, amqp_url
 
 pytestmark = pytest.mark.integration
 

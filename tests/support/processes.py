@@ -222,3 +222,36 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 60, interval: flo
             return True
         time.sleep(interval)
     return predicate()
+
+
+class SimulatedDevice:
+    """A long-lived simulated device (firmware_sim) on its own loop in a thread.
+
+    It connects, answers commands and pings, and reconnects when dropped,
+    until `stop()`.
+    """
+
+    def __init__(self, transport: str, port: int, device_id: str, credential: str) -> None:
+        from firmware_sim import fleet
+
+        self.loop = asyncio.new_event_loop()
+        self._stop_event: asyncio.Event | None = None
+        run = fleet.run_tcp_device if transport == "tcp" else fleet.run_mqtt_device
+
+        async def main() -> Any:
+            self._stop_event = asyncio.Event()
+            return await run("127.0.0.1", port, device_id, credential, stop=self._stop_event)
+
+        self._future = asyncio.run_coroutine_threadsafe(main(), self.loop)
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> Any:
+        if self._stop_event is not None:
+            self.loop.call_soon_threadsafe(self._stop_event.set)
+        try:
+            return self._future.result(30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
+            self.loop.close()

@@ -13,17 +13,15 @@ from celery import Celery
 from celery.signals import worker_init
 
 from hub.routing import celery_queues, task_routes
-from hub.settings import load_settings
+from hub.settings import Settings, load_settings
 from hub.storage import migrate
 
 log = logging.getLogger(__name__)
 
-settings = load_settings()
+settings: Settings = load_settings()
 
-app = Celery("tasks", include=["tasks.ingest"])
+app = Celery("tasks", include=["tasks.ingest", "tasks.commands"])
 app.conf.update(
-    broker_url=settings.effective_broker_url,
-    result_backend=settings.effective_result_backend,
     # Results live in the database so any process can read them (not rpc://).
     result_extended=True,
     database_create_tables_at_setup=True,
@@ -44,6 +42,24 @@ app.conf.update(
     worker_hijack_root_logger=False,
     enable_utc=True,
 )
+
+
+def configure(new_settings: Settings) -> None:
+    """Point the app (broker, result backend, database) at these settings.
+
+    Workers take the settings from the environment at import; a process that
+    builds its settings otherwise (the `hub` command, tests) calls this before
+    it sends anything.
+    """
+    global settings
+    settings = new_settings
+    app.conf.update(
+        broker_url=settings.effective_broker_url,
+        result_backend=settings.effective_result_backend,
+    )
+
+
+configure(settings)
 
 
 @worker_init.connect

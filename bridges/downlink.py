@@ -1,0 +1,151 @@
+"""Downlink: commands from RabbitMQ to the devices this hub process holds.
+
+Layer: bridges; imports the `hub` core only.
+
+Each hub process has its own queue (`hub.downlink.<hub id>`), consumed on a
+dedicated thread so the event loop never waits on the broker. `send_command`
+(in `tasks.commands`) finds the hub that holds the device in the
+`device_connections` table and publishes there. When a device connects, the
+hub records the connection and delivers the device's pending commands from
+the database, which covers commands sent while it was offline. See
+hub/commands.py for why this never misses a command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from kombu import Connection, Consumer, Exchange, Queue
+from sqlalchemy import Engine
+
+from hub.commands import (
+    DOWNLINK_EXCHANGE,
+    PendingCommand,
+    connected,
+    disconnected,
+    downlink_queue,
+    forget_hub,
+    pending_commands,
+)
+from hub.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: A transport's way to hand a command to a connected device; False if it does not hold it.
+Deliver = Callable[[PendingCommand], bool]
+
+
+class Downlink:
+    """Routes commands to this hub's devices and tracks which devices it holds."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.hub_id = uuid.uuid4().hex[:16]
+        self._settings = settings
+        self._engine = engine
+        self._transports: list[Deliver] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self.delivered = 0
+
+    def add_transport(self, deliver: Deliver) -> None:
+        self._transports.append(deliver)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._consume, name="hub-downlink", daemon=True)
+        self._thread.start()
+        # Devices may be registered as held by this hub only once its queue exists.
+        await asyncio.to_thread(self._ready.wait, 30)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+            self._thread = None
+        for task in list(self._tasks):
+            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.to_thread(forget_hub, self._engine, self.hub_id)
+
+    # -- connection events from the transports (called on the loop) ---------
+
+    def device_connected(self, device_id: str, transport: str) -> None:
+        self._spawn(self._connected(device_id, transport))
+
+    def device_disconnected(self, device_id: str) -> None:
+        self._spawn(asyncio.to_thread(disconnected, self._engine, device_id, self.hub_id))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connected(self, device_id: str, transport: str) -> None:
+        try:
+            await asyncio.to_thread(connected, self._engine, device_id, self.hub_id, transport)
+            for command in await asyncio.to_thread(pending_commands, self._engine, device_id):
+                self.deliver(command)
+        except Exception:  # boundary: the database is away; commands wait for the next connect
+            log.exception("could not record the connection of %r", device_id)
+
+    # -- delivery ------------------------------------------------------------
+
+    def deliver(self, command: PendingCommand) -> bool:
+        if command.expired():
+            return False
+        for transport in self._transports:
+            if transport(command):
+                self.delivered += 1
+                return True
+        log.info(
+            "command %s: device %r is not connected here; it waits for the connect",
+            command.id,
+            command.device_id,
+        )
+        return False
+
+    # -- the consumer thread -----------------------------------------------------
+
+    def _queue(self) -> Queue:
+        name = downlink_queue(self.hub_id)
+        exchange = Exchange(DOWNLINK_EXCHANGE, type="direct", durable=True)
+        return Queue(name, exchange, routing_key=name, durable=False, auto_delete=True)
+
+    def _on_message(self, body: Any, message: Any) -> None:
+        try:
+            command = PendingCommand.from_dict(body)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.error("dropping a malformed downlink message: %s", exc)
+        else:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self.deliver, command)
+        # The command is in the database either way; the message is only a nudge.
+        message.ack()
+
+    def _consume(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with Connection(self._settings.effective_broker_url) as conn:
+                    conn.ensure_connection(max_retries=0)
+                    with Consumer(
+                        conn, [self._queue()], callbacks=[self._on_message], accept=["json"]
+                    ):
+                        self._ready.set()
+                        while not self._stop.is_set():
+                            try:
+                                conn.drain_events(timeout=0.5)
+                            except TimeoutError:
+                                continue
+            except Exception as exc:  # boundary: broker away; try again shortly
+                if self._stop.is_set():
+                    break
+                log.warning("downlink consumer: %s; retrying", exc)
+                self._ready.set()  # do not hold the start-up hostage to the broker
+                self._stop.wait(self._settings.broker_retry_interval_s)

@@ -1,0 +1,159 @@
+"""Commands to devices: their record in the database and their wire form.
+
+Layer: core; imports `hub.storage` and `hub.errors`. No Celery, no asyncio:
+the Celery side is `tasks.commands`, the delivery side `bridges.downlink`.
+
+A command lives in the `commands` table from `send_command` until the device
+answers or its time to live passes. The hub process holding the device's
+connection is found in `device_connections`; the command travels to that
+hub's own queue, and a hub also delivers the pending commands of a device
+when it connects, so a command sent while the device was offline (or
+connecting) is never missed, at worst delivered twice (devices answer a
+command id once; the first answer wins).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, delete, insert, select, update
+
+from hub.storage import CommandRow, DeviceConnection, _insert_ignore
+
+PENDING = "pending"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+EXPIRED = "expired"
+
+#: Exchange and queue names of the downlink: one queue per hub process.
+DOWNLINK_EXCHANGE = "hub.downlink"
+
+
+def downlink_queue(hub_id: str) -> str:
+    return f"hub.downlink.{hub_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class PendingCommand:
+    id: str
+    device_id: str
+    name: str
+    args: dict[str, Any]
+    expires_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "device_id": self.device_id,
+            "name": self.name,
+            "args": self.args,
+            "expires_at": self.expires_at.isoformat(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PendingCommand:
+        return cls(
+            id=str(data["id"]),
+            device_id=str(data["device_id"]),
+            name=str(data["name"]),
+            args=dict(data.get("args") or {}),
+            expires_at=datetime.fromisoformat(data["expires_at"]),
+        )
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return (now or datetime.now(UTC)) >= self.expires_at
+
+
+def create_command(
+    engine: Engine, command_id: str, device_id: str, name: str, args: dict[str, Any], ttl_s: float
+) -> tuple[PendingCommand, str | None]:
+    """Record a pending command; returns it and the hub holding the device (or None)."""
+    now = datetime.now(UTC)
+    command = PendingCommand(command_id, device_id, name, args, now + timedelta(seconds=ttl_s))
+    with engine.begin() as conn:
+        conn.execute(
+            insert(CommandRow).values(
+                id=command_id,
+                device_id=device_id,
+                name=name,
+                args=args,
+                status=PENDING,
+                created_at=now,
+                expires_at=command.expires_at,
+            )
+        )
+        hub_id = conn.execute(
+            select(DeviceConnection.hub_id).where(DeviceConnection.device_id == device_id)
+        ).scalar_one_or_none()
+    return command, hub_id
+
+
+def finish_command(engine: Engine, command_id: str, status: str) -> bool:
+    """Move a pending command to `status`; False if it was not pending any more."""
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(CommandRow)
+            .where(CommandRow.id == command_id, CommandRow.status == PENDING)
+            .values(status=status, finished_at=datetime.now(UTC))
+        )
+    return result.rowcount == 1
+
+
+def pending_commands(engine: Engine, device_id: str) -> list[PendingCommand]:
+    """A device's pending, unexpired commands, oldest first."""
+    now = datetime.now(UTC)
+    query = (
+        select(CommandRow)
+        .where(
+            CommandRow.device_id == device_id,
+            CommandRow.status == PENDING,
+            CommandRow.expires_at > now,
+        )
+        .order_by(CommandRow.created_at)
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    return [PendingCommand(r.id, r.device_id, r.name, dict(r.args), r.expires_at) for r in rows]
+
+
+def command_status(engine: Engine, command_id: str) -> str | None:
+    with engine.connect() as conn:
+        return conn.execute(
+            select(CommandRow.status).where(CommandRow.id == command_id)
+        ).scalar_one_or_none()
+
+
+def connected(engine: Engine, device_id: str, hub_id: str, transport: str) -> None:
+    """Record that `hub_id` holds the device's connection (the newest connect wins)."""
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(delete(DeviceConnection).where(DeviceConnection.device_id == device_id))
+        conn.execute(
+            _insert_ignore(engine, DeviceConnection.__table__),
+            [
+                {
+                    "device_id": device_id,
+                    "hub_id": hub_id,
+                    "transport": transport,
+                    "connected_at": now,
+                }
+            ],
+        )
+
+
+def disconnected(engine: Engine, device_id: str, hub_id: str) -> None:
+    """Forget the connection, unless another hub has taken the device over since."""
+    with engine.begin() as conn:
+        conn.execute(
+            delete(DeviceConnection).where(
+                DeviceConnection.device_id == device_id, DeviceConnection.hub_id == hub_id
+            )
+        )
+
+
+def forget_hub(engine: Engine, hub_id: str) -> None:
+    """Drop every connection record of a hub that stops."""
+    with engine.begin() as conn:
+        conn.execute(delete(DeviceConnection).where(DeviceConnection.hub_id == hub_id))

@@ -1,0 +1,114 @@
+"""Commands to devices: `send_command` and the tasks that complete its result.
+
+Layer: tasks; imports the `hub` core only (the hub processes are reached
+through RabbitMQ, never imported).
+
+`send_command(device_id, name, args, ttl)` returns a Celery `AsyncResult`
+whose id is the command id. The device's answer, whichever transport and hub
+process it comes through, reaches `tasks.ingest.command_result`, which
+completes that result in the shared result backend; an `expire` task
+scheduled at the time to live fails it with `CommandExpired` if nothing came.
+Whoever moves the command out of `pending` first (hub.commands) writes the
+result, so exactly one outcome is ever stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from celery.result import AsyncResult
+
+from hub.commands import (
+    DOWNLINK_EXCHANGE,
+    EXPIRED,
+    FAILED,
+    SUCCEEDED,
+    create_command,
+    downlink_queue,
+    finish_command,
+)
+from hub.envelope import Envelope, validate_device_id
+from hub.errors import CommandExpired, CommandFailed, EnvelopeError, HubError
+from hub.routing import COMMAND_EXPIRE_TASK
+from tasks.application import app
+from tasks.db import engine
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL_S = 60.0
+
+
+def send_command(
+    device_id: str, name: str, args: dict[str, Any] | None = None, ttl: float = DEFAULT_TTL_S
+) -> AsyncResult:
+    """Send command `name` to `device_id`; the result completes with the device's answer.
+
+    `ttl` is how long (seconds) the command may wait for the device to be
+    connected and to answer; after it the result fails with `CommandExpired`.
+    Works from any process that has the hub's settings: a task, a script, the CLI.
+    """
+    try:
+        validate_device_id(device_id)
+    except EnvelopeError as exc:
+        raise HubError(str(exc)) from None
+    if not name or not isinstance(name, str):
+        raise HubError("a command needs a name")
+    if ttl <= 0:
+        raise HubError("ttl must be positive")
+    command_id = uuid.uuid4().hex
+    command, hub_id = create_command(engine(), command_id, device_id, name, args or {}, ttl)
+    app.send_task(COMMAND_EXPIRE_TASK, args=(command_id, device_id, ttl), countdown=ttl)
+    if hub_id is not None:
+        with app.producer_or_acquire() as producer:
+            producer.publish(
+                command.to_dict(),
+                exchange=DOWNLINK_EXCHANGE,
+                routing_key=downlink_queue(hub_id),
+                serializer="json",
+                retry=True,
+                retry_policy={"max_retries": 3},
+            )
+    return AsyncResult(command_id, app=app)
+
+
+@app.task(name=COMMAND_EXPIRE_TASK, ignore_result=True, acks_late=True)
+def expire(command_id: str, device_id: str, ttl: float) -> bool:
+    """Fail a command nobody answered within its time to live."""
+    if not finish_command(engine(), command_id, EXPIRED):
+        return False
+    error = CommandExpired(
+        f"device {device_id!r} did not answer command {command_id} within {ttl:g} s"
+    )
+    app.backend.mark_as_failure(command_id, error, traceback=f"CommandExpired: {error}\n")
+    return True
+
+
+def complete_commands(envelopes: list[Envelope]) -> int:
+    """Complete the results of the commands these answers are for; returns how many."""
+    completed = 0
+    for env in envelopes:
+        payload = env.payload
+        command_id = payload.get("command_id")
+        if not isinstance(command_id, str):
+            log.error("command result without a command id from %r", env.device_id)
+            continue
+        ok = bool(payload.get("ok"))
+        if not finish_command(engine(), command_id, SUCCEEDED if ok else FAILED):
+            log.info(
+                "late or repeated answer to command %s from %r ignored", command_id, env.device_id
+            )
+            continue
+        if ok:
+            app.backend.mark_as_done(command_id, payload.get("result"))
+        else:
+            message = str(payload.get("error") or "the device reported an error")
+            error = CommandFailed(f"device {env.device_id!r}: {message}")
+            app.backend.mark_as_failure(
+                command_id,
+                error,
+                traceback=f"CommandFailed: device {env.device_id!r} answered: {message}\n",
+            )
+        completed += 1
+    return completed
