@@ -305,29 +305,49 @@ def send(
 
 
 @main.command()
-@click.option("--url", help="The hub's status URL (default: http://127.0.0.1:<http_port>).")
+@click.option("--url", help="The hub's status URL (default: http://127.0.0.1:<http_port>/status).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @friendly_errors
 def status(ctx: click.Context, url: str | None, as_json: bool) -> None:
-    """Show a running hub's listeners, connected devices and spool."""
+    """Show the hub's listeners, connected devices and spool, and the queue depths."""
+    from bridges.queues import queue_depths
+
     settings = _settings(ctx)
     url = url or f"http://127.0.0.1:{settings.http_port}/status"
+    data: dict[str, Any] = {"hub": None, "queues": None}
+    problems = []
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
-            data = json.load(response)
+            data["hub"] = json.load(response)
     except (urllib.error.URLError, OSError) as exc:
-        raise HubError(f"no hub answers at {url} ({exc}); is `hub run` running?") from None
+        problems.append(f"no hub answers at {url} ({exc}); is `hub run` running?")
+    try:
+        data["queues"] = queue_depths(settings.effective_broker_url)
+    except Exception as exc:  # boundary: report an unreachable broker, do not crash
+        problems.append(f"task broker unreachable: {exc}")
     if as_json:
+        data["problems"] = problems
         _emit_json(data)
-        return
-    click.echo(f"mode        {data['mode']}")
-    for listener in data["listeners"]:
-        click.echo(f"listening   {listener['name']:<12} {listener['host']}:{listener['port']}")
-    click.echo(f"devices     {data['devices_connected']}")
-    click.echo(f"pending     {data['dispatch_pending']}")
-    click.echo(f"spool       {data['spool_messages']} messages")
-    click.echo(f"broker      {'connected' if data['broker_connected'] else 'unreachable'}")
+    else:
+        hub = data["hub"]
+        if hub is not None:
+            click.echo(f"mode        {hub['mode']}")
+            for listener in hub["listeners"]:
+                click.echo(
+                    f"listening   {listener['name']:<12} {listener['host']}:{listener['port']}"
+                )
+            connected = ", ".join(f"{k} {v}" for k, v in hub["devices_connected"].items())
+            click.echo(f"devices     {connected}")
+            click.echo(f"pending     {hub['dispatch_pending']} envelopes not yet durable")
+            click.echo(f"spool       {hub['spool_messages']} envelopes")
+            click.echo(f"broker      {'connected' if hub['broker_connected'] else 'unreachable'}")
+        for name, depth in (data["queues"] or {}).items():
+            click.echo(f"queue       {name:<20} {'-' if depth is None else depth}")
+        for problem in problems:
+            click.echo(f"hub: {problem}", err=True)
+    if data["hub"] is None and data["queues"] is None:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

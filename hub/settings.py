@@ -14,10 +14,16 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from hub.errors import ConfigError
 
@@ -71,7 +77,7 @@ class Settings(BaseSettings):
     spool_max_messages: int = Field(default=100_000, ge=1)
     broker_retry_interval_s: float = Field(default=1.0, gt=0)
 
-    handlers: tuple[str, ...] = ()
+    handlers: Annotated[tuple[str, ...], NoDecode] = ()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator(
@@ -80,6 +86,14 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("handlers", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        # HUB_HANDLERS=a.b,c.d as well as a JSON list or a TOML array.
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
 
     @field_validator("broker_url")
     @classmethod
@@ -173,6 +187,8 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
     values = {**file_values, **{k: v for k, v in overrides.items() if v is not None}}
     try:
         return Settings(**values)
+    except SettingsError as exc:
+        raise ConfigError(f"an environment variable could not be read: {exc}") from None
     except ValidationError as exc:
         errors = exc.errors()
         first = errors[0]

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 settings: Settings = load_settings()
 
-app = Celery("tasks", include=["tasks.ingest", "tasks.commands"])
+app = Celery("tasks", include=["tasks.ingest", "tasks.commands", "tasks.handlers"])
 app.conf.update(
     # Results live in the database so any process can read them (not rpc://).
     result_extended=True,

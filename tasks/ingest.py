@@ -15,9 +15,11 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
+import tasks.application
 from hub.envelope import Envelope
 from hub.errors import EnvelopeError
 from hub.storage import store_envelopes
+from tasks import handlers
 from tasks.application import app
 from tasks.commands import complete_commands
 from tasks.db import engine
@@ -37,11 +39,13 @@ def parse_batch(batch: list[dict[str, Any]]) -> list[Envelope]:
 
 
 def ingest(batch: list[dict[str, Any]]) -> int:
-    """Store a batch; returns how many messages were new."""
+    """Store a batch, then queue the user handlers; returns how many messages were new."""
     envelopes = parse_batch(batch)
     if not envelopes:
         return 0
-    return store_envelopes(engine(), envelopes)
+    stored = store_envelopes(engine(), envelopes)
+    handlers.schedule(envelopes, tasks.application.settings.handlers)
+    return stored
 
 
 _RETRY: dict[str, Any] = {

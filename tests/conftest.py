@@ -76,7 +76,10 @@ def hub_settings_factory(
 def worker(rabbitmq_url: str, database_url: str, pipeline_dir: Path) -> Iterator[Worker]:
     """One real worker process for the run, consuming the run's vhost."""
     settings = make_test_settings(
-        pipeline_dir / "worker", broker_url=rabbitmq_url, database_url=database_url
+        pipeline_dir / "worker",
+        broker_url=rabbitmq_url,
+        database_url=database_url,
+        handlers=("tests.support.example_handlers",),
     )
     w = Worker(settings, pipeline_dir / "worker.log", concurrency=2)
     yield w

@@ -29,6 +29,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env["HUB_RESULT_BACKEND"] = settings.effective_result_backend
     if settings.broker_url:
         env["HUB_BROKER_URL"] = settings.broker_url
+    if settings.handlers:
+        env["HUB_HANDLERS"] = ",".join(settings.handlers)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "firmware-sim")])
     return env
 

@@ -1,0 +1,32 @@
+"""Queue depths of the hub's queues on the task broker, for `hub status`.
+
+Layer: bridges; imports the `hub` core only.
+"""
+
+from __future__ import annotations
+
+from kombu import Connection
+
+from hub.routing import DEAD_LETTER_QUEUE, all_queues
+
+
+def queue_depths(broker_url: str, timeout_s: float = 3.0) -> dict[str, int | None]:
+    """Messages waiting in each hub queue; None for a queue that does not exist yet."""
+    depths: dict[str, int | None] = {}
+    with Connection(broker_url, connect_timeout=timeout_s) as conn:
+        conn.ensure_connection(max_retries=0)
+        for name in [*all_queues(), DEAD_LETTER_QUEUE]:
+            # A passive declare counts without creating; a missing queue closes
+            # the channel, so each queue gets a fresh one.
+            channel = conn.channel()
+            try:
+                _, count, _ = channel.queue_declare(queue=name, passive=True)
+                depths[name] = int(count)
+            except conn.channel_errors:
+                depths[name] = None
+            finally:
+                try:
+                    channel.close()
+                except conn.connection_errors + conn.channel_errors:
+                    pass
+    return depths

@@ -1,0 +1,158 @@
+"""User handlers: your functions, run by workers for matching envelopes.
+
+Layer: tasks; imports the `hub` core only.
+
+Write a module, register functions with `@handler`, and name the module in
+the `handlers` setting (`HUB_HANDLERS=myproject.hub_handlers`). Workers import
+it and, after the built-in storage of each batch, run every matching handler
+once per envelope, each run its own task on the `hub.handlers` queue::
+
+    from hub.envelope import Envelope
+    from tasks import send_command
+    from tasks.handlers import handler
+
+    @handler(kind="telemetry", devices="thermo-*")
+    def cool_down(envelope: Envelope) -> None:
+        if envelope.payload.get("temperature", 0) > 30:
+            send_command(envelope.device_id, "set_interval", {"seconds": 1})
+
+A handler that raises is retried (`HANDLER_MAX_RETRIES` times, with backoff);
+after that the run goes to the dead-letter queue `hub.dead_letter`, which
+`hub status` counts. Other handlers and devices are not affected. Handlers
+must be idempotent: delivery is at least once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import logging
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hub.envelope import Envelope, Kind
+from hub.errors import ConfigError, EnvelopeError
+from hub.routing import DEAD_LETTER_QUEUE, EXCHANGE, HANDLER_QUEUE
+from tasks.application import app
+
+log = logging.getLogger(__name__)
+
+HANDLER_MAX_RETRIES = 3
+HandlerFunc = Callable[[Envelope], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    name: str
+    kinds: frozenset[Kind]
+    devices: str
+    func: HandlerFunc
+
+    def matches(self, envelope: Envelope) -> bool:
+        return envelope.kind in self.kinds and fnmatch.fnmatchcase(
+            envelope.device_id, self.devices
+        )
+
+
+_registry: dict[str, Registration] = {}
+_loaded: tuple[str, ...] | None = None
+
+
+def handler(
+    *, kind: str | Kind | list[str | Kind] = "telemetry", devices: str = "*"
+) -> Callable[[HandlerFunc], HandlerFunc]:
+    """Register a function for envelopes of `kind` from devices matching `devices` (glob)."""
+    kinds = [kind] if isinstance(kind, (str, Kind)) else list(kind)
+    try:
+        kind_set = frozenset(Kind(k) for k in kinds)
+    except ValueError as exc:
+        raise ConfigError(f"unknown envelope kind in handler registration: {exc}") from None
+
+    def register(func: HandlerFunc) -> HandlerFunc:
+        name = f"{func.__module__}.{func.__qualname__}"
+        _registry[name] = Registration(name, kind_set, devices, func)
+        return func
+
+    return register
+
+
+def load(modules: tuple[str, ...]) -> None:
+    """Import the configured handler modules once per process."""
+    global _loaded
+    if _loaded == modules:
+        return
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(
+                f"handler module {module!r} cannot be imported: {exc}", key="handlers",
+                env="HUB_HANDLERS",
+            ) from None
+    _loaded = modules
+
+
+def matching(envelope: Envelope) -> list[Registration]:
+    return [r for r in _registry.values() if r.matches(envelope)]
+
+
+def schedule(envelopes: list[Envelope], modules: tuple[str, ...]) -> int:
+    """Queue one handler run per matching (envelope, handler); returns how many."""
+    if not modules:
+        return 0
+    load(modules)
+    scheduled = 0
+    for env in envelopes:
+        for registration in matching(env):
+            run.apply_async(args=(registration.name, env.to_dict()), queue=HANDLER_QUEUE)
+            scheduled += 1
+    return scheduled
+
+
+def dead_letter(name: str, envelope: dict[str, Any], error: BaseException) -> None:
+    """Park a handler run that failed for good where operators can see it."""
+    body = {
+        "handler": name,
+        "envelope": envelope,
+        "error": f"{type(error).__name__}: {error}",
+        "traceback": "".join(traceback.format_exception(error)),
+    }
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            body, exchange=EXCHANGE, routing_key=DEAD_LETTER_QUEUE, serializer="json",
+            declare=[dead_letter_queue()], retry=True, delivery_mode="persistent",
+        )
+    log.error("handler %s failed for good on envelope %s: %s; dead-lettered",
+              name, envelope.get("id"), error)
+
+
+def dead_letter_queue() -> Any:
+    from kombu import Exchange, Queue
+
+    return Queue(DEAD_LETTER_QUEUE, Exchange(EXCHANGE, type="direct", durable=True),
+                 routing_key=DEAD_LETTER_QUEUE, durable=True)
+
+
+@app.task(name="tasks.handlers.run", bind=True, ignore_result=True, acks_late=True,
+          max_retries=HANDLER_MAX_RETRIES)
+def run(self: Any, name: str, envelope: dict[str, Any]) -> None:
+    """Run one handler on one envelope; retry, then dead-letter."""
+    from tasks.application import settings
+
+    load(settings.handlers)
+    registration = _registry.get(name)
+    try:
+        if registration is None:
+            raise ConfigError(f"handler {name!r} is not registered in this worker")
+        registration.func(Envelope.from_dict(envelope))
+    except (EnvelopeError, ConfigError) as exc:
+        dead_letter(name, envelope, exc)  # retrying cannot help
+    except Exception as exc:  # boundary: a user handler
+        if self.request.retries >= HANDLER_MAX_RETRIES:
+            dead_letter(name, envelope, exc)
+            return
+        log.warning("handler %s raised %s; retry %d of %d", name, exc,
+                    self.request.retries + 1, HANDLER_MAX_RETRIES)
+        raise self.retry(exc=exc, countdown=0.5 * 2**self.request.retries) from None
