@@ -36,7 +36,7 @@ from celery import Celery
 from kombu import Connection
 
 from hub.envelope import Envelope, Kind
-from hub.errors import DispatchError
+from hub.errors import ConfigError, DispatchError
 from hub.metrics import Metrics
 from hub.routing import INGEST_TASKS, QUEUES, celery_queues, task_routes
 from hub.settings import Settings
@@ -77,6 +77,42 @@ def publisher_app(settings: Settings) -> Celery:
         task_default_delivery_mode="persistent",
     )
     return app
+
+
+def check_broker(settings: Settings) -> None:
+    """Connect once to the task broker; a ConfigError that says what is wrong if we cannot.
+
+    Refused credentials or an unknown vhost are always configuration errors.
+    An unreachable broker is one only when `start_without_broker` is off: a
+    hub restarted during a RabbitMQ outage may be told to start and spool.
+    """
+    if settings.embedded:
+        return
+    url = settings.effective_broker_url
+    shown = url.split("@", 1)[-1] if "@" in url else url
+    try:
+        with Connection(url, connect_timeout=3) as connection:
+            connection.ensure_connection(max_retries=0)
+    except Exception as exc:  # boundary: classify whatever the client raised
+        text = str(exc)
+        if "ACCESS_REFUSED" in text or "NOT_ALLOWED" in text:
+            raise ConfigError(
+                f"RabbitMQ at {shown} refused the hub: {text.split(' - ', 1)[-1]}; "
+                "check the user, password and vhost in broker_url / HUB_BROKER_URL",
+                key="broker_url",
+                env="HUB_BROKER_URL",
+            ) from None
+        if settings.start_without_broker:
+            log.warning(
+                "RabbitMQ at %s is unreachable (%s); starting anyway, spooling", shown, text
+            )
+            return
+        raise ConfigError(
+            f"RabbitMQ at {shown} is unreachable ({text}); start it, fix broker_url / "
+            "HUB_BROKER_URL, or set HUB_START_WITHOUT_BROKER=true to start and spool",
+            key="broker_url",
+            env="HUB_BROKER_URL",
+        ) from None
 
 
 class Dispatcher:

@@ -24,7 +24,6 @@ from kombu import Connection, Consumer, Exchange, Queue
 from sqlalchemy import Engine
 
 from hub.commands import (
-    DOWNLINK_EXCHANGE,
     PendingCommand,
     connected,
     disconnected,
@@ -114,9 +113,12 @@ class Downlink:
     # -- the consumer thread -----------------------------------------------------
 
     def _queue(self) -> Queue:
+        # Bound only to the default exchange: a sender addresses the queue by
+        # name, and a command for a hub that is gone is simply not routed (it
+        # waits in the database for the device's next connect). This also works
+        # on the embedded local queue, whose bindings live in each process.
         name = downlink_queue(self.hub_id)
-        exchange = Exchange(DOWNLINK_EXCHANGE, type="direct", durable=True)
-        return Queue(name, exchange, routing_key=name, durable=False, auto_delete=True)
+        return Queue(name, Exchange(""), routing_key=name, durable=False, auto_delete=True)
 
     def _on_message(self, body: Any, message: Any) -> None:
         try:

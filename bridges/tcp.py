@@ -165,15 +165,21 @@ class DeviceConnection(asyncio.Protocol):
 
     def _hello(self, hello: Hello) -> None:
         cache = self._server.credentials
-        if cache.missing(hello.device_id):
-            # Not seen yet: look it up off the loop, and stop reading meanwhile
-            # (the codec keeps any frames that follow the HELLO).
-            self._authenticating = True
-            task = asyncio.ensure_future(self._refresh_then_verify(hello))
-            self._server.background.add(task)
-            task.add_done_callback(self._server.background.discard)
-            return
-        self._verify(hello)
+        if not cache.missing(hello.device_id):
+            try:
+                cache.verify(hello.device_id, hello.credential)
+            except AuthError:
+                pass  # perhaps re-registered since it was cached: look again below
+            else:
+                self._accept(hello)
+                return
+        # Unknown here, or the credential did not match: read the registry off
+        # the loop, and stop reading meanwhile (the codec keeps any frames that
+        # follow the HELLO).
+        self._authenticating = True
+        task = asyncio.ensure_future(self._refresh_then_verify(hello))
+        self._server.background.add(task)
+        task.add_done_callback(self._server.background.discard)
 
     async def _refresh_then_verify(self, hello: Hello) -> None:
         try:
@@ -197,6 +203,9 @@ class DeviceConnection(asyncio.Protocol):
             log.warning("refused device %r from %s: %s", hello.device_id, self.peer, exc.reason)
             self._refuse(hello.seq, _AUTH_REASONS[exc.reason], exc.reason, count=False)
             return
+        self._accept(hello)
+
+    def _accept(self, hello: Hello) -> None:
         self.device_id = hello.device_id
         self._boot_id = hello.boot_id
         previous = self._server.devices.get(hello.device_id)

@@ -18,9 +18,10 @@ import signal
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-from bridges.dispatch import Dispatcher
+from bridges.dispatch import Dispatcher, check_broker
 from bridges.downlink import Downlink
 from bridges.http_status import HttpStatusServer
 from bridges.tcp import TcpServer
@@ -47,7 +48,7 @@ class HubApp:
 
     def __init__(self, settings: Settings, *, run_worker: bool | None = None) -> None:
         self.settings = settings
-        self.data_path = settings.data_dir.resolve()
+        self.data_path = prepare_data_dir(settings)
         self.metrics = Metrics()
         self.engine = make_engine(settings.effective_database_url)
         self.registry = Registry(self.engine)
@@ -58,6 +59,7 @@ class HubApp:
         self.mqtt: Any = None
         self.http: HttpStatusServer | None = None
         self._worker: subprocess.Popen[bytes] | None = None
+        self._supervisor: asyncio.Future[None] | None = None
         # The embedded default runs its own worker; with RabbitMQ, workers are
         # separate `celery -A tasks worker` processes.
         self._run_worker = settings.embedded if run_worker is None else run_worker
@@ -65,18 +67,7 @@ class HubApp:
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
-        data_dir = self.settings.data_dir
-        try:
-            await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
-            if not os.access(data_dir, os.W_OK):
-                raise PermissionError(data_dir)
-        except PermissionError:
-            raise ConfigError(
-                f"data folder {data_dir.resolve()} is not writable; choose another with "
-                "data_dir / HUB_DATA_DIR",
-                key="data_dir",
-                env="HUB_DATA_DIR",
-            ) from None
+        await asyncio.to_thread(check_broker, self.settings)
         await asyncio.to_thread(migrate, self.settings.effective_database_url)
         self.credentials.update(await asyncio.to_thread(self.registry.credential_hashes))
         await self.dispatcher.start()
@@ -103,6 +94,7 @@ class HubApp:
             await self.http.start()
             if self._run_worker:
                 self._start_worker()
+                self._supervisor = asyncio.ensure_future(self._supervise_worker())
         except BaseException:
             await self.stop()
             raise
@@ -152,7 +144,27 @@ class HubApp:
         )
         log_file.close()
 
+    async def _supervise_worker(self) -> None:
+        """Restart the in-hub worker if it dies; say so, with where its log is."""
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            worker = self._worker
+            if worker is None or worker.poll() is None:
+                delay = 1.0
+                continue
+            log.error(
+                "the task worker exited with status %s; restarting it (log: %s)",
+                worker.returncode,
+                self.data_path / "worker.log",
+            )
+            self._start_worker()
+            delay = min(delay * 2, 30.0)
+
     async def stop(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            self._supervisor = None
         for server in self.tcp_servers:
             await server.stop()
         self.tcp_servers.clear()
@@ -216,6 +228,37 @@ class HubApp:
             "spool_messages": int(self.metrics.spool_size._value.get()),
             "broker_connected": bool(self.metrics.broker_connected._value.get()),
         }
+
+
+def prepare_data_dir(settings: Settings) -> Path:
+    """Create the data folder; a ConfigError if it cannot be created or written."""
+    data_dir = settings.data_dir
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(data_dir, os.W_OK):
+            raise PermissionError(13, "permission denied")
+    except OSError as exc:
+        reason = exc.strerror or "not writable"
+        raise ConfigError(
+            f"data folder {data_dir.resolve()} cannot be used ({reason.lower()}); "
+            "choose another with data_dir / HUB_DATA_DIR",
+            key="data_dir",
+            env="HUB_DATA_DIR",
+        ) from None
+    return data_dir.resolve()
+
+
+def _die_with_parent() -> None:
+    """In the worker child: get SIGTERM when the hub dies, even by SIGKILL (Linux).
+
+    The worker then shuts down warmly and returns unfinished messages to the
+    local queue, where the next hub's worker finds them.
+    """
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _redact(url: str) -> str:

@@ -27,11 +27,8 @@ SUCCEEDED = "succeeded"
 FAILED = "failed"
 EXPIRED = "expired"
 
-#: Exchange and queue names of the downlink: one queue per hub process.
-DOWNLINK_EXCHANGE = "hub.downlink"
-
-
 def downlink_queue(hub_id: str) -> str:
+    """The queue of one hub process (addressed through the default exchange)."""
     return f"hub.downlink.{hub_id}"
 
 

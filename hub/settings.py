@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(default=2.0, ge=0)
     spool_max_messages: int = Field(default=100_000, ge=1)
     broker_retry_interval_s: float = Field(default=1.0, gt=0)
+    #: Start even if RabbitMQ is unreachable (messages spool until it is back).
+    start_without_broker: bool = False
 
     handlers: Annotated[tuple[str, ...], NoDecode] = ()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -21,7 +21,6 @@ from typing import Any
 from celery.result import AsyncResult
 
 from hub.commands import (
-    DOWNLINK_EXCHANGE,
     EXPIRED,
     FAILED,
     SUCCEEDED,
@@ -64,7 +63,7 @@ def send_command(
         with app.producer_or_acquire() as producer:
             producer.publish(
                 command.to_dict(),
-                exchange=DOWNLINK_EXCHANGE,
+                exchange="",
                 routing_key=downlink_queue(hub_id),
                 serializer="json",
                 retry=True,

@@ -109,6 +109,7 @@ def test_a_full_spool_stops_acknowledging(
             broker_url=amqp_url(rabbitmq_vhost, proxy.port),
             spool_max_messages=20,
             batch_max_messages=10,
+            start_without_broker=True,
         )
         ((device_id, credential),) = provision([f"{device_prefix}1"]).items()
         device = connect(hub.tcp_port)
@@ -226,3 +227,25 @@ def test_a_port_in_use_is_a_clear_configuration_error(running_hub: StartHub) -> 
     first = running_hub()
     with pytest.raises(ConfigError, match=r"TCP port \d+ .* already in use.*HUB_TCP_PORT"):
         running_hub(tcp_port=first.tcp_port)
+
+
+def test_a_device_registered_again_while_the_hub_runs_gets_in(
+    running_hub: StartHub,
+    provision: Provision,
+    connect: Connect,
+    engine: Engine,
+    device_prefix: str,
+) -> None:
+    from hub.registry import Registry
+
+    hub = running_hub()
+    device_id = f"{device_prefix}1"
+    ((_, first),) = provision([device_id]).items()
+    assert connect(hub.tcp_port).hello(device_id, first) == Ack(0)  # now cached
+    registry = Registry(engine)
+    registry.remove(device_id)
+    second = registry.add(device_id)
+
+    assert connect(hub.tcp_port).hello(device_id, second) == Ack(0)
+    refused = connect(hub.tcp_port).hello(device_id, first)
+    assert isinstance(refused, Nak) and refused.reason is NakReason.BAD_CREDENTIAL
