@@ -49,7 +49,8 @@ class HttpStatusServer:
                 raise ConfigError(
                     f"HTTP port {self._requested_port} on {self._host} is already in use; "
                     "choose another with http_port / HUB_HTTP_PORT",
-                    key="http_port", env="HUB_HTTP_PORT",
+                    key="http_port",
+                    env="HUB_HTTP_PORT",
                 ) from None
             raise
 
@@ -73,7 +74,8 @@ class HttpStatusServer:
             status, content_type, body = "500 Internal Server Error", "text/plain", b"error\n"
         writer.write(
             f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
         )
         try:
             await writer.drain()
