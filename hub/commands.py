@@ -27,6 +27,7 @@ SUCCEEDED = "succeeded"
 FAILED = "failed"
 EXPIRED = "expired"
 
+
 def downlink_queue(hub_id: str) -> str:
     """The queue of one hub process (addressed through the default exchange)."""
     return f"hub.downlink.{hub_id}"

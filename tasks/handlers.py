@@ -51,9 +51,7 @@ class Registration:
     func: HandlerFunc
 
     def matches(self, envelope: Envelope) -> bool:
-        return envelope.kind in self.kinds and fnmatch.fnmatchcase(
-            envelope.device_id, self.devices
-        )
+        return envelope.kind in self.kinds and fnmatch.fnmatchcase(envelope.device_id, self.devices)
 
 
 _registry: dict[str, Registration] = {}
@@ -88,7 +86,8 @@ def load(modules: tuple[str, ...]) -> None:
             importlib.import_module(module)
         except ImportError as exc:
             raise ConfigError(
-                f"handler module {module!r} cannot be imported: {exc}", key="handlers",
+                f"handler module {module!r} cannot be imported: {exc}",
+                key="handlers",
                 env="HUB_HANDLERS",
             ) from None
     _loaded = modules
@@ -121,22 +120,40 @@ def dead_letter(name: str, envelope: dict[str, Any], error: BaseException) -> No
     }
     with app.producer_or_acquire() as producer:
         producer.publish(
-            body, exchange=EXCHANGE, routing_key=DEAD_LETTER_QUEUE, serializer="json",
-            declare=[dead_letter_queue()], retry=True, delivery_mode="persistent",
+            body,
+            exchange=EXCHANGE,
+            routing_key=DEAD_LETTER_QUEUE,
+            serializer="json",
+            declare=[dead_letter_queue()],
+            retry=True,
+            delivery_mode="persistent",
         )
-    log.error("handler %s failed for good on envelope %s: %s; dead-lettered",
-              name, envelope.get("id"), error)
+    log.error(
+        "handler %s failed for good on envelope %s: %s; dead-lettered",
+        name,
+        envelope.get("id"),
+        error,
+    )
 
 
 def dead_letter_queue() -> Any:
     from kombu import Exchange, Queue
 
-    return Queue(DEAD_LETTER_QUEUE, Exchange(EXCHANGE, type="direct", durable=True),
-                 routing_key=DEAD_LETTER_QUEUE, durable=True)
+    return Queue(
+        DEAD_LETTER_QUEUE,
+        Exchange(EXCHANGE, type="direct", durable=True),
+        routing_key=DEAD_LETTER_QUEUE,
+        durable=True,
+    )
 
 
-@app.task(name="tasks.handlers.run", bind=True, ignore_result=True, acks_late=True,
-          max_retries=HANDLER_MAX_RETRIES)
+@app.task(
+    name="tasks.handlers.run",
+    bind=True,
+    ignore_result=True,
+    acks_late=True,
+    max_retries=HANDLER_MAX_RETRIES,
+)
 def run(self: Any, name: str, envelope: dict[str, Any]) -> None:
     """Run one handler on one envelope; retry, then dead-letter."""
     from tasks.application import settings
@@ -153,6 +170,11 @@ def run(self: Any, name: str, envelope: dict[str, Any]) -> None:
         if self.request.retries >= HANDLER_MAX_RETRIES:
             dead_letter(name, envelope, exc)
             return
-        log.warning("handler %s raised %s; retry %d of %d", name, exc,
-                    self.request.retries + 1, HANDLER_MAX_RETRIES)
+        log.warning(
+            "handler %s raised %s; retry %d of %d",
+            name,
+            exc,
+            self.request.retries + 1,
+            HANDLER_MAX_RETRIES,
+        )
         raise self.retry(exc=exc, countdown=0.5 * 2**self.request.retries) from None
