@@ -113,8 +113,12 @@ class HubApp:
                 self.credentials,
                 self.refresh_credentials,
                 self.metrics,
+                events=self.downlink,
             )
         await self.mqtt.start()
+        deliver = getattr(self.mqtt, "deliver_command", None)
+        if deliver is not None:
+            self.downlink.add_transport(deliver)
 
     def _start_worker(self) -> None:
         env = dict(os.environ)

@@ -1,0 +1,219 @@
+"""Authentication and topic ACL of the embedded MQTT broker, as amqtt plugins.
+
+Layer: bridges; imports the `hub` core (topics, registry, metrics, envelope,
+errors, settings) and amqtt's public plugin API. Must not import `tasks`,
+`firmware_sim`, `hub.cli` or `hub.app`.
+
+`DeviceAccess` holds the rules (docs/mqtt.md, "Authentication and ACL");
+`DeviceAuthPlugin` and `DeviceTopicPlugin` are the amqtt plugins that ask it.
+amqtt instantiates plugins itself from dotted paths, so the one `DeviceAccess`
+instance reaches them through their plugin configuration (`{"access": ...}`).
+
+A device connects with username = its device id and password = its registry
+credential. Its session then carries the device id in
+`session.attributes[DEVICE_ATTRIBUTE]`; the bridge trusts only that attribute,
+never the topic, to decide whose message it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from amqtt.contexts import Action
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
+
+from hub.envelope import validate_device_id
+from hub.errors import AuthError, EnvelopeError
+from hub.metrics import Metrics
+from hub.registry import CredentialCache
+from hub.settings import Settings
+from hub.topics import may_publish, may_subscribe
+
+log = logging.getLogger(__name__)
+
+#: Session attribute holding the authenticated device id (None: an anonymous client).
+DEVICE_ATTRIBUTE = "hub.device_id"
+#: Session attribute holding why a connect was refused (chooses the CONNACK code).
+REFUSAL_ATTRIBUTE = "hub.refusal"
+
+# Refusal reasons, the `reason` label of hub_auth_failures_total{transport="mqtt"}.
+ANONYMOUS = "anonymous"
+UNKNOWN_DEVICE = "unknown_device"
+BAD_CREDENTIAL = "bad_credential"
+CLIENT_ID_IN_USE = "client_id_in_use"
+WILL_TOPIC = "will_topic"
+INTERNAL_ERROR = "internal_error"
+
+
+def device_of(session: Session | None) -> str | None:
+    """The device a session authenticated as; None for anonymous (or unknown) clients."""
+    if session is None:
+        return None
+    value = session.attributes.get(DEVICE_ATTRIBUTE)
+    return value if isinstance(value, str) else None
+
+
+class DeviceAccess:
+    """The connect, publish and subscribe rules of the embedded broker."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        credentials: CredentialCache,
+        refresh_credentials: Callable[[str], Awaitable[None]],
+        metrics: Metrics,
+    ) -> None:
+        self._root = settings.mqtt_topic_root
+        self._allow_anonymous = settings.mqtt_allow_anonymous
+        self._credentials = credentials
+        self._refresh = refresh_credentials
+        self._metrics = metrics
+
+    # -- connect ---------------------------------------------------------------
+
+    async def authenticate(self, session: Session) -> bool:
+        """True when the client may connect; counts and logs a refusal once."""
+        username = session.username
+        # A persistent session (clean session 0) keeps its attributes across
+        # connects. A client id already owned by one device must not hand that
+        # device's subscriptions and queued commands to another client.
+        owner = device_of(session)
+        if owner is not None and owner != username:
+            return self._refuse(session, username, CLIENT_ID_IN_USE)
+        if username is None:
+            if not self._allow_anonymous:
+                return self._refuse(session, None, ANONYMOUS)
+            session.attributes[DEVICE_ATTRIBUTE] = None
+            # amqtt's own flag: no offline queueing for anonymous sessions.
+            session.is_anonymous = True
+            return True
+        try:
+            device_id = validate_device_id(username)
+        except EnvelopeError:
+            return self._refuse(session, username, UNKNOWN_DEVICE)
+        if session.password is None:
+            return self._refuse(session, device_id, BAD_CREDENTIAL)
+        try:
+            if self._credentials.missing(device_id):
+                # Provisioned after the hub started: look it up once before refusing.
+                await self._refresh(device_id)
+            self._credentials.verify(device_id, session.password)
+        except AuthError as exc:
+            return self._refuse(session, device_id, exc.reason)
+        if session.will_flag and not may_publish(device_id, session.will_topic or "", self._root):
+            # amqtt publishes a will without asking the topic ACL, so a will on
+            # another device's command topic would be a forged command.
+            return self._refuse(session, device_id, WILL_TOPIC)
+        session.attributes[DEVICE_ATTRIBUTE] = device_id
+        session.attributes.pop(REFUSAL_ATTRIBUTE, None)
+        session.is_anonymous = False
+        return True
+
+    def _refuse(self, session: Session, device_id: str | None, reason: str) -> bool:
+        session.attributes[REFUSAL_ATTRIBUTE] = reason
+        self._metrics.auth_failures.labels("mqtt", reason).inc()
+        log.warning(
+            "MQTT connect refused: device=%s client_id=%s from=%s reason=%s",
+            device_id,
+            session.client_id,
+            session.remote_address,
+            reason,
+        )
+        return False
+
+    def count_internal_error(self, session: Session | None) -> None:
+        if session is not None:
+            session.attributes[REFUSAL_ATTRIBUTE] = INTERNAL_ERROR
+        self._metrics.auth_failures.labels("mqtt", INTERNAL_ERROR).inc()
+
+    # -- publish and subscribe ---------------------------------------------------
+
+    def may_publish(self, session: Session | None, topic: str) -> bool:
+        """Whether the client may publish on `topic`. Pure; counts nothing."""
+        if session is None:
+            return False
+        device_id = device_of(session)
+        if device_id is None:
+            # Only reachable with mqtt_allow_anonymous: a plain broker for them.
+            return self._allow_anonymous and DEVICE_ATTRIBUTE in session.attributes
+        return may_publish(device_id, topic, self._root)
+
+    def may_subscribe(self, session: Session | None, topic_filter: str) -> bool:
+        if session is None:
+            return False
+        device_id = device_of(session)
+        if device_id is None:
+            return self._allow_anonymous and DEVICE_ATTRIBUTE in session.attributes
+        return may_subscribe(device_id, topic_filter, self._root)
+
+    def check(self, session: Session | None, topic: str, action: str) -> bool:
+        """The ACL decision for amqtt's `publish`/`subscribe`/`receive`; counts and
+        logs each refusal once."""
+        if action == Action.RECEIVE:
+            # What a client receives is bounded by what it may subscribe to.
+            return True
+        if action == Action.PUBLISH:
+            allowed = self.may_publish(session, topic)
+        elif action == Action.SUBSCRIBE:
+            allowed = self.may_subscribe(session, topic)
+        else:
+            allowed = False
+        if not allowed:
+            self.refused(session, topic, str(action))
+        return allowed
+
+    def refused(self, session: Session | None, topic: str, action: str) -> None:
+        self._metrics.acl_refusals.labels(action).inc()
+        log.warning(
+            "MQTT %s refused: device=%s client_id=%s topic=%s",
+            action,
+            device_of(session),
+            session.client_id if session is not None else None,
+            topic,
+        )
+
+
+# amqtt ships no type information, so its base classes are `Any` to mypy.
+class DeviceAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]
+    """amqtt authentication plugin: asks `DeviceAccess.authenticate`."""
+
+    @dataclass
+    class Config:
+        access: Any = None
+
+    async def authenticate(self, *, session: Session) -> bool:
+        access: DeviceAccess = self.config.access
+        try:
+            return await access.authenticate(session)
+        except Exception:
+            # The boundary with amqtt: a bug here must refuse the client, not the broker.
+            log.exception("MQTT authentication failed internally: client_id=%s", session.client_id)
+            access.count_internal_error(session)
+            return False
+
+
+class DeviceTopicPlugin(BaseTopicPlugin):  # type: ignore[misc]
+    """amqtt topic plugin: asks `DeviceAccess.check` for each publish and subscribe."""
+
+    @dataclass
+    class Config:
+        access: Any = None
+
+    async def topic_filtering(
+        self,
+        *,
+        session: Session | None = None,
+        topic: str | None = None,
+        action: Action | None = None,
+    ) -> bool:
+        access: DeviceAccess = self.config.access
+        try:
+            return access.check(session, topic or "", str(action))
+        except Exception:
+            log.exception("MQTT ACL check failed internally: topic=%s action=%s", topic, action)
+            access.refused(session, topic or "", str(action))
+            return False
