@@ -164,3 +164,45 @@ def test_hub_send_prints_the_reply_or_the_error(
 
     bad_args = hub_send("ping", "--args", "[1]")
     assert bad_args.returncode == 1 and "JSON object" in bad_args.stderr
+
+
+def test_an_mqtt_device_answers_through_asyncresult(
+    worker: Worker,
+    running_hub: StartHub,
+    provision: Provision,
+    simulated_devices: StartDevice,
+    command_api: Any,
+    device_prefix: str,
+) -> None:
+    hub = running_hub(mqtt_enabled=True)
+    ((device_id, credential),) = provision([f"{device_prefix}m1"]).items()
+    simulated_devices("mqtt", hub.mqtt_port, device_id, credential)
+
+    reply = command_api.send_command(device_id, "ping", ttl=30).get(timeout=30)
+    assert reply["pong"] is True and reply["device"] == device_id
+
+    failing = command_api.send_command(device_id, "fail", ttl=30)
+    error = failing.get(timeout=30, propagate=False)
+    assert isinstance(error, CommandFailed) and "failed on purpose" in failing.traceback
+
+
+def test_an_mqtt_command_from_a_hub_that_does_not_hold_the_device(
+    worker: Worker,
+    running_hub: StartHub,
+    provision: Provision,
+    simulated_devices: StartDevice,
+    command_api: Any,
+    device_prefix: str,
+) -> None:
+    holding = running_hub(mqtt_enabled=True)
+    other = running_hub(mqtt_enabled=True)
+    ((device_id, credential),) = provision([f"{device_prefix}m2"]).items()
+    simulated_devices("mqtt", holding.mqtt_port, device_id, credential)
+
+    reply = command_api.send_command(device_id, "set_interval", {"seconds": 4}, ttl=30).get(
+        timeout=30
+    )
+
+    assert reply == {"interval_s": 4.0}
+    assert holding.app.downlink.delivered >= 1
+    assert other.app.downlink.delivered == 0
