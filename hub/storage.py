@@ -24,6 +24,7 @@ from sqlalchemy import (
     Index,
     String,
     TypeDecorator,
+    bindparam,
     create_engine,
     event,
     select,
@@ -31,7 +32,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.pool import NullPool
 
 from hub.envelope import Envelope, Kind
 
@@ -155,7 +155,7 @@ def make_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, poolclass=NullPool, json_serializer=_dumps)
+        engine = create_engine(url, json_serializer=_dumps)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(url, pool_pre_ping=True, json_serializer=_dumps)
@@ -240,6 +240,8 @@ def _update_state(conn: Any, envelopes: Iterable[Envelope], now: datetime) -> No
         row.device_id: row
         for row in conn.execute(select(table).where(table.c.device_id.in_(list(latest))))
     }
+    inserts: list[dict[str, Any]] = []
+    updates: list[dict[str, Any]] = []
     for device_id, envs in latest.items():
         row = existing.get(device_id)
         state = dict(row.state) if row is not None else {}
@@ -268,11 +270,20 @@ def _update_state(conn: Any, envelopes: Iterable[Envelope], now: datetime) -> No
             "updated_at": now,
         }
         if row is None:
-            conn.execute(_insert_ignore(conn.engine, table), [record])
+            inserts.append(record)
         else:
-            conn.execute(
-                update(DeviceState).where(DeviceState.device_id == device_id).values(**record)
-            )
+            updates.append({f"b_{key}": value for key, value in record.items()})
+    # One statement each for new and known devices (executemany), not one per device.
+    if inserts:
+        conn.execute(_insert_ignore(conn.engine, table), inserts)
+    if updates:
+        columns = [key for key in updates[0] if key != "b_device_id"]
+        conn.execute(
+            update(DeviceState)
+            .where(DeviceState.device_id == bindparam("b_device_id"))
+            .values({key[2:]: bindparam(key) for key in columns}),
+            updates,
+        )
 
 
 def recent_telemetry(engine: Engine, device_id: str, last: int = 10) -> list[dict[str, Any]]:

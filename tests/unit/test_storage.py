@@ -1,0 +1,51 @@
+"""Storing batches: idempotent rows and each device's last known state."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from hub.envelope import Envelope, Kind
+from hub.storage import count_rows, device_state, make_engine, migrate, store_envelopes
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def env(device: str, kind: Kind, payload: dict[str, object], n: int) -> Envelope:
+    return Envelope(
+        device_id=device,
+        kind=kind,
+        payload=payload,
+        transport="tcp",
+        protocol="native",
+        seq=n if kind is not Kind.PRESENCE else None,
+        received_at=T0 + timedelta(seconds=n),
+    )
+
+
+def test_batches_store_once_and_keep_the_newest_state(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'hub.sqlite3'}"
+    migrate(url)
+    engine = make_engine(url)
+    first = [env("a", Kind.TELEMETRY, {"t": n, f"k{n}": n}, n) for n in range(1, 4)]
+    first += [env("b", Kind.TELEMETRY, {"t": 10}, 1), env("b", Kind.STATE, {"fw": "1.0"}, 2)]
+    assert store_envelopes(engine, first) == 4
+    assert store_envelopes(engine, first) == 0  # a redelivered batch adds nothing
+
+    later = [
+        env("a", Kind.TELEMETRY, {"t": 99}, 7),
+        env("b", Kind.PRESENCE, {"online": False}, 9),
+        env("c", Kind.EVENT, {"alarm": True}, 1),
+    ]
+    assert store_envelopes(engine, later) == 2
+
+    a = device_state(engine, "a")
+    assert a is not None
+    assert a["last_values"] == {"t": 99, "k1": 1, "k2": 2, "k3": 3}
+    assert a["online"] and a["last_seen_at"] == T0 + timedelta(seconds=7)
+    b = device_state(engine, "b")
+    assert b is not None
+    assert b["state"] == {"fw": "1.0"} and b["last_values"] == {"t": 10}
+    assert b["online"] is False
+    assert device_state(engine, "c") is None  # events are not state
+    assert count_rows(engine) == 4 and count_rows(engine, Kind.EVENT) == 1
