@@ -48,4 +48,4 @@ def test_batches_store_once_and_keep_the_newest_state(tmp_path: Path) -> None:
     assert b["state"] == {"fw": "1.0"} and b["last_values"] == {"t": 10}
     assert b["online"] is False
     assert device_state(engine, "c") is None  # events are not state
-    assert count_rows(engine) == 4 and count_rows(engine, Kind.EVENT) == 1
+    assert count_rows(engine) == 5 and count_rows(engine, Kind.EVENT) == 1
