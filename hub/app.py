@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,10 @@ class HubApp:
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            # Its own session: a Ctrl+C meant for the hub must not reach the
+            # worker directly; the hub stops it in order after the listeners.
+            start_new_session=True,
+            preexec_fn=_DIE_WITH_PARENT,
         )
         log_file.close()
 
@@ -252,17 +257,28 @@ def prepare_data_dir(settings: Settings) -> Path:
     return data_dir.resolve()
 
 
-def _die_with_parent() -> None:
-    """In the worker child: get SIGTERM when the hub dies, even by SIGKILL (Linux).
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A function for the worker child that makes it get SIGTERM when the hub dies,
+    even by SIGKILL (Linux `prctl(PR_SET_PDEATHSIG)`); None elsewhere.
 
     The worker then shuts down warmly and returns unfinished messages to the
-    local queue, where the next hub's worker finds them.
+    local queue, where the next hub's worker finds them. libc is loaded here,
+    before any fork, so that the child only makes the one system call.
     """
-    if sys.platform == "linux":
-        import ctypes
+    if sys.platform != "linux":
+        return None
+    import ctypes
 
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    pr_set_pdeathsig = 1
+
+    def set_signal() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return set_signal
+
+
+_DIE_WITH_PARENT = _parent_death_signal()
 
 
 def _redact(url: str) -> str:

@@ -350,5 +350,57 @@ def status(ctx: click.Context, url: str | None, as_json: bool) -> None:
         sys.exit(1)
 
 
+@main.command(
+    epilog="Examples:\n\n\b\n  hub demo\n  hub demo --duration 60 --devices 20 --rate 2\n"
+    "  hub demo --duration 10 --json\n\n"
+    "The hub listens on free ports of 127.0.0.1 and keeps its data in a temporary "
+    "folder (removed afterwards) unless --data-dir is given; other settings "
+    "(HUB_BROKER_URL, HUB_DATABASE_URL, ...) apply as for `hub run`. See docs/demo.md."
+)
+@click.option(
+    "--duration",
+    default=20.0,
+    show_default=True,
+    type=click.FloatRange(1, 3600),
+    help="Seconds the devices send (waiting for command replies may add some).",
+)
+@click.option(
+    "--devices",
+    default=5,
+    show_default=True,
+    type=click.IntRange(1, 500),
+    help="Simulated devices per transport.",
+)
+@click.option(
+    "--rate",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 1000),
+    help="Telemetry messages per second per device.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep the demo's data here (default: a temporary folder, removed afterwards).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON line.")
+@click.pass_context
+@friendly_errors
+def demo(
+    ctx: click.Context,
+    duration: float,
+    devices: int,
+    rate: float,
+    data_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Run a hub and simulated TCP and MQTT devices, with a live view and a summary."""
+    from hub.demo import DemoOptions
+    from hub.demo import run as run_demo
+
+    options = DemoOptions(duration, devices, rate, data_dir, as_json, bool(ctx.obj["verbose"]))
+    sys.exit(run_demo(lambda overrides: _settings(ctx, **overrides), options))
+
+
 if __name__ == "__main__":
     main()

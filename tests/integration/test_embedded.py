@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from sqlalchemy import select
 
@@ -168,7 +169,14 @@ def test_nothing_acknowledged_is_lost_when_the_hub_is_killed(data_dir: Path) -> 
                 event = device.next_event()
                 assert isinstance(event, Ack), event
                 acked.add(event.seq)
+        workers = psutil.Process(hub.process.pid).children()
+        assert workers, "the embedded hub runs a worker child"
         hub.kill()  # in the middle of the stream: frames in flight, batches queued
+        # The worker follows its hub (parent-death signal), returning unfinished
+        # messages to the local queue instead of lingering as an orphan.
+        assert wait_until(
+            lambda: not any(w.is_running() and w.status() != "zombie" for w in workers), timeout=30
+        )
         try:
             while True:
                 event = device.next_event(timeout=2)
