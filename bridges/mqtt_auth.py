@@ -88,8 +88,10 @@ class DeviceAccess:
             if not self._allow_anonymous:
                 return self._refuse(session, None, ANONYMOUS)
             session.attributes[DEVICE_ATTRIBUTE] = None
-            # amqtt's own flag: no offline queueing for anonymous sessions.
-            session.is_anonymous = True
+            # amqtt's own flag would discard an anonymous client's persistent
+            # session; with mqtt_allow_anonymous the broker is a plain MQTT
+            # broker, where clean session 0 keeps it [MQTT-3.1.2-4].
+            session.is_anonymous = False
             return True
         try:
             device_id = validate_device_id(username)

@@ -15,31 +15,41 @@ import `tasks`, `firmware_sim`, `hub.cli` or `hub.app`.
   the stock flow, which queues it for the broker and sends the PUBACK (QoS 1)
   or PUBREC (QoS 2). Waiting happens in that per-packet task, so one slow
   message holds back neither the reader of its connection nor any other client.
-  It also answers refused CONNECTs with the fitting return code and closes
-  clients silent for two keep-alive periods.
-- `FramedReader` wraps a connection's byte stream: it follows the MQTT framing
-  to refuse packets above `mqtt_max_packet_bytes` from their length field (before
-  reading them), to notice the first complete packet (CONNECT), and to stop
-  reading between packets while a connection has too many messages waiting to
-  become durable (backpressure, `max_inflight_per_connection`).
+  It also answers refused CONNECTs with the fitting return code.
+- The same handler replaces amqtt's QoS flows where they break MQTT 3.1.1:
+  outgoing QoS 1 and 2 messages stay in the session until acknowledged (stock
+  amqtt drops them after 5 s or when the connection closes) and are sent again,
+  with DUP, when a persistent session reconnects [MQTT-4.4.0-1]; incoming QoS 2
+  state lives in the session, so a PUBREL resent after a reconnect is answered
+  with PUBCOMP [MQTT-4.3.3-2]; and an acknowledgement of the wrong type for a
+  message's QoS closes the connection [MQTT-4.8.0-1].
+- Each connection is read through a `bridges.mqtt_packets.PacketReader`
+  (checked packets, size limit, CONNECT timeout, keep-alive); the handler
+  pauses it while the connection has too many messages waiting to become
+  durable (backpressure, `max_inflight_per_connection`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from amqtt.adapters import ReaderAdapter
 from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, NOT_AUTHORIZED, ConnackPacket
-from amqtt.mqtt.constants import QOS_0, QOS_1
+from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
+from amqtt.mqtt.packet import MQTTPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.pubcomp import PubcompPacket
 from amqtt.mqtt.publish import PublishPacket
-from amqtt.session import Session
+from amqtt.mqtt.pubrec import PubrecPacket
+from amqtt.mqtt.pubrel import PubrelPacket
+from amqtt.session import OUTGOING, ApplicationMessage, OutgoingApplicationMessage, Session
 
 from bridges.mqtt_auth import BAD_CREDENTIAL, REFUSAL_ATTRIBUTE, UNKNOWN_DEVICE, device_of
+from bridges.mqtt_packets import PUBACK, PUBCOMP, PUBREC, PacketReader
 from hub.envelope import Envelope, Kind
 from hub.errors import DispatchError, EnvelopeError, HubError
 from hub.metrics import Metrics
@@ -149,93 +159,6 @@ class TapConfig:
     max_inflight: int
 
 
-class PacketTooLarge(HubError):
-    """A client announced an MQTT packet above `mqtt_max_packet_bytes`."""
-
-
-class FramedReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
-    """A reader adapter that follows MQTT framing; see the module docstring."""
-
-    _HEADER, _LENGTH, _BODY = range(3)
-
-    def __init__(
-        self,
-        inner: ReaderAdapter,
-        max_packet_bytes: int,
-        peer: str,
-        on_too_large: Callable[[str], None],
-    ) -> None:
-        self._inner = inner
-        self._max = max_packet_bytes
-        self._on_too_large = on_too_large
-        self.peer = peer
-        self.packets = 0
-        self._state = self._HEADER
-        self._length = 0
-        self._multiplier = 1
-        self._left = 0
-        self._resume = asyncio.Event()
-        self._resume.set()
-
-    def pause(self) -> None:
-        self._resume.clear()
-
-    def resume(self) -> None:
-        self._resume.set()
-
-    @property
-    def paused(self) -> bool:
-        return not self._resume.is_set()
-
-    async def read(self, n: int = -1) -> bytes:
-        if self._state == self._HEADER and not self._resume.is_set():
-            # Only between packets: a paused connection has no half-read packet.
-            await self._resume.wait()
-        data: bytes = await self._inner.read(n)
-        self._follow(data)
-        return data
-
-    def feed_eof(self) -> None:
-        self._inner.feed_eof()
-
-    def _follow(self, data: bytes) -> None:
-        i, size = 0, len(data)
-        while i < size:
-            if self._state == self._BODY:
-                step = min(self._left, size - i)
-                self._left -= step
-                i += step
-                if self._left == 0:
-                    self._end_packet()
-                continue
-            byte = data[i]
-            i += 1
-            if self._state == self._HEADER:
-                self._state, self._length, self._multiplier = self._LENGTH, 0, 1
-                continue
-            self._length += (byte & 0x7F) * self._multiplier
-            self._multiplier *= 128
-            if byte & 0x80 and self._multiplier <= 128**3:
-                continue  # more length bytes; amqtt itself refuses a fifth one
-            if self._length > self._max:
-                message = (
-                    f"MQTT packet of {self._length} bytes from {self.peer} exceeds "
-                    f"mqtt_max_packet_bytes ({self._max})"
-                )
-                self._on_too_large(message)
-                # Not an amqtt MQTTError: amqtt would skip those and read on
-                # mid-packet; any other exception ends the connection.
-                raise PacketTooLarge(message)
-            if self._length == 0:
-                self._end_packet()
-            else:
-                self._state, self._left = self._BODY, self._length
-
-    def _end_packet(self) -> None:
-        self._state = self._HEADER
-        self.packets += 1
-
-
 class BridgingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is untyped
     """amqtt's broker-side handler with the bridge tap; see the module docstring."""
 
@@ -244,23 +167,33 @@ class BridgingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is 
     def __init__(self, *args: object, tap: TapConfig, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self.tap = tap
-        self.framed: FramedReader | None = None
+        self.framed: PacketReader | None = None
         self.started = False  # the CONNECT was accepted and messages flow
         self.counted = False
         # Reported to the downlink as holding its device (subscribed to its commands).
         self.announced = False
-        self._packets_at_timeout = -1
+        # Set by the broker once this connection's session handling has ended
+        # (a newer connection with the same client id waits for it).
+        self.finished = asyncio.Event()
+        self._closed = False
+        self._resends: set[asyncio.Task[None]] = set()
         # Set when this message's PUBACK went out (or was given up); the next
         # QoS 1 message of the connection waits for it, so PUBACKs leave in
         # the order the PUBLISHes came (MQTT 3.1.1 section 4.6, message ordering).
         self._ack_tail: asyncio.Event | None = None
         self._inflight = 0
+        # The message amqtt's message loop took from the session's queue and
+        # has not handled yet, and one the broker passed on ahead of the loop
+        # because the connection ended (see HubBroker._handle_disconnect).
+        self.taken: ApplicationMessage | None = None
+        self.passed_on: ApplicationMessage | None = None
 
     def attach(self, session: Session, reader: ReaderAdapter, writer: object) -> None:
         super().attach(session, reader, writer)
-        if isinstance(reader, FramedReader):
+        if isinstance(reader, PacketReader):
             self.framed = reader
             reader.peer = f"{session.client_id} ({device_of(session)})"
+            reader.check_ack = self._check_ack
 
     async def start(self) -> None:
         await super().start()
@@ -272,6 +205,10 @@ class BridgingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is 
             if device_id is not None:
                 self.tap.uplink.presence(device_id, online=True)
 
+    async def stop(self) -> None:
+        self._closed = True
+        await super().stop()
+
     def uncount(self, session: Session) -> None:
         """Called by the broker when this connection's session ended."""
         if self.counted:
@@ -281,27 +218,131 @@ class BridgingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is 
             if device_id is not None:
                 self.tap.uplink.presence(device_id, online=False)
 
+    async def mqtt_deliver_next_message(self) -> ApplicationMessage | None:
+        message: ApplicationMessage | None = await super().mqtt_deliver_next_message()
+        self.taken = message
+        return message
+
     def handle_read_timeout(self) -> None:
-        """amqtt's reader calls this after a keep-alive period without a packet,
-        and stock amqtt does nothing, so a vanished client (a half-open TCP
-        connection) would stay "connected" for good. MQTT 3.1.1 section 3.1.2.10
-        has the server disconnect a client silent for 1.5 keep-alive periods;
-        this closes it after the second silent period in a row (2x, so a
-        client pinging exactly on time is never cut off)."""
-        framed = self.framed
-        if framed is None or framed.paused:
-            return  # not reading it is our own backpressure, not its silence
-        if framed.packets != self._packets_at_timeout:
-            self._packets_at_timeout = framed.packets
+        """amqtt calls this after each keep-alive period without a packet. The
+        keep-alive is enforced by the `PacketReader` instead, at the 1.5 times
+        the specification asks for [MQTT-3.1.2-24]; nothing to do here."""
+
+    # -- acknowledgement flows -------------------------------------------------------
+
+    def _check_ack(self, packet_type: int, packet_id: int) -> str | None:
+        """Why an acknowledgement from the client does not fit the flow of the
+        message it names (None: it fits, or names no message in flight, which
+        is a late duplicate and ignored). A PUBACK for a QoS 2 message, or a
+        PUBREC or PUBCOMP for a QoS 1 one, breaks the protocol [MQTT-4.3.2-1],
+        [MQTT-4.3.3-1] and closes the connection [MQTT-4.8.0-1]."""
+        message = self.session.inflight_out.get(packet_id) if self.session is not None else None
+        if message is None:
+            return None
+        name = {PUBACK: "PUBACK", PUBREC: "PUBREC", PUBCOMP: "PUBCOMP"}[packet_type]
+        if message.qos == QOS_1 and packet_type != PUBACK:
+            return f"{name} for packet {packet_id}, a QoS 1 message"
+        if message.qos == QOS_2 and packet_type == PUBACK:
+            return f"PUBACK for packet {packet_id}, a QoS 2 message"
+        if packet_type == PUBCOMP and message.pubrec_packet is None:
+            return f"PUBCOMP for packet {packet_id} before its PUBREC"
+        return None
+
+    async def _retry_deliveries(self) -> None:
+        # Stock amqtt waits here (inside `start`) until every resent message is
+        # acknowledged, and resends PUBREC for incoming QoS 2 messages. The
+        # specification asks for unacknowledged PUBLISH (with DUP) and PUBREL
+        # packets to be sent again on reconnect, in their original order
+        # [MQTT-4.4.0-1], [MQTT-4.6.0-1]. Tasks started in order write in order
+        # (the write lock is fair); the acknowledgements are awaited there.
+        if self.session is None:
             return
-        log.info(
-            "MQTT client %s silent for two keep-alive periods; closing the connection",
-            framed.peer,
-        )
-        if self._reader_task is not None:
-            # Called inside the reader task: its next await ends the loop, which
-            # then closes the connection the usual way.
-            self._reader_task.cancel()
+        for message in list(self.session.inflight_out.values()):
+            self._spawn(self._send_outgoing(message))
+
+    def _spawn(self, flow: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(flow)
+        self._resends.add(task)
+        task.add_done_callback(self._resends.discard)
+
+    async def _handle_qos1_message_flow(self, app_message: ApplicationMessage) -> None:
+        if getattr(app_message, "direction", None) == OUTGOING:
+            await self._send_outgoing(app_message)
+        else:
+            await super()._handle_qos1_message_flow(app_message)
+
+    async def _handle_qos2_message_flow(self, app_message: ApplicationMessage) -> None:
+        if getattr(app_message, "direction", None) == OUTGOING:
+            await self._send_outgoing(app_message)
+            return
+        # Incoming: kept in the session (so it outlives this connection) until
+        # the PUBREL, and delivered onwards then; a resent PUBLISH with the
+        # same identifier is not delivered twice [MQTT-4.3.3-2].
+        if self.session is None or app_message.packet_id is None:
+            return
+        self.session.inflight_in.setdefault(app_message.packet_id, app_message)
+        await self._send_packet(PubrecPacket.build(app_message.packet_id))
+
+    async def handle_pubrel(self, pubrel: PubrelPacket) -> None:
+        # Answered with PUBCOMP whether or not the message is still known: after
+        # a reconnect the client resends its PUBREL, and a PUBCOMP it never got
+        # may be why [MQTT-4.3.3-2], [MQTT-4.4.0-1].
+        packet_id = pubrel.packet_id
+        message = self.session.inflight_in.pop(packet_id, None) if self.session else None
+        if message is not None and self.session is not None:
+            await self.session.delivered_message_queue.put(message)
+        await self._send_packet(PubcompPacket.build(packet_id))
+
+    async def _send_outgoing(self, message: OutgoingApplicationMessage) -> None:
+        """A QoS 1 or 2 message to the client. It stays in the session's
+        `inflight_out` until fully acknowledged, however long that takes: if the
+        connection closes first, a persistent session sends it again on the
+        next connection (with DUP), where stock amqtt gave up after 5 s."""
+        session, packet_id = self.session, message.packet_id
+        if session is None or packet_id is None:
+            return
+        session.inflight_out[packet_id] = message
+        if message.qos == QOS_1 or message.pubrec_packet is None:
+            # DUP on a resend of a PUBLISH the client may have seen [MQTT-3.3.1-1].
+            publish = message.build_publish_packet(dup=message.publish_packet is not None)
+            waiters = self._puback_waiters if message.qos == QOS_1 else self._pubrec_waiters
+            ack = await self._exchange(publish, waiters, packet_id)
+            message.publish_packet = publish
+            if ack is None:
+                return  # the connection closed; the session keeps the message
+            if message.qos == QOS_1:
+                message.puback_packet = ack
+                session.inflight_out.pop(packet_id, None)
+                return
+            message.pubrec_packet = ack
+        message.pubrel_packet = PubrelPacket.build(packet_id)
+        complete = await self._exchange(message.pubrel_packet, self._pubcomp_waiters, packet_id)
+        if complete is not None:
+            message.pubcomp_packet = complete
+            session.inflight_out.pop(packet_id, None)
+
+    async def _exchange(
+        self, packet: MQTTPacket[Any, Any, Any], waiters: dict[int, Any], packet_id: int
+    ) -> Any:
+        """Send `packet` and wait for the client's answer to it; None when the
+        connection closed first."""
+        if self._closed:
+            return None
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        waiters[packet_id] = waiter
+        try:
+            await self._send_packet(packet)
+            if self._closed:
+                return None
+            return await waiter
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if waiter.cancelled() and (task is None or not task.cancelling()):
+                return None  # amqtt cancels the waiters when the connection closes
+            raise
+        finally:
+            if waiters.get(packet_id) is waiter:
+                del waiters[packet_id]
 
     async def mqtt_connack_authorize(self, authorize: bool) -> None:
         if authorize or self.session is None:
@@ -317,8 +358,13 @@ class BridgingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is 
         await self._send_packet(ConnackPacket.build(0, code))
 
     async def handle_publish(self, publish_packet: PublishPacket) -> None:
-        durable = self._tap(publish_packet)
         qos = publish_packet.qos
+        if qos == QOS_2 and self._known_qos2(publish_packet):
+            # A resend of a QoS 2 message already received (PUBREC sent or
+            # lost): answered with PUBREC again, bridged and delivered once.
+            await super().handle_publish(publish_packet)
+            return
+        durable = self._tap(publish_packet)
         if qos == QOS_0:
             if durable is not None:
                 durable.add_done_callback(_consume)
@@ -328,6 +374,14 @@ class BridgingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is 
         elif durable is None or await wait_durable(durable, self._describe(publish_packet)):
             # QoS 2: the PUBREC the stock flow sends first waits for durability too.
             await super().handle_publish(publish_packet)
+
+    def _known_qos2(self, publish_packet: PublishPacket) -> bool:
+        header = publish_packet.variable_header
+        return (
+            self.session is not None
+            and header is not None
+            and header.packet_id in self.session.inflight_in
+        )
 
     def _tap(self, publish_packet: PublishPacket) -> asyncio.Future[None] | None:
         try:

@@ -9,19 +9,36 @@ these overrides (amqtt is pinned to 0.12.1 because they touch its internals):
 - `_initialize_client_session`: every connection gets a `BridgingHandler`
   (bridges.mqtt_bridge_plugin), which bridges device publishes and sends the
   PUBACK only once the message is durable.
-- `stream_connected`: wraps the connection's reader in a `FramedReader`
-  (packet size limit, backpressure), closes connections that send no CONNECT
-  within `mqtt_connect_timeout_s`, and always closes the socket at the end
-  (stock amqtt leaves it open on some failed handshakes).
+- `stream_connected`: reads the connection through a `PacketReader`
+  (bridges.mqtt_packets: whole, checked packets; size limit; CONNECT
+  timeout; keep-alive at 1.5x) and always closes the socket at the end
+  (stock amqtt leaves it open when the first packet is bad).
 - `_create_server_instance`: listens on a socket this module bound itself, so a
   port in use is a `ConfigError` naming the setting, not an amqtt traceback.
-- `_handle_client_session`, `_authenticate`, `_delete_session`: stock amqtt
-  deletes the previous session of a clean-session CONNECT's client id, stores
-  the new session under that id and closes the connection holding it, all
-  before authenticating, and keeps a refused session as "connected" forever.
-  Here the CONNECT is authenticated first and a refused client changes
-  nothing. Afterwards a handler amqtt left running after ending the message
-  loop itself is stopped.
+- `_initialize_client_session`, `_handle_client_session`, `_take_over`,
+  `_continue_session`, `_session_ended`: stock amqtt overwrites a stored
+  persistent session with a CONNECT's fields, deletes the previous session of
+  a clean-session CONNECT and closes the connection holding its client id,
+  all before authenticating; leaves the old connection open on a
+  clean-session takeover; and keeps a clean session up to a second after its
+  connection (so a quick reconnect got session present). Here the CONNECT is
+  authenticated first and a refused client changes nothing; an accepted one
+  closes the connection holding its client id and waits for it to end, then
+  resumes the stored session (clean session 0) or discards it
+  [MQTT-3.1.2-4], [MQTT-3.1.2-6], [MQTT-3.1.4-2]; a clean session is removed
+  when its connection ends.
+- `_handle_message_delivery` / `_broadcast_message` / `_run_broadcast`:
+  deliver at the lower of the PUBLISH's and the subscription's QoS
+  [MQTT-3.8.4-6] (stock amqtt used the subscription's); `_deliver` queues
+  QoS 1/2 messages for offline persistent sessions, bounded by
+  `mqtt_max_queued_messages`; `_publish_session_retained_messages` sends the
+  queue on reconnect without RETAIN and without waiting for acknowledgements.
+- `_handle_subscription` / `add_subscription`: retained messages only for the
+  filter just subscribed, checked against the ACL, at most at the granted
+  QoS [MQTT-3.3.1-6]; a repeated SUBSCRIBE replaces the QoS [MQTT-3.8.4-3].
+  `_publish_retained_messages_for_subscription` (stock amqtt's resend, on
+  every connect, of the retained messages matching anyone's filter) does
+  nothing.
 - `_client_message_loop` / `add_subscription`: tell the downlink (`events`)
   when a device's connection is subscribed to its command topic.
 - `add_subscription` / `_run_broadcast`: stock amqtt tests every published
@@ -33,9 +50,6 @@ these overrides (amqtt is pinned to 0.12.1 because they touch its internals):
   topic), and only the buckets of the topic's prefixes are scanned.
 - `_broadcast_message`: applies the publish ACL to a device's will message,
   which stock amqtt publishes without asking the topic plugins.
-- `_publish_retained_messages_for_subscription`: stock amqtt sends a
-  (re)connecting client the retained messages matching anyone's filters; here
-  only those matching the client's own subscriptions, so the ACL holds.
 - The subscription table iterates over a snapshot of its keys, because amqtt
   iterates it across awaits while other clients subscribe.
 """
@@ -43,6 +57,7 @@ these overrides (amqtt is pinned to 0.12.1 because they touch its internals):
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import logging
 import socket
@@ -50,12 +65,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from typing import Any, Protocol
 
-from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
-from amqtt.broker import Broker, Server
+from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WriterAdapter
+from amqtt.broker import Broker, RetainedApplicationMessage, Server
 from amqtt.contexts import Action, BrokerConfig, ListenerConfig, ListenerType
-from amqtt.mqtt.constants import QOS_1, QOS_2
+from amqtt.events import BrokerEvents
+from amqtt.mqtt.constants import QOS_0
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
+from amqtt.utils import gen_client_id
 
 from bridges.mqtt_auth import (
     DEVICE_ATTRIBUTE,
@@ -64,14 +81,8 @@ from bridges.mqtt_auth import (
     DeviceTopicPlugin,
     device_of,
 )
-from bridges.mqtt_bridge_plugin import (
-    BridgingHandler,
-    EnvelopeSink,
-    FramedReader,
-    MqttUplink,
-    PacketTooLarge,
-    TapConfig,
-)
+from bridges.mqtt_bridge_plugin import BridgingHandler, EnvelopeSink, MqttUplink, TapConfig
+from bridges.mqtt_packets import PacketReader, ProtocolViolation
 from hub.commands import PendingCommand
 from hub.errors import ConfigError, EnvelopeError
 from hub.metrics import Metrics
@@ -84,8 +95,35 @@ log = logging.getLogger(__name__)
 _REFUSED = 0x80  # SUBACK return code of a refused subscription
 #: Session attribute: this CONNECT was just authenticated (see _authenticate).
 _ACCEPTED = "hub.accepted"
+#: Session attribute: its offline queue overflowed (logged once per absence).
+_QUEUE_FULL = "hub.queue_full"
+#: Session attribute: connected and its offline queue sent, so new messages go
+#: straight to the connection (until then they join the queue, keeping order).
+_LIVE = "hub.live"
 _LISTENER = "default"
 _BACKLOG = 4096
+#: How long a CONNECT taking over a client id waits for the old connection to end.
+_TAKEOVER_WAIT_S = 5.0
+#: Session fields a resumed persistent session takes from the new CONNECT.
+_CONNECT_FIELDS = (
+    "will_flag",
+    "will_message",
+    "will_topic",
+    "will_qos",
+    "will_retain",
+    "keep_alive",
+    "username",
+    "password",
+    "remote_address",
+    "remote_port",
+    "ssl_object",
+    "is_anonymous",
+)
+#: The QoS of the PUBLISH being broadcast, set around amqtt's handling of it
+#: (each connection's message loop is a task of its own, so each has its own).
+_PUBLISH_QOS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "hub_mqtt_publish_qos", default=None
+)
 
 
 class ConnectionEvents(Protocol):
@@ -122,6 +160,7 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         tap: TapConfig,
         max_packet_bytes: int,
         connect_timeout_s: float,
+        max_queued_messages: int,
         metrics: Metrics,
         topic_root: str,
         access: DeviceAccess,
@@ -138,14 +177,13 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         self._tap = tap
         self._max_packet_bytes = max_packet_bytes
         self._connect_timeout_s = connect_timeout_s
+        self._max_queued = max_queued_messages
         self._metrics = metrics
         self._subscriptions: dict[str, list[tuple[Session, int]]] = _SubscriptionTable()
         # Every subscribed filter, under its literal prefix (the levels before
         # its first wildcard; the whole filter when it has none). Pruned lazily
         # once the table no longer has a filter.
         self._filter_index: dict[str, dict[str, None]] = {}
-        # Client id -> clean-session CONNECTs read but not yet authenticated.
-        self._deferred_deletions: dict[str, int] = {}
 
     # -- connections ---------------------------------------------------------------
 
@@ -173,64 +211,54 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     ) -> None:
         peer = writer.get_extra_info("peername")
         peer_text = f"{peer[0]}:{peer[1]}" if peer else "unknown peer"
-        framed = FramedReader(
-            StreamReaderAdapter(reader), self._max_packet_bytes, peer_text, self._too_large
-        )
-        timer = asyncio.get_running_loop().call_later(
-            self._connect_timeout_s, self._connect_timed_out, framed, writer
+        packets = PacketReader(
+            reader,
+            max_packet_bytes=self._max_packet_bytes,
+            connect_timeout_s=self._connect_timeout_s,
+            peer=peer_text,
+            reply=writer.write,
+            on_violation=self._violation,
         )
         try:
-            await self._client_connected(listener_name, framed, StreamWriterAdapter(writer))
-        except PacketTooLarge:
-            pass  # counted and logged where it was found
+            await self._client_connected(listener_name, packets, StreamWriterAdapter(writer))
         except Exception:
             # The boundary with amqtt: one connection's failure stays with it.
+            self._metrics.protocol_errors.labels("mqtt", "internal_error").inc()
             log.exception("MQTT connection from %s failed", peer_text)
         finally:
-            timer.cancel()
+            # Stock amqtt leaves the socket open when the first packet is not a
+            # CONNECT or the CONNECT is refused early; every connection ends here.
             writer.close()
 
-    def _too_large(self, message: str) -> None:
-        self._metrics.protocol_errors.labels("mqtt", "packet_too_large").inc()
-        log.warning("%s; closing the connection", message)
-
-    def _connect_timed_out(self, framed: FramedReader, writer: asyncio.StreamWriter) -> None:
-        if framed.packets == 0:
-            self._metrics.protocol_errors.labels("mqtt", "connect_timeout").inc()
-            log.warning(
-                "MQTT client %s sent no CONNECT within %.1f s (mqtt_connect_timeout_s); closing",
-                framed.peer,
-                self._connect_timeout_s,
-            )
-            writer.close()
+    def _violation(self, violation: ProtocolViolation, peer: str) -> None:
+        self._metrics.protocol_errors.labels("mqtt", violation.reason).inc()
+        log.warning("MQTT client %s: %s; closing the connection", peer, violation)
 
     async def _initialize_client_session(
         self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
-        _stock, session = await super()._initialize_client_session(
-            reader, writer, remote_address, remote_port
+        # Stock amqtt looks up, and overwrites, a persistent session here, before
+        # the CONNECT is authenticated, and deletes the previous session of a
+        # clean one. Here the CONNECT only becomes a new `Session`; which
+        # session the connection continues is decided once it is accepted
+        # (`_continue_session`). The stock handler is replaced by ours.
+        _stock, session = await BrokerProtocolHandler.init_from_connect(
+            reader, writer, self.plugins_manager
         )
-        # amqtt hard-codes its handler class when it reads the CONNECT; the
-        # stock handler is not attached to anything yet, so it is simply replaced.
+        if not session.client_id:
+            session.client_id = gen_client_id()  # [MQTT-3.1.3-6]
+        session.parent = 0
+        # The `PacketReader` enforces the keep-alive (1.5x, [MQTT-3.1.2-24]).
+        # amqtt's own read timeout would only cancel reads every keep-alive
+        # period, and its write timer is rescheduled on every packet sent for a
+        # callback that does nothing in a broker: both are turned off.
+        session.keep_alive = 0
         return BridgingHandler(self.plugins_manager, loop=self._loop, tap=self._tap), session
-
-    async def _delete_session(self, client_id: str) -> None:
-        # Stock amqtt calls this while reading a clean-session CONNECT, before
-        # authenticating it: any client naming a connected device's client id
-        # would wipe that device's subscriptions, wrong password or not. The
-        # deletion waits for the authentication (`_authenticate` below).
-        self._deferred_deletions[client_id] = self._deferred_deletions.get(client_id, 0) + 1
 
     async def _authenticate(self, session: Session, listener: ListenerConfig) -> bool:
         if session.attributes.pop(_ACCEPTED, False):
             return True  # amqtt asking again for a CONNECT accepted just before
         authenticated: bool = await super()._authenticate(session, listener)
-        client_id = session.client_id
-        waiting = self._deferred_deletions.pop(client_id, 0)
-        if waiting > 1:
-            self._deferred_deletions[client_id] = waiting - 1
-        if waiting and authenticated:
-            await super()._delete_session(client_id)
         return authenticated
 
     async def _handle_client_session(
@@ -246,16 +274,76 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         # client id's place in the session table and closed any connection
         # holding it; a refused client must not touch either. So the CONNECT is
         # authenticated first and a refusal answered here.
+        previous = self._sessions.get(client_session.client_id)
+        if previous is not None and not previous[0].clean_session:
+            owner = previous[0].attributes.get(DEVICE_ATTRIBUTE)
+            if owner is not None:
+                # A persistent session belongs to its device (mqtt_auth checks).
+                client_session.attributes[DEVICE_ATTRIBUTE] = owner
         if not await self._authenticate(client_session, self.listeners_config[listener_name]):
             await self._refuse_connect(client_session, handler, reader, writer)
             return
-        client_session.attributes[_ACCEPTED] = True
+        await self._take_over(client_session.client_id)
+        session = await self._continue_session(client_session)
+        session.attributes[_ACCEPTED] = True
         try:
             await super()._handle_client_session(
-                reader, writer, client_session, handler, server, listener_name
+                reader, writer, session, handler, server, listener_name
             )
         finally:
-            await self._session_ended(client_session, handler)
+            await self._session_ended(session, handler)
+            if isinstance(handler, BridgingHandler):
+                handler.finished.set()
+
+    async def _take_over(self, client_id: str) -> None:
+        """Close the connection holding `client_id`, if any, and wait until it
+        has ended (its will published) [MQTT-3.1.4-2]. Stock amqtt closes it
+        only for persistent sessions, and then concurrently with the new
+        connection using the same session."""
+        entry = self._sessions.get(client_id)
+        if entry is None or not entry[0].transitions.is_connected():
+            return
+        old_session, old_handler = entry
+        log.info("MQTT client id %s connected again; closing its previous connection", client_id)
+        await self._stop_handler(old_handler)
+        if isinstance(old_handler, BridgingHandler):
+            try:
+                await asyncio.wait_for(old_handler.finished.wait(), _TAKEOVER_WAIT_S)
+            except TimeoutError:
+                log.warning("MQTT: the previous connection of %s did not end in time", client_id)
+        if old_session.transitions.is_connected():
+            old_session.transitions.disconnect()
+
+    async def _continue_session(self, incoming: Session) -> Session:
+        """The session an accepted CONNECT continues: the stored one when the
+        client asks to resume (clean session 0) and one exists, with session
+        present set [MQTT-3.2.2-2]; otherwise `incoming`, a new session, with
+        any previous state discarded [MQTT-3.1.2-6], [MQTT-3.2.2-1]."""
+        client_id = incoming.client_id
+        entry = self._sessions.get(client_id)
+        stored = entry[0] if entry is not None else None
+        if stored is not None and (incoming.clean_session or stored.clean_session):
+            await self._discard_session(client_id)
+            stored = None
+        if stored is None:
+            incoming.parent = 0
+            return incoming
+        stored.attributes.pop(_LIVE, None)
+        for name in _CONNECT_FIELDS:
+            setattr(stored, name, getattr(incoming, name))
+        stored.attributes.update(incoming.attributes)
+        stored.parent = 1
+        return stored
+
+    async def _discard_session(self, client_id: str) -> None:
+        entry = self._sessions.pop(client_id, None)
+        if entry is None:
+            return
+        session = entry[0]
+        await self._del_all_subscriptions(session)
+        session.clear_queues()
+        session.inflight_in.clear()
+        session.inflight_out.clear()
 
     async def _refuse_connect(
         self,
@@ -281,12 +369,19 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             entry = self._sessions.get(session.client_id)
             if entry is None or entry[1] is not handler:
                 return  # already cleaned up, or taken over by a newer connection
+            session.attributes.pop(_LIVE, None)
             if session.transitions.is_connected():
                 # amqtt ended the message loop itself (an invalid topic) without
                 # closing the connection: it would stay "connected" for good.
                 await self._stop_handler(handler)
                 session.transitions.disconnect()
+            if session.clean_session:
+                # A clean session ends with its connection [MQTT-3.1.2-6]; stock
+                # amqtt keeps it up to a second, and a client reconnecting within
+                # it got session present set.
+                await self._discard_session(session.client_id)
         except Exception:
+            self._metrics.protocol_errors.labels("mqtt", "internal_error").inc()
             log.exception("MQTT session cleanup failed: client_id=%s", session.client_id)
 
     # -- subscriptions and delivery ----------------------------------------------------
@@ -295,10 +390,120 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         result: int = await super().add_subscription(subscription, session)
         topic_filter = subscription[0]
         if result != _REFUSED:
+            # A new subscription to a filter the client already has replaces it,
+            # QoS included [MQTT-3.8.4-3]; stock amqtt kept the old QoS.
+            holders = self._subscriptions.get(topic_filter, [])
+            for index, (holder, _qos) in enumerate(holders):
+                if holder.client_id == session.client_id:
+                    holders[index] = (session, result)
             bucket = self._filter_index.setdefault(literal_prefix(topic_filter), {})
             bucket[topic_filter] = None
             self._announce_if_subscribed(session)
         return result
+
+    async def _handle_subscription(
+        self, client_session: Session, handler: BrokerProtocolHandler, subscribe_waiter: Any
+    ) -> None:
+        """SUBSCRIBE: grant or refuse each filter, SUBACK, then the retained
+        messages of each granted filter [MQTT-3.3.1-6], at most at the granted
+        QoS and only where the ACL lets this client receive the topic."""
+        subscriptions = subscribe_waiter.result()
+        codes = [await self.add_subscription(sub, client_session) for sub in subscriptions.topics]
+        await handler.mqtt_acknowledge_subscription(subscriptions.packet_id, codes)
+        for (topic_filter, _requested), granted in zip(subscriptions.topics, codes, strict=True):
+            if granted == _REFUSED:
+                continue
+            await self.plugins_manager.fire_event(
+                BrokerEvents.CLIENT_SUBSCRIBED,
+                client_id=client_session.client_id,
+                topic=topic_filter,
+                qos=granted,
+            )
+            await self._send_retained(client_session, handler, topic_filter, granted)
+
+    async def _send_retained(
+        self, session: Session, handler: BrokerProtocolHandler, topic_filter: str, granted: int
+    ) -> None:
+        for topic, retained in list(self._retained_messages.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            if not await self._topic_filtering(session, topic=topic, action=Action.RECEIVE):
+                continue
+            qos = min(granted, retained.qos or QOS_0)
+            # Not awaited: waiting for the client's acknowledgements here would
+            # stall its own message loop. Tasks start in order, so they are
+            # written in order.
+            self._tasks_queue.append(
+                asyncio.ensure_future(handler.mqtt_publish(topic, retained.data, qos, retain=True))
+            )
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        # Stock amqtt calls this for every filter anyone subscribed to each time
+        # a client connects, so a client got the retained messages of other
+        # clients' filters. Retained messages are sent when a subscription is
+        # made [MQTT-3.3.1-6], by `_handle_subscription`; never on connect.
+        return
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        """Send what was queued for a persistent session while it was offline
+        [MQTT-3.1.2-5], in order, after the resent in-flight messages. Stock
+        amqtt sets RETAIN on them (wrong [MQTT-3.3.1-9]) and waits for every
+        acknowledgement before reading the client's packets."""
+        handler = self._get_handler(session)
+        session.attributes.pop(_QUEUE_FULL, None)
+        while handler is not None and not session.retained_messages.empty():
+            queued = session.retained_messages.get_nowait()
+            self._tasks_queue.append(
+                asyncio.ensure_future(
+                    handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)
+                )
+            )
+        # No await since the queue was found empty: nothing can slip in between.
+        session.attributes[_LIVE] = True
+
+    async def _handle_disconnect(
+        self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: Any
+    ) -> None:
+        # Stock amqtt leaves its message loop at once when the connection ends,
+        # dropping messages the client sent just before (QoS 1 ones already
+        # acknowledged). What was read is passed on first.
+        # amqtt's loop may hold one already, ahead of those still queued.
+        queue = client_session.delivered_message_queue
+        taken = handler.taken if isinstance(handler, BridgingHandler) else None
+        waiting = [taken] if taken is not None else []
+        while not queue.empty():
+            waiting.append(queue.get_nowait())
+        for message in waiting:
+            read: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            read.set_result(message)
+            if not await self._handle_message_delivery(client_session, handler, read):
+                break
+        if isinstance(handler, BridgingHandler) and taken is not None:
+            handler.passed_on = taken  # amqtt's loop handles it next: skipped
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: Any
+    ) -> bool:
+        # Remember the PUBLISH's QoS for `_broadcast_message`: stock amqtt drops
+        # it and delivers at each subscription's QoS.
+        message = wait_deliver.result()
+        if isinstance(handler, BridgingHandler) and message is not None:
+            if message is handler.passed_on:
+                handler.passed_on = None
+                return True  # passed on already, when the connection ended
+            if message is handler.taken:
+                handler.taken = None
+        token = _PUBLISH_QOS.set(message.qos if message is not None else None)
+        try:
+            delivered: bool = await super()._handle_message_delivery(
+                client_session, handler, wait_deliver
+            )
+            return delivered
+        finally:
+            _PUBLISH_QOS.reset(token)
 
     # -- which devices can receive commands here -------------------------------------
 
@@ -398,27 +603,38 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         ):
             self._access.refused(session, topic, "publish")
             return
+        if force_qos is None:
+            force_qos = _PUBLISH_QOS.get()
         await super()._broadcast_message(session, topic, data, force_qos)
 
     async def _run_broadcast(self, running_tasks: Any) -> None:
         broadcast = await self._broadcast_queue.get()
+        published_qos = broadcast.get("qos")
         for topic_filter in self.matching_filters(broadcast["topic"]):
             for target, sub_qos in list(self._subscriptions.get(topic_filter, ())):
-                await self._deliver(broadcast, target, broadcast.get("qos", sub_qos), running_tasks)
+                # The lower of the PUBLISH's QoS and the subscription's
+                # [MQTT-3.8.4-6]; stock amqtt used the subscription's.
+                qos = sub_qos if published_qos is None else min(published_qos, sub_qos)
+                await self._deliver(broadcast, target, qos, running_tasks)
 
     async def _deliver(
         self, broadcast: dict[str, Any], target: Session, qos: int, running_tasks: Any
     ) -> None:
-        """One broadcast to one subscriber, with stock amqtt's rules: the topic
-        plugins' `receive` check; an offline persistent (clean session 0),
-        non-anonymous session keeps QoS 1/2 messages for its return (MQTT
-        3.1.1 section 3.1.2.4); other offline sessions get nothing."""
+        """One broadcast to one subscriber: the topic plugins' `receive` check;
+        an offline persistent session (clean session 0) keeps its QoS 1 and 2
+        messages for its return [MQTT-3.1.2-5], up to `mqtt_max_queued_messages`;
+        other offline sessions get nothing."""
         topic = broadcast["topic"]
         if not await self._topic_filtering(target, topic=topic, action=Action.RECEIVE):
             return
         if not target.transitions.is_connected():
-            if not target.clean_session and qos in (QOS_1, QOS_2) and not target.is_anonymous:
-                await self._retain_broadcast_message(broadcast, qos, target)
+            if not target.clean_session and qos > QOS_0:
+                self._queue_for(target, broadcast, qos)
+            return
+        if not target.attributes.get(_LIVE):
+            # Connected, but what was queued for it is not sent yet: behind it,
+            # so the order of messages holds across the reconnect [MQTT-4.6.0-6].
+            self._queue_for(target, broadcast, qos)
             return
         handler = self._get_handler(target)
         if handler is not None:
@@ -428,12 +644,19 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
                 )
             )
 
-    async def _publish_retained_messages_for_subscription(
-        self, subscription: tuple[str, int], session: Session
-    ) -> None:
-        holders = self._subscriptions.get(subscription[0], ())
-        if self._retained_messages and any(s.client_id == session.client_id for s, _ in holders):
-            await super()._publish_retained_messages_for_subscription(subscription, session)
+    def _queue_for(self, target: Session, broadcast: dict[str, Any], qos: int) -> None:
+        if target.retained_messages.qsize() >= self._max_queued:
+            if not target.attributes.get(_QUEUE_FULL):
+                target.attributes[_QUEUE_FULL] = True
+                log.warning(
+                    "MQTT client %s is offline with %d messages queued "
+                    "(mqtt_max_queued_messages); dropping newer ones until it returns",
+                    target.client_id,
+                    self._max_queued,
+                )
+            return
+        source, topic, data = broadcast["session"], broadcast["topic"], broadcast["data"]
+        target.retained_messages.put_nowait(RetainedApplicationMessage(source, topic, data, qos))
 
     # -- for EmbeddedMqtt ---------------------------------------------------------
 
@@ -540,6 +763,7 @@ class EmbeddedMqtt:
             tap=self._tap,
             max_packet_bytes=self._settings.mqtt_max_packet_bytes,
             connect_timeout_s=self._settings.mqtt_connect_timeout_s,
+            max_queued_messages=self._settings.mqtt_max_queued_messages,
             metrics=self._metrics,
             topic_root=self._settings.mqtt_topic_root,
             access=self._access,

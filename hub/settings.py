@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     mqtt_topic_root: str = Field(default="devices", min_length=1, pattern=r"^[^#+]+$")
     mqtt_max_packet_bytes: int = Field(default=256 * 1024, ge=1024)
     mqtt_connect_timeout_s: float = Field(default=10.0, gt=0)
+    #: QoS 1/2 messages kept for one offline persistent MQTT session; more are dropped.
+    mqtt_max_queued_messages: int = Field(default=1000, ge=0)
     http_port: int = Field(default=8080, ge=0, le=65535)
 
     idle_timeout_s: float = Field(default=120.0, gt=0)

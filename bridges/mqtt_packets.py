@@ -1,0 +1,418 @@
+"""MQTT 3.1.1 packet checks for the embedded broker, and the reader that applies them.
+
+Layer: bridges; imports the `hub` core (errors) and amqtt's reader adapter base
+class only. Must not import `tasks`, `firmware_sim`, `hub.cli`, `hub.app` or the
+other `bridges` modules.
+
+amqtt 0.12.1 parses what a client sends loosely: it accepts many packets the
+MQTT 3.1.1 specification calls malformed (where the server MUST close the
+network connection, [MQTT-4.8.0-1]), hangs on some, and never closes a
+connection whose first packet is bad. Here every packet is read whole, framed
+and checked *before* amqtt sees a byte of it:
+
+- `check_packet` is the pure rule book: fixed-header flags, the CONNECT
+  fields, UTF-8 strings, packet identifiers, topic names and filters. It
+  raises `ProtocolViolation` with the reason and, when the specification asks
+  for one, the CONNACK return code to send before closing.
+- `PacketReader` is the `ReaderAdapter` amqtt reads from. It enforces the
+  packet size limit from the length field (before the body is buffered), the
+  CONNECT timeout, the keep-alive (1.5 times the client's keep-alive with no
+  packet, [MQTT-3.1.2-24]) and backpressure between packets. A violation is
+  counted and logged once, and from then on the reader reports end of stream,
+  which makes amqtt end the connection the way it does for a lost client (so
+  the will is published, [MQTT-3.1.2-8]).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from amqtt.adapters import ReaderAdapter
+
+from hub.errors import HubError
+
+log = logging.getLogger(__name__)
+
+CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
+SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = range(8, 15)
+
+#: CONNACK return codes sent before closing ([MQTT-3.2.2-4]: session present 0).
+UNACCEPTABLE_PROTOCOL_VERSION = 0x01
+IDENTIFIER_REJECTED = 0x02
+
+#: Reasons, the `reason` label of hub_protocol_errors_total{transport="mqtt"}.
+MALFORMED = "malformed_packet"
+TOO_LARGE = "packet_too_large"
+CONNECT_TIMEOUT = "connect_timeout"
+KEEPALIVE_TIMEOUT = "keepalive_timeout"
+PROTOCOL_VIOLATION = "protocol_violation"
+
+# Packets only a server sends: a client sending one breaks the protocol.
+_SERVER_ONLY = {CONNACK: "CONNACK", SUBACK: "SUBACK", UNSUBACK: "UNSUBACK", PINGRESP: "PINGRESP"}
+# Fixed-header flags that are fixed by the specification [MQTT-2.2.2-1], [MQTT-2.2.2-2].
+_REQUIRED_FLAGS = {PUBREL: 0b0010, SUBSCRIBE: 0b0010, UNSUBSCRIBE: 0b0010}
+_ACKS = {PUBACK: "PUBACK", PUBREC: "PUBREC", PUBREL: "PUBREL", PUBCOMP: "PUBCOMP"}
+
+
+class ProtocolViolation(HubError):
+    """A client broke MQTT 3.1.1; its connection is closed."""
+
+    def __init__(self, message: str, *, reason: str = MALFORMED, connack: int | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.connack = connack
+
+
+class PacketTooLarge(ProtocolViolation):
+    """A client announced an MQTT packet above `mqtt_max_packet_bytes`."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason=TOO_LARGE)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectInfo:
+    """The fields of a well-formed CONNECT that the broker needs beyond amqtt's parse."""
+
+    clean_session: bool
+    keep_alive_s: int
+    client_id: str
+    will: bool
+    will_qos: int
+    will_retain: bool
+
+
+class _Body:
+    """A cursor over a packet's variable header and payload."""
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self._data = data
+        self._at = 0
+        self._what = what
+
+    def _take(self, size: int, field: str) -> bytes:
+        if self._at + size > len(self._data):
+            raise ProtocolViolation(f"{self._what}: {field} runs past the end of the packet")
+        chunk = self._data[self._at : self._at + size]
+        self._at += size
+        return chunk
+
+    def byte(self, field: str) -> int:
+        return self._take(1, field)[0]
+
+    def u16(self, field: str) -> int:
+        return int.from_bytes(self._take(2, field), "big")
+
+    def binary(self, field: str) -> bytes:
+        return self._take(self.u16(f"{field} length"), field)
+
+    def text(self, field: str) -> str:
+        raw = self.binary(field)
+        try:
+            # Python's strict decoder refuses overlong forms and encoded
+            # surrogates (U+D800..U+DFFF), as [MQTT-1.5.3-1] requires.
+            value = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolViolation(f"{self._what}: {field} is not valid UTF-8") from None
+        if "\x00" in value:
+            raise ProtocolViolation(f"{self._what}: {field} contains U+0000")  # [MQTT-1.5.3-2]
+        return value
+
+    def packet_id(self) -> int:
+        value = self.u16("packet identifier")
+        if value == 0:
+            raise ProtocolViolation(f"{self._what}: packet identifier 0")  # [MQTT-2.3.1-1]
+        return value
+
+    @property
+    def left(self) -> int:
+        return len(self._data) - self._at
+
+    def end(self) -> None:
+        if self.left:
+            raise ProtocolViolation(f"{self._what}: {self.left} unexpected bytes at the end")
+
+
+def check_packet(packet_type: int, flags: int, body: bytes, *, first: bool) -> ConnectInfo | None:
+    """Check one complete packet a client sent; raise `ProtocolViolation` if the
+    connection must be closed. Returns the CONNECT's fields for a CONNECT."""
+    if first != (packet_type == CONNECT):
+        if first:
+            # [MQTT-3.1.0-1]
+            raise ProtocolViolation(f"first packet is type {packet_type}, not CONNECT")
+        raise ProtocolViolation("a second CONNECT")  # [MQTT-3.1.0-2]
+    if packet_type in (0, 15):
+        raise ProtocolViolation(f"reserved packet type {packet_type}")
+    if packet_type in _SERVER_ONLY:
+        raise ProtocolViolation(f"a client sent {_SERVER_ONLY[packet_type]}")
+    if packet_type != PUBLISH and flags != _REQUIRED_FLAGS.get(packet_type, 0):
+        # [MQTT-2.2.2-1], [MQTT-2.2.2-2]
+        raise ProtocolViolation(f"packet type {packet_type} with flags {flags:#06b}")
+    if packet_type == CONNECT:
+        return _check_connect(_Body(body, "CONNECT"))
+    if packet_type == PUBLISH:
+        _check_publish(flags, _Body(body, "PUBLISH"))
+    elif packet_type in _ACKS:
+        packet = _Body(body, _ACKS[packet_type])
+        packet.packet_id()
+        packet.end()
+    elif packet_type == SUBSCRIBE:
+        _check_subscribe(_Body(body, "SUBSCRIBE"))
+    elif packet_type == UNSUBSCRIBE:
+        _check_unsubscribe(_Body(body, "UNSUBSCRIBE"))
+    elif body:  # PINGREQ, DISCONNECT
+        raise ProtocolViolation(f"packet type {packet_type} with a {len(body)}-byte body")
+    return None
+
+
+def _check_connect(packet: _Body) -> ConnectInfo:
+    name = packet.text("protocol name")
+    level = packet.byte("protocol level")
+    if name == "MQIsdp" or (name == "MQTT" and level != 4):
+        # An MQTT version other than 3.1.1 [MQTT-3.1.2-2]. Checked before the
+        # rest, which differs between versions (MQTT 5 adds properties).
+        raise ProtocolViolation(
+            f"CONNECT: unsupported protocol {name} level {level}",
+            connack=UNACCEPTABLE_PROTOCOL_VERSION,
+        )
+    if name != "MQTT":
+        raise ProtocolViolation(f"CONNECT: protocol name {name!r}")  # [MQTT-3.1.2-1]
+    connect_flags = packet.byte("connect flags")
+    keep_alive = packet.u16("keep alive")
+    if connect_flags & 0x01:
+        raise ProtocolViolation("CONNECT: reserved flag set")  # [MQTT-3.1.2-3]
+    clean = bool(connect_flags & 0x02)
+    will = bool(connect_flags & 0x04)
+    will_qos = (connect_flags >> 3) & 0x03
+    will_retain = bool(connect_flags & 0x20)
+    has_password = bool(connect_flags & 0x40)
+    has_username = bool(connect_flags & 0x80)
+    if not will and (will_qos or will_retain):
+        # [MQTT-3.1.2-11], [MQTT-3.1.2-13], [MQTT-3.1.2-15]
+        raise ProtocolViolation("CONNECT: will QoS or will retain without the will flag")
+    if will_qos == 3:
+        raise ProtocolViolation("CONNECT: will QoS 3")  # [MQTT-3.1.2-14]
+    if has_password and not has_username:
+        raise ProtocolViolation("CONNECT: password without user name")  # [MQTT-3.1.2-22]
+    client_id = packet.text("client identifier")  # [MQTT-3.1.3-4]
+    if will:
+        will_topic = packet.text("will topic")
+        check_topic_name(will_topic, "CONNECT: will topic")
+        packet.binary("will message")
+    if has_username:
+        packet.text("user name")  # [MQTT-3.1.2-19], [MQTT-3.1.3-11]
+    if has_password:
+        packet.binary("password")  # [MQTT-3.1.2-21]
+    # Bytes left over are a field whose flag is clear [MQTT-3.1.2-18], [MQTT-3.1.2-20].
+    packet.end()
+    if not client_id and not clean:
+        raise ProtocolViolation(
+            "CONNECT: empty client identifier with clean session 0",
+            connack=IDENTIFIER_REJECTED,  # [MQTT-3.1.3-8]
+        )
+    return ConnectInfo(clean, keep_alive, client_id, will, will_qos, will_retain)
+
+
+def check_topic_name(topic: str, what: str) -> None:
+    """A topic name (not a filter): at least one character, no wildcard."""
+    if not topic:
+        raise ProtocolViolation(f"{what} is empty")  # [MQTT-4.7.3-1]
+    if "+" in topic or "#" in topic:
+        raise ProtocolViolation(f"{what} {topic!r} contains a wildcard")  # [MQTT-3.3.2-2]
+
+
+def _check_publish(flags: int, packet: _Body) -> None:
+    qos = (flags >> 1) & 0x03
+    if qos == 3:
+        raise ProtocolViolation("PUBLISH with QoS 3")  # [MQTT-3.3.1-4]
+    if qos == 0 and flags & 0x08:
+        raise ProtocolViolation("PUBLISH with QoS 0 and DUP set")  # [MQTT-3.3.1-2]
+    check_topic_name(packet.text("topic name"), "PUBLISH: topic")  # [MQTT-3.3.2-1]
+    if qos:
+        packet.packet_id()
+
+
+def _check_filter(packet: _Body) -> None:
+    topic_filter = packet.text("topic filter")  # [MQTT-3.8.3-1], [MQTT-3.10.3-1]
+    if not topic_filter:
+        raise ProtocolViolation("empty topic filter")  # [MQTT-4.7.3-1]
+
+
+def _check_subscribe(packet: _Body) -> None:
+    packet.packet_id()
+    if not packet.left:
+        raise ProtocolViolation("SUBSCRIBE without a topic filter")  # [MQTT-3.8.3-3]
+    while packet.left:
+        _check_filter(packet)
+        requested = packet.byte("requested QoS")
+        if requested > 2:  # QoS 3, or a reserved bit set [MQTT-3-8.3-4]
+            raise ProtocolViolation(f"SUBSCRIBE: requested QoS byte {requested:#04x}")
+
+
+def _check_unsubscribe(packet: _Body) -> None:
+    packet.packet_id()
+    if not packet.left:
+        raise ProtocolViolation("UNSUBSCRIBE without a topic filter")  # [MQTT-3.10.3-2]
+    while packet.left:
+        _check_filter(packet)
+
+
+#: Asks the connection's protocol state whether an acknowledgement fits its
+#: flow: (packet type, packet identifier) -> None, or why it does not.
+AckCheck = Callable[[int, int], "str | None"]
+
+
+class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
+    """amqtt's view of a client connection: whole, checked packets only.
+
+    amqtt reads a packet a few bytes at a time; each packet is read whole,
+    checked, and then handed out from a buffer. amqtt's own keep-alive read
+    timeout must be off (the broker gives amqtt a keep-alive of 0): it would
+    cancel a read midway, and this reader enforces the keep-alive itself.
+    """
+
+    def __init__(
+        self,
+        inner: asyncio.StreamReader,
+        *,
+        max_packet_bytes: int,
+        connect_timeout_s: float,
+        peer: str,
+        reply: Callable[[bytes], None],
+        on_violation: Callable[[ProtocolViolation, str], None],
+    ) -> None:
+        self._inner = inner
+        self._max = max_packet_bytes
+        self._connect_timeout_s = connect_timeout_s
+        self._reply = reply
+        self._on_violation = on_violation
+        self.peer = peer
+        self.packets = 0
+        self.connect: ConnectInfo | None = None
+        #: Set by the protocol handler once attached (see `AckCheck`).
+        self.check_ack: AckCheck | None = None
+        self.failed: str | None = None
+        self._buffer = bytearray()
+        self._last_packet = asyncio.get_running_loop().time()
+        self._resume = asyncio.Event()
+        self._resume.set()
+
+    # -- backpressure (bridges.mqtt_bridge_plugin) --------------------------------------
+
+    def pause(self) -> None:
+        self._resume.clear()
+
+    def resume(self) -> None:
+        self._resume.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._resume.is_set()
+
+    # -- ReaderAdapter ---------------------------------------------------------------
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self._buffer and self.failed is None:
+            self._buffer += await self._read_packet()
+        if n < 0 or n >= len(self._buffer):
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        else:
+            data = bytes(self._buffer[:n])
+            del self._buffer[:n]
+        return data
+
+    def feed_eof(self) -> None:
+        self._inner.feed_eof()
+
+    # -- one packet --------------------------------------------------------------------
+
+    async def _read_packet(self) -> bytes:
+        """The next complete, checked packet; b"" (end of stream) once the
+        client closed or broke the protocol."""
+        # Let the handler's task for the packet just handed out run first: it
+        # may pause this connection (backpressure) before the next is read.
+        await asyncio.sleep(0)
+        if self.paused:
+            await self._resume.wait()
+            # Not reading was our own doing; the client's silence counts from now.
+            self._last_packet = asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout_at(self._deadline()):
+                packet = await self._receive()
+        except TimeoutError:
+            if self.connect is None:
+                self._fail(
+                    ProtocolViolation(
+                        f"no CONNECT within {self._connect_timeout_s:.1f} s "
+                        "(mqtt_connect_timeout_s)",
+                        reason=CONNECT_TIMEOUT,
+                    )
+                )
+            else:
+                self._fail(
+                    ProtocolViolation(
+                        f"silent for 1.5 times its keep-alive of {self.connect.keep_alive_s} s",
+                        reason=KEEPALIVE_TIMEOUT,
+                    )
+                )
+            return b""
+        except ProtocolViolation as exc:
+            self._fail(exc)
+            return b""
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return b""  # the client went away, possibly mid-packet
+        self._last_packet = asyncio.get_running_loop().time()
+        self.packets += 1
+        return packet
+
+    def _deadline(self) -> float | None:
+        """When the packet being read must be complete (event loop time)."""
+        if self.connect is None:
+            return self._last_packet + self._connect_timeout_s
+        if self.connect.keep_alive_s == 0:
+            return None  # keep-alive off [MQTT-3.1.2-10]
+        # [MQTT-3.1.2-24]: disconnect after one and a half keep-alive periods.
+        return self._last_packet + 1.5 * self.connect.keep_alive_s
+
+    async def _receive(self) -> bytes:
+        header = await self._inner.readexactly(1)
+        if not header:
+            raise asyncio.IncompleteReadError(b"", 1)
+        length_bytes = bytearray()
+        length, multiplier = 0, 1
+        while True:
+            byte = (await self._inner.readexactly(1))[0]
+            length_bytes.append(byte)
+            length += (byte & 0x7F) * multiplier
+            if not byte & 0x80:
+                break
+            multiplier *= 128
+            if len(length_bytes) == 4:
+                raise ProtocolViolation("remaining length longer than four bytes")
+        if length > self._max:
+            # Refused from the length field: the body is never buffered.
+            raise PacketTooLarge(
+                f"MQTT packet of {length} bytes exceeds mqtt_max_packet_bytes ({self._max})"
+            )
+        body = await self._inner.readexactly(length) if length else b""
+        packet_type, flags = header[0] >> 4, header[0] & 0x0F
+        info = check_packet(packet_type, flags, body, first=self.connect is None)
+        if info is not None:
+            self.connect = info
+        elif packet_type in (PUBACK, PUBREC, PUBCOMP) and self.check_ack is not None:
+            problem = self.check_ack(packet_type, int.from_bytes(body[:2], "big"))
+            if problem is not None:
+                raise ProtocolViolation(problem, reason=PROTOCOL_VIOLATION)
+        return bytes(header) + bytes(length_bytes) + body
+
+    def _fail(self, violation: ProtocolViolation) -> None:
+        self.failed = violation.reason
+        if violation.connack is not None:
+            with contextlib.suppress(ConnectionError, RuntimeError):  # the client is gone
+                self._reply(bytes([0x20, 0x02, 0x00, violation.connack]))
+        self._on_violation(violation, self.peer)
