@@ -1,0 +1,353 @@
+"""`python -m bench`: the benchmark command (ingest, connections).
+
+Layer: benchmarks; may import anything.
+
+Every run starts what it needs itself (RabbitMQ vhosts, databases in a
+temporary folder, the hub, workers, the simulated fleet) on 127.0.0.1 and
+removes it all at the end, also on Ctrl+C. Progress goes to stderr; stdout
+gets the readable table and, as its last line, one line of JSON with every
+figure (only the JSON with `--json`, the table then going to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.services import BenchError, log, terminate_as_interrupt
+
+_INGEST_EPILOG = """\
+examples:
+  python -m bench ingest --transport tcp --devices 50 --duration 60
+  python -m bench ingest --transport mqtt --devices 200 --duration 30 --json
+  python -m bench ingest --transport tcp --sweep 10,50,200 --duration 30 \\
+      --plot docs/img/throughput.png --out results.json
+  python -m bench ingest --transport tcp --no-baseline --duration 20 --profile hub.txt
+
+Each run measures the hub, then the baseline (a hand-written server calling
+task.delay() once per message), each with a fresh vhost, database, worker and
+the same fleet, and prints both with the ratio hub/baseline. Needs RabbitMQ on
+127.0.0.1:5672 (guest/guest) and rabbitmqctl; the MQTT baseline also needs
+the mosquitto binary. See docs/benchmarks.md.
+"""
+
+_CONNECTIONS_EPILOG = """\
+examples:
+  python -m bench connections
+  python -m bench connections --tcp 10000 --mqtt 10000 --json
+
+Connects the devices (TCP: authenticated, idle, with keep-alive pings; MQTT:
+authenticated and subscribed to their command topic), holds them for --hold
+seconds, and reports how long connecting took and the hub's memory per
+connection (RSS growth / devices). Each transport gets a fresh hub process.
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def _device_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError("a comma-separated list of device counts") from None
+    if not counts or any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError("device counts must be >= 1")
+    return counts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmarks of the hub against a hand-written baseline, in one run.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ingest = sub.add_parser(
+        "ingest",
+        help="end-to-end ingest throughput and latency, hub vs baseline",
+        description="Devices -> server -> RabbitMQ -> worker -> database: messages\n"
+        "acknowledged and stored per second, device-to-stored latency, CPU and memory\n"
+        "of every process, for the hub and for the baseline.",
+        epilog=_INGEST_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ingest.add_argument(
+        "--transport",
+        choices=["tcp", "mqtt"],
+        default="tcp",
+        help="device transport (default: tcp)",
+    )
+    ingest.add_argument(
+        "--devices", type=_positive_int, default=50, help="simulated devices (default: 50)"
+    )
+    bound = ingest.add_mutually_exclusive_group()
+    bound.add_argument("--duration", type=float, help="seconds the devices send (default: 20)")
+    bound.add_argument("--messages", type=_positive_int, help="messages per device instead")
+    ingest.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="messages/s per device; 0 = as fast as acknowledged (default)",
+    )
+    ingest.add_argument(
+        "--window",
+        type=_positive_int,
+        default=64,
+        help="unacknowledged messages per device (default: 64)",
+    )
+    ingest.add_argument(
+        "--qos", type=int, choices=[0, 1], default=1, help="MQTT QoS of telemetry (default: 1)"
+    )
+    ingest.add_argument(
+        "--worker-concurrency",
+        type=_positive_int,
+        default=os.cpu_count() or 1,
+        help="pool processes of the one worker of each system (default: the number of "
+        "CPUs, as Celery's own default; here %(default)s)",
+    )
+    ingest.add_argument(
+        "--worker-pool",
+        choices=["prefork", "solo", "threads"],
+        default="prefork",
+        help="Celery pool of both workers (default: prefork)",
+    )
+    ingest.add_argument(
+        "--loop",
+        choices=["asyncio", "uvloop"],
+        default="asyncio",
+        help="event loop of the hub and of the baseline server "
+        "(default: asyncio, what `hub run` uses)",
+    )
+    ingest.add_argument(
+        "--database-url",
+        help="use this database (e.g. postgresql://...) instead of a fresh "
+        "SQLite file; the run's rows are deleted afterwards",
+    )
+    only = ingest.add_mutually_exclusive_group()
+    only.add_argument("--no-baseline", action="store_true", help="measure the hub only")
+    only.add_argument("--baseline-only", action="store_true", help="measure the baseline only")
+    ingest.add_argument(
+        "--baseline-no-confirms",
+        action="store_true",
+        help="baseline publishes without publisher confirms (not durable "
+        "when acknowledged; faster)",
+    )
+    ingest.add_argument(
+        "--batch-max-messages",
+        type=_positive_int,
+        help="hub setting batch_max_messages (default: the hub's)",
+    )
+    ingest.add_argument(
+        "--batch-window-ms", type=float, help="hub setting batch_window_ms (default: the hub's)"
+    )
+    ingest.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=300.0,
+        help="most seconds to wait for the workers to store everything "
+        "after the fleet stopped (default: 300)",
+    )
+    ingest.add_argument(
+        "--sweep",
+        type=_device_counts,
+        metavar="N,N,...",
+        help="run once per device count (e.g. 10,50,200)",
+    )
+    ingest.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="with --sweep: plot throughput against devices (needs matplotlib)",
+    )
+    ingest.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="sample the hub with py-spy during the run (raw collapsed stacks "
+        "to FILE) and print its top functions (needs py-spy)",
+    )
+    ingest.add_argument(
+        "--profile-worker",
+        metavar="FILE",
+        help="the same for the hub's worker and its pool processes",
+    )
+    ingest.add_argument(
+        "--profile-gil",
+        action="store_true",
+        help="profile only the thread holding the GIL (py-spy --gil): what competes "
+        "for the interpreter, rather than what runs or waits",
+    )
+    ingest.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
+    ingest.add_argument(
+        "--json", action="store_true", help="stdout: only the JSON line (the table goes to stderr)"
+    )
+    ingest.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
+    conns = sub.add_parser(
+        "connections",
+        help="how many idle TCP and MQTT devices one hub holds, and at what memory",
+        description="Concurrent authenticated device connections held by one hub process.",
+        epilog=_CONNECTIONS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    conns.add_argument(
+        "--tcp",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="TCP devices (default: 2000; 0 skips TCP)",
+    )
+    conns.add_argument(
+        "--mqtt",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="MQTT devices (default: 2000; 0 skips MQTT)",
+    )
+    conns.add_argument(
+        "--hold", type=float, default=10.0, help="seconds to hold the connected fleet (default: 10)"
+    )
+    conns.add_argument(
+        "--connect-rate",
+        type=float,
+        help="new connections per second (default: as fast as possible)",
+    )
+    conns.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=300.0,
+        help="most seconds to wait for the fleet to connect (default: 300)",
+    )
+    conns.add_argument(
+        "--loop",
+        choices=["asyncio", "uvloop"],
+        default="asyncio",
+        help="event loop of the hub (default: asyncio)",
+    )
+    conns.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
+    conns.add_argument(
+        "--json", action="store_true", help="stdout: only the JSON line (the table goes to stderr)"
+    )
+    conns.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    return parser  # fmt: skip
+
+
+def _emit(result: Any, table: str, args: argparse.Namespace) -> None:
+    print(table, file=sys.stderr if args.json else sys.stdout, flush=True)
+    line = json.dumps(result, separators=(",", ":"))
+    if args.out:
+        Path(args.out).write_text(line + "\n", "utf-8")
+    print(line, flush=True)
+
+
+def _ingest(args: argparse.Namespace) -> None:
+    from bench.ingest import IngestConfig, run_ingest
+    from bench.report import ingest_table, sweep_table
+
+    if args.plot and not args.sweep:
+        raise BenchError("--plot needs --sweep (throughput against the number of devices)")
+    if args.plot:
+        from bench.plot import require_matplotlib
+
+        require_matplotlib()
+    if (args.profile or args.profile_worker) and args.sweep:
+        raise BenchError("--profile profiles one run; leave out --sweep")
+    duration = args.duration if args.duration is not None or args.messages else 20.0
+
+    def config(devices: int) -> IngestConfig:
+        return IngestConfig(
+            transport=args.transport,
+            devices=devices,
+            duration_s=duration if args.messages is None else None,
+            messages=args.messages,
+            rate=args.rate,
+            window=args.window,
+            qos=args.qos,
+            worker_concurrency=args.worker_concurrency,
+            worker_pool=args.worker_pool,
+            loop=args.loop,
+            database_url=args.database_url,
+            baseline=not args.no_baseline,
+            systems=["baseline"] if args.baseline_only else ["hub", "baseline"],
+            baseline_confirms=not args.baseline_no_confirms,
+            batch_max_messages=args.batch_max_messages,
+            batch_window_ms=args.batch_window_ms,
+            drain_timeout_s=args.drain_timeout,
+            profile_path=args.profile,
+            profile_worker_path=args.profile_worker,
+            profile_gil=args.profile_gil,
+            quiet=args.quiet,
+        )
+
+    if not args.sweep:
+        result = run_ingest(config(args.devices))
+        table = ingest_table(result)
+        from bench.profile import top_functions
+
+        if args.profile:
+            table += "\n\n" + top_functions(Path(args.profile), "the hub")
+        if args.profile_worker:
+            table += "\n\n" + top_functions(Path(args.profile_worker), "the hub's worker")
+        _emit(result, table, args)
+        return
+    runs = []
+    for devices in args.sweep:
+        if not args.quiet:
+            log(f"sweep: {devices} devices")
+        runs.append(run_ingest(config(devices)))
+    result = {"benchmark": "ingest-sweep", "transport": args.transport, "runs": runs}
+    table = "\n\n".join([*(ingest_table(r) for r in runs), sweep_table(runs)])
+    if args.plot:
+        from bench.plot import plot_sweep
+
+        plot_sweep(result, Path(args.plot))
+        table += f"\n\nplot written to {args.plot}"
+    _emit(result, table, args)
+
+
+def _connections(args: argparse.Namespace) -> None:
+    from bench.connections import ConnectionsConfig, run_connections
+    from bench.report import connections_table
+
+    if args.tcp < 0 or args.mqtt < 0 or (args.tcp == 0 and args.mqtt == 0):
+        raise BenchError("give --tcp N and/or --mqtt N (>= 1)")
+    result = run_connections(
+        ConnectionsConfig(
+            tcp=args.tcp,
+            mqtt=args.mqtt,
+            hold_s=args.hold,
+            connect_rate=args.connect_rate,
+            connect_timeout_s=args.connect_timeout,
+            loop=args.loop,
+            quiet=args.quiet,
+        )
+    )
+    _emit(result, connections_table(result), args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with terminate_as_interrupt():
+            if args.command == "ingest":
+                _ingest(args)
+            else:
+                _connections(args)
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; everything started was stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""`python -m bench connections`: how many idle device connections one hub process holds.
+
+Layer: benchmarks; may import anything.
+
+For each transport, on a fresh hub process (`hub run --no-worker`, RabbitMQ
+vhost of its own, SQLite database with the devices registered):
+
+1. measure the hub's RSS once it is idle;
+2. start the fleet (bench.fleet_runner, its own process) with every device
+   lingering: TCP devices send HELLO and then only keep-alive PINGs, MQTT
+   devices CONNECT with their credentials and SUBSCRIBE to their command
+   topic; record how long it takes until every device is connected (and
+   subscribed);
+3. hold the fleet for `--hold` seconds, then read the hub's RSS and how many
+   devices the hub itself reports connected (its /status endpoint);
+4. RSS per connection = (RSS connected - RSS idle) / devices.
+
+Each process started gets its open-file limit raised to the hard limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.ingest import IngestConfig, machine_info, make_credentials, provision_hub, start_hub
+from bench.services import (
+    LOCALHOST,
+    BenchError,
+    Child,
+    Vhost,
+    child_env,
+    fd_limit,
+    log,
+    raise_fd_limit,
+)
+
+#: The project's targets, reported against (never asserted).
+TARGET_KB_PER_TCP_CONNECTION = 8.0
+TARGET_MQTT_CONNECT_S = 60.0
+TARGET_DEVICES = 10_000
+
+
+@dataclass
+class ConnectionsConfig:
+    """What one connections run does; recorded in its JSON output."""
+
+    tcp: int = 2000
+    mqtt: int = 2000
+    hold_s: float = 10.0
+    connect_rate: float | None = None
+    connect_timeout_s: float = 300.0
+    loop: str = "asyncio"
+    quiet: bool = False
+
+
+def _status(http_port: int | None) -> dict[str, Any]:
+    if http_port is None:
+        return {}
+    try:
+        with urllib.request.urlopen(f"http://{LOCALHOST}:{http_port}/status", timeout=10) as r:
+            return dict(json.load(r))
+    except (OSError, ValueError):
+        return {}
+
+
+def _last(child: Child, kind: str) -> dict[str, Any] | None:
+    return next((r for r in reversed(child.json_lines()) if r.get("type") == kind), None)
+
+
+def measure_transport(
+    transport: str, devices: int, cfg: ConnectionsConfig, folder: Path, broker_url: str
+) -> dict[str, Any]:
+    folder.mkdir(parents=True)
+    prefix = f"c{transport}-"
+    credentials = make_credentials(prefix, devices)
+    credentials_file = folder / "credentials.json"
+    credentials_file.write_text(json.dumps(credentials), "utf-8")
+    database_url = f"sqlite:///{folder / 'hub.sqlite3'}"
+    provision_hub(database_url, credentials)
+    hub_cfg = IngestConfig(transport=transport, loop=cfg.loop)
+    with contextlib.ExitStack() as stack:
+        hub, ports = start_hub(hub_cfg, folder, broker_url, database_url, mqtt=transport == "mqtt")
+        stack.callback(hub.stop)
+        time.sleep(1.0)  # let the freshly started hub settle before the idle reading
+        rss_idle = hub.rss()
+        cpu_before = hub.cpu_s()
+        bound_s = cfg.connect_timeout_s + cfg.hold_s + 120
+        argv = [
+            sys.executable, "-m", "bench.fleet_runner", "--transport", transport,
+            "--host", LOCALHOST, "--port", str(ports[transport]),
+            "--credentials", str(credentials_file), "--messages", "0", "--linger",
+            "--duration", str(bound_s), "--give-up", str(cfg.connect_timeout_s),
+            "--drain-timeout", "5",
+        ]  # fmt: skip
+        if cfg.connect_rate:
+            argv += ["--connect-rate", str(cfg.connect_rate)]
+
+        def show(line: str) -> None:
+            if cfg.quiet or not line.startswith("{"):
+                return
+            record = json.loads(line)
+            if record.get("type") == "progress":
+                log(
+                    f"{transport}: {record['elapsed_s']:6.1f}s connected "
+                    f"{record['online']}/{devices} errors {record['errors']} "
+                    f"refused {record['refused']}"
+                )
+
+        if not cfg.quiet:
+            log(f"{transport}: connecting {devices} devices to the hub on port {ports[transport]}")
+        fleet = Child(
+            f"{transport} fleet", argv, env=child_env(), log_path=folder / "fleet.log",
+            read_stdout=True, on_line=show,
+        )  # fmt: skip
+        stack.callback(fleet.stop)
+        deadline = time.monotonic() + cfg.connect_timeout_s
+        while _last(fleet, "online") is None and time.monotonic() < deadline:
+            fleet.check_alive()
+            hub.check_alive()
+            time.sleep(0.2)
+        online = _last(fleet, "online")
+        if online is None:
+            log(f"{transport}: not every device connected within {cfg.connect_timeout_s:g} s")
+        elif not cfg.quiet:
+            log(f"{transport}: all {devices} connected in {online['elapsed_s']:.2f} s; "
+                f"holding them for {cfg.hold_s:g} s")  # fmt: skip
+        hold_until = time.monotonic() + cfg.hold_s
+        rss_peak = hub.rss()
+        while time.monotonic() < hold_until:
+            hub.check_alive()
+            rss_peak = max(rss_peak, hub.rss())
+            time.sleep(0.5)
+        rss_connected = hub.rss()
+        status = _status(ports.get("http"))
+        held = (status.get("devices_connected") or {}).get(transport)
+        progress = _last(fleet, "progress") or {}
+        cpu_hub = hub.cpu_s() - cpu_before
+        fleet.signal(15)
+        with contextlib.suppress(BenchError):
+            fleet.wait(60)
+        result = _last(fleet, "result") or {}
+        summary = result.get("summary", {})
+    delta = max(rss_connected - rss_idle, 0)
+    return {
+        "devices": devices,
+        "connected": summary.get("connected", progress.get("connected", 0)),
+        "online_after_hold": progress.get("online"),
+        "held_by_hub": held,
+        "connect_s": online["elapsed_s"] if online else None,
+        "errors": summary.get("errors", progress.get("errors")),
+        "refused": summary.get("refused", progress.get("refused")),
+        "hub_rss_mb": {
+            "idle": round(rss_idle / 2**20, 1),
+            "connected": round(rss_connected / 2**20, 1),
+            "peak": round(rss_peak / 2**20, 1),
+        },
+        "rss_kb_per_connection": round(delta / devices / 1024, 2),
+        "hub_cpu_s": round(cpu_hub, 2),
+        "fleet_cpu_s": result.get("cpu_s"),
+        "fleet_max_rss_mb": round(result["max_rss_kb"] / 1024, 1) if result else None,
+    }
+
+
+def run_connections(cfg: ConnectionsConfig) -> dict[str, Any]:
+    soft = raise_fd_limit()
+    needed = max(cfg.tcp, cfg.mqtt) + 1024
+    if fd_limit() < needed or soft < needed:
+        raise BenchError(
+            f"the open-file limit ({soft}, hard {fd_limit()}) is below the {needed} this "
+            "needs; raise the hard limit (ulimit -Hn, or LimitNOFILE) and run again"
+        )
+    workdir = Path(tempfile.mkdtemp(prefix="hub-bench-conn-"))
+    results: dict[str, Any] = {}
+    try:
+        for transport, count in (("tcp", cfg.tcp), ("mqtt", cfg.mqtt)):
+            if count <= 0:
+                continue
+            with Vhost(f"conn-{transport}") as vhost:
+                results[transport] = measure_transport(
+                    transport, count, cfg, workdir / transport, vhost.url
+                )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    targets = []
+    tcp, mqtt = results.get("tcp"), results.get("mqtt")
+    if tcp:
+        targets.append(
+            {
+                "text": f"{TARGET_DEVICES:,} TCP devices at <= {TARGET_KB_PER_TCP_CONNECTION:g} KB "
+                "of hub memory each",
+                "measured": f"{tcp['held_by_hub']} held, "
+                f"{tcp['rss_kb_per_connection']:.2f} KB each",
+                "met": bool(
+                    tcp["devices"] >= TARGET_DEVICES
+                    and tcp["held_by_hub"] == tcp["devices"]
+                    and tcp["rss_kb_per_connection"] <= TARGET_KB_PER_TCP_CONNECTION
+                ),
+            }
+        )
+    if mqtt:
+        connect = mqtt["connect_s"]
+        targets.append(
+            {
+                "text": f"{TARGET_DEVICES:,} MQTT devices with subscriptions connected within "
+                f"{TARGET_MQTT_CONNECT_S:g} s",
+                "measured": f"{mqtt['held_by_hub']} held, connected in "
+                + (f"{connect:.1f} s" if connect is not None else "(not all)"),
+                "met": bool(
+                    mqtt["devices"] >= TARGET_DEVICES
+                    and mqtt["held_by_hub"] == mqtt["devices"]
+                    and connect is not None
+                    and connect <= TARGET_MQTT_CONNECT_S
+                ),
+            }
+        )
+    return {
+        "benchmark": "connections",
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "config": {
+            "tcp": cfg.tcp,
+            "mqtt": cfg.mqtt,
+            "hold_s": cfg.hold_s,
+            "connect_rate": cfg.connect_rate,
+            "loop": cfg.loop,
+        },
+        **results,
+        "targets": targets,
+    }

@@ -1,0 +1,90 @@
+"""Smoke test of the benchmark command: a few seconds of a small fleet, hub and baseline.
+
+It checks that `python -m bench ingest` starts and cleans up everything it
+needs, prints one well-formed JSON line, and that every message sent was
+stored, by the hub and by the baseline. No timed assertions: the figures
+themselves are not checked, only that they are there.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.services import require_rabbitmq
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SYSTEM_KEYS = {
+    "sent",
+    "acknowledged",
+    "stored",
+    "all_stored",
+    "acked_per_s",
+    "stored_per_s",
+    "latency_ms",
+    "cpu_s",
+    "server_rss_mb",
+}
+
+
+def _run_bench(*args: str) -> tuple[dict[str, Any], str]:
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    lines = completed.stdout.strip().splitlines()
+    assert len(lines) == 1, f"expected one JSON line on stdout, got: {completed.stdout[-2000:]}"
+    return json.loads(lines[0]), completed.stderr
+
+
+def test_tcp_ingest_benchmark_stores_every_message_of_hub_and_baseline() -> None:
+    require_rabbitmq()
+    result, stderr = _run_bench(
+        "ingest", "--transport", "tcp", "--devices", "4", "--duration", "3",
+        "--rate", "100", "--json", "--quiet",
+    )  # fmt: skip
+
+    assert result["benchmark"] == "ingest"
+    assert result["transport"] == "tcp"
+    for system in ("hub", "baseline"):
+        measured = result[system]
+        assert measured.keys() >= SYSTEM_KEYS, system
+        assert measured["sent"] > 0, system
+        assert measured["acknowledged"] == measured["sent"], system
+        assert measured["stored"] == measured["sent"], system
+        assert measured["all_stored"] is True, system
+        assert measured["errors"] == 0, system
+        assert set(measured["latency_ms"]) >= {"p50", "p99"}, system
+        assert set(measured["cpu_s"]) >= {"server", "worker", "fleet"}, system
+    assert set(result["ratio"]) == {"acked_per_s", "stored_per_s"}
+    # The readable table went to stderr (--json keeps stdout to the JSON line).
+    assert "hub/baseline" in stderr
+
+
+def test_mqtt_ingest_benchmark_stores_every_message_of_hub_and_baseline() -> None:
+    require_rabbitmq()
+    result, _ = _run_bench(
+        "ingest", "--transport", "mqtt", "--devices", "4", "--duration", "3",
+        "--rate", "50", "--json", "--quiet",
+    )  # fmt: skip
+
+    assert result["transport"] == "mqtt"
+    for system in ("hub", "baseline"):
+        measured = result[system]
+        assert measured.keys() >= SYSTEM_KEYS, system
+        assert measured["sent"] > 0, system
+        assert measured["stored"] == measured["sent"], system
+        assert measured["all_stored"] is True, system
