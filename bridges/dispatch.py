@@ -295,6 +295,9 @@ class _Publisher:
                 producer=self._producer,
                 queue=queue_name,
                 retry=False,
+                # Celery would otherwise saferepr() the whole batch for its headers.
+                argsrepr=f"[<{len(body)} envelopes>]",
+                kwargsrepr="{}",
             )
         except Exception as exc:  # boundary: connection loss, nack, confirm timeout
             self._mark_down(exc)

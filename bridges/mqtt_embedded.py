@@ -148,6 +148,11 @@ class _SubscriptionTable(dict[str, list[tuple[Session, int]]]):
     def __iter__(self) -> Iterator[str]:
         return iter(list(dict.keys(self)))
 
+    def __repr__(self) -> str:
+        # amqtt logs repr(subscriptions) after every SUBSCRIBE (at DEBUG, but the
+        # argument is built anyway): the full repr made connects O(n^2).
+        return f"<subscriptions: {len(self)} filters>"
+
 
 class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     """amqtt's broker with the hub's overrides; see the module docstring."""

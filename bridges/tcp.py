@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from hub.envelope import Envelope, Kind, envelope_id
 from hub.errors import AuthError, ConfigError, DispatchError, RemoteProtocolError
@@ -96,9 +96,9 @@ class DeviceConnection(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        peer = transport.get_extra_info("peername")
+        # uvloop's transports are not asyncio.Transport subclasses; same interface.
+        self._transport = cast(asyncio.Transport, transport)
+        peer = self._transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self._server.connections.add(self)
         self._server.metrics.connections.labels("tcp").inc()
@@ -228,7 +228,7 @@ class DeviceConnection(asyncio.Protocol):
         device_id = self.device_id
         assert device_id is not None  # the codec refuses data before HELLO
         server = self._server
-        server.metrics.messages_received.labels("tcp").inc()
+        server.received.inc()
         try:
             envelope = Envelope(
                 id=envelope_id(device_id, event.seq, self._boot_id),
@@ -262,7 +262,7 @@ class DeviceConnection(asyncio.Protocol):
             # Not durable (hub shutting down): no ACK, the device sends it again.
             return
         if not self._closing:
-            self._server.metrics.messages_acked.labels("tcp").inc()
+            self._server.acked.inc()
             self._send(Ack(seq))
         self._maybe_resume()
 
@@ -382,6 +382,9 @@ class TcpServer:
         self.credentials = credentials
         self.refresh_credentials = refresh_credentials
         self.metrics = metrics
+        # Labelled children looked up once: `labels()` per message is measurable.
+        self.received = metrics.messages_received.labels("tcp")
+        self.acked = metrics.messages_acked.labels("tcp")
         self.idle_timeout_s = settings.idle_timeout_s
         self.max_frame_bytes = settings.max_frame_bytes
         self.max_inflight = settings.max_inflight_per_connection

@@ -122,9 +122,28 @@ def run(ctx: click.Context, /, no_mqtt: bool, worker: bool | None, **options: An
     try:
         from hub.app import serve
 
-        asyncio.run(serve(settings, run_worker=worker))
+        run_loop(serve(settings, run_worker=worker), settings.event_loop)
     except KeyboardInterrupt:
         pass
+
+
+def run_loop(main_coro: Any, choice: str) -> None:
+    """Run the hub on uvloop where installed (or asked for), else on asyncio."""
+    if choice in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                main_coro.close()
+                raise ConfigError(
+                    "event_loop = 'uvloop' but uvloop is not installed (pip install -e '.[fast]')",
+                    key="event_loop",
+                    env="HUB_EVENT_LOOP",
+                ) from None
+        else:
+            uvloop.run(main_coro)
+            return
+    asyncio.run(main_coro)
 
 
 @main.group()

@@ -83,6 +83,8 @@ class Settings(BaseSettings):
 
     handlers: Annotated[tuple[str, ...], NoDecode] = ()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: uvloop where installed ("auto"), or force one.
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
     @field_validator(
         "broker_url", "database_url", "result_backend", "mqtt_external_url", mode="before"
