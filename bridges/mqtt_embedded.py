@@ -608,6 +608,12 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         ):
             self._access.refused(session, topic, "publish")
             return
+        if topic is not None and not self.matching_filters(topic):
+            # Nobody subscribes (the usual case for device telemetry, which the
+            # bridge has already taken): stock amqtt would still queue it for
+            # the broadcast loop, and under sustained load that unbounded queue
+            # grew by hundreds of MB. Retained messages were kept before this.
+            return
         if force_qos is None:
             force_qos = _PUBLISH_QOS.get()
         await super()._broadcast_message(session, topic, data, force_qos)
