@@ -225,6 +225,9 @@ class HubApp:
         worker = "in-hub worker" if self._run_worker else "separate `celery -A tasks worker`"
         return f"RabbitMQ at {_redact(self.settings.broker_url or '')}, {worker}"
 
+    def _sample(self, name: str) -> float:
+        return float(self.metrics.registry.get_sample_value(name) or 0.0)
+
     def status(self) -> dict[str, Any]:
         connections = sum(len(s.devices) for s in self.tcp_servers)
         mqtt_clients = getattr(self.mqtt, "connected_devices", None)
@@ -234,8 +237,8 @@ class HubApp:
             "listeners": [asdict(x) for x in self.listeners()],
             "devices_connected": {"tcp": connections, "mqtt": mqtt_clients},
             "dispatch_pending": self.dispatcher.pending,
-            "spool_messages": int(self.metrics.spool_size._value.get()),
-            "broker_connected": bool(self.metrics.broker_connected._value.get()),
+            "spool_messages": int(self._sample("hub_spool_messages")),
+            "broker_connected": bool(self._sample("hub_broker_connected")),
         }
 
 

@@ -249,3 +249,29 @@ def test_a_device_registered_again_while_the_hub_runs_gets_in(
     assert connect(hub.tcp_port).hello(device_id, second) == Ack(0)
     refused = connect(hub.tcp_port).hello(device_id, first)
     assert isinstance(refused, Nak) and refused.reason is NakReason.BAD_CREDENTIAL
+
+
+def test_status_health_and_metrics_over_http(
+    running_hub: StartHub, provision: Provision, connect: Connect, device_prefix: str
+) -> None:
+    import json
+    import urllib.request
+
+    hub = running_hub()
+    ((device_id, credential),) = provision([f"{device_prefix}1"]).items()
+    device = connect(hub.tcp_port)
+    assert device.hello(device_id, credential) == Ack(0)
+    device.telemetry(1, {"n": 1})
+    assert device.acks_until(1) == {1}
+    assert hub.app.http is not None
+    base = f"http://127.0.0.1:{hub.app.http.port}"
+
+    with urllib.request.urlopen(f"{base}/status", timeout=5) as response:
+        status = json.load(response)
+    assert status["devices_connected"]["tcp"] == 1
+    assert status["broker_connected"] is True and status["spool_messages"] == 0
+    assert {x["name"] for x in status["listeners"]} >= {"tcp/native", "http"}
+    with urllib.request.urlopen(f"{base}/healthz", timeout=5) as response:
+        assert response.read() == b"ok\n"
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
+        assert 'hub_messages_acked_total{transport="tcp"} 1.0' in response.read().decode()
