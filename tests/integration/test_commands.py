@@ -29,6 +29,23 @@ Provision = Callable[[list[str]], dict[str, str]]
 StartDevice = Callable[..., SimulatedDevice]
 
 
+DeviceOn = Callable[..., str]
+
+
+@pytest.fixture
+def device_on(provision: Provision, simulated_devices: StartDevice, device_prefix: str) -> DeviceOn:
+    """Register a device and start it (answering commands) on a hub's port of `transport`."""
+
+    def start(hub: HubThread, transport: str, name: str) -> str:
+        device_id = f"{device_prefix}{name}"
+        credential = provision([device_id])[device_id]
+        port = hub.tcp_port if transport == "tcp" else hub.mqtt_port
+        simulated_devices(transport, port, device_id, credential)
+        return device_id
+
+    return start
+
+
 def _online(hub: HubThread, device_id: str) -> bool:
     return any(device_id in s.devices for s in hub.app.tcp_servers)
 
@@ -36,14 +53,11 @@ def _online(hub: HubThread, device_id: str) -> bool:
 def test_a_tcp_device_answers_through_asyncresult(
     worker: Worker,
     running_hub: StartHub,
-    provision: Provision,
-    simulated_devices: StartDevice,
+    device_on: DeviceOn,
     command_api: Any,
-    device_prefix: str,
 ) -> None:
     hub = running_hub()
-    ((device_id, credential),) = provision([f"{device_prefix}1"]).items()
-    simulated_devices("tcp", hub.tcp_port, device_id, credential)
+    device_id = device_on(hub, "tcp", "1")
     assert wait_until(lambda: _online(hub, device_id), timeout=10)
 
     result = command_api.send_command(device_id, "ping", ttl=30)
@@ -56,15 +70,12 @@ def test_a_tcp_device_answers_through_asyncresult(
 def test_a_command_reaches_the_device_through_the_hub_that_holds_it(
     worker: Worker,
     running_hub: StartHub,
-    provision: Provision,
-    simulated_devices: StartDevice,
+    device_on: DeviceOn,
     command_api: Any,
-    device_prefix: str,
 ) -> None:
     holding = running_hub()
     other = running_hub()
-    ((device_id, credential),) = provision([f"{device_prefix}1"]).items()
-    simulated_devices("tcp", holding.tcp_port, device_id, credential)
+    device_id = device_on(holding, "tcp", "1")
     assert wait_until(lambda: _online(holding, device_id), timeout=10)
 
     reply = command_api.send_command(device_id, "set_interval", {"seconds": 2}, ttl=30).get(
@@ -111,14 +122,11 @@ def test_a_command_nobody_answers_expires(
 def test_a_failing_command_shows_its_error_and_traceback(
     worker: Worker,
     running_hub: StartHub,
-    provision: Provision,
-    simulated_devices: StartDevice,
+    device_on: DeviceOn,
     command_api: Any,
-    device_prefix: str,
 ) -> None:
     hub = running_hub()
-    ((device_id, credential),) = provision([f"{device_prefix}1"]).items()
-    simulated_devices("tcp", hub.tcp_port, device_id, credential)
+    device_id = device_on(hub, "tcp", "1")
 
     result = command_api.send_command(device_id, "fail", ttl=30)
     error = result.get(timeout=30, propagate=False)
@@ -134,14 +142,11 @@ def test_a_failing_command_shows_its_error_and_traceback(
 def test_hub_send_prints_the_reply_or_the_error(
     worker: Worker,
     running_hub: StartHub,
-    provision: Provision,
-    simulated_devices: StartDevice,
-    device_prefix: str,
+    device_on: DeviceOn,
     tmp_path: Path,
 ) -> None:
     hub = running_hub()
-    ((device_id, credential),) = provision([f"{device_prefix}1"]).items()
-    simulated_devices("tcp", hub.tcp_port, device_id, credential)
+    device_id = device_on(hub, "tcp", "1")
     env = settings_env(hub.settings)
 
     def hub_send(*args: str) -> subprocess.CompletedProcess[str]:
@@ -169,14 +174,11 @@ def test_hub_send_prints_the_reply_or_the_error(
 def test_an_mqtt_device_answers_through_asyncresult(
     worker: Worker,
     running_hub: StartHub,
-    provision: Provision,
-    simulated_devices: StartDevice,
+    device_on: DeviceOn,
     command_api: Any,
-    device_prefix: str,
 ) -> None:
     hub = running_hub(mqtt_enabled=True)
-    ((device_id, credential),) = provision([f"{device_prefix}m1"]).items()
-    simulated_devices("mqtt", hub.mqtt_port, device_id, credential)
+    device_id = device_on(hub, "mqtt", "m1")
 
     reply = command_api.send_command(device_id, "ping", ttl=30).get(timeout=30)
     assert reply["pong"] is True and reply["device"] == device_id
@@ -189,15 +191,12 @@ def test_an_mqtt_device_answers_through_asyncresult(
 def test_an_mqtt_command_from_a_hub_that_does_not_hold_the_device(
     worker: Worker,
     running_hub: StartHub,
-    provision: Provision,
-    simulated_devices: StartDevice,
+    device_on: DeviceOn,
     command_api: Any,
-    device_prefix: str,
 ) -> None:
     holding = running_hub(mqtt_enabled=True)
     other = running_hub(mqtt_enabled=True)
-    ((device_id, credential),) = provision([f"{device_prefix}m2"]).items()
-    simulated_devices("mqtt", holding.mqtt_port, device_id, credential)
+    device_id = device_on(holding, "mqtt", "m2")
 
     reply = command_api.send_command(device_id, "set_interval", {"seconds": 4}, ttl=30).get(
         timeout=30
