@@ -86,7 +86,9 @@ def text_exceeds_depth(text: str | bytes | bytearray, max_depth: int) -> bool:
 def check_depth(value: object, max_depth: int, what: str = "payload") -> None:
     """PayloadTooDeep if `value` nests deeper than `max_depth`."""
     if exceeds_depth(value, max_depth):
-        raise PayloadTooDeep(f"{what} is nested too deeply (more than {max_depth} levels)", field="payload")
+        raise PayloadTooDeep(
+            f"{what} is nested too deeply (more than {max_depth} levels)", field="payload"
+        )
 
 
 def check_size(size: int, max_bytes: int, what: str = "payload") -> None:
