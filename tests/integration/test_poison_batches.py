@@ -149,6 +149,21 @@ def test_a_deep_envelope_does_not_stop_the_worker_or_its_batch(setup: Setup) -> 
     assert children(pid) == pool
 
 
+def test_an_envelope_the_database_refuses_costs_only_itself(setup: Setup) -> None:
+    prefix = f"s{uuid.uuid4().hex[:6]}-"
+    # Valid as an envelope, but no SQLite INTEGER holds a seq of 2**64.
+    refused = {**envelope(f"{prefix}huge-1", 2), "seq": 2**64}
+    batch = [envelope(f"{prefix}good-1", 1), refused, envelope(f"{prefix}good-2", 3)]
+    setup.app.send_task("tasks.ingest.telemetry", args=(batch,))
+    assert wait_until(
+        lambda: count_rows(setup.engine, Kind.TELEMETRY, f"{prefix}good-") == 2, timeout=60
+    ), setup.worker.log_path.read_text()[-3000:]
+    assert wait_until(lambda: len(letters_of(setup.engine, prefix)) == 1, timeout=30)
+    (letter,) = letters_of(setup.engine, prefix)
+    assert (letter["device_id"], letter["reason"]) == (f"{prefix}huge-1", "store_failed")
+    assert letter["replayable"] is True
+
+
 @pytest.mark.parametrize(
     "body",
     [b"{this is not json", b"[" * 5000 + b"]" * 5000],
