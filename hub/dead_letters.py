@@ -41,6 +41,8 @@ TOO_DEEP = "too_deep"
 STORE_FAILED = "store_failed"
 HANDLER_FAILED = "handler_failed"
 UNDECODABLE = "undecodable"
+UNKNOWN_TASK = "unknown_task"
+INVALID_TASK = "invalid_task"
 
 #: The stored payload text is cut here: a dead letter is for reading and
 #: replaying one envelope, and a raw task message can be a whole batch.

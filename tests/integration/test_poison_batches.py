@@ -198,6 +198,24 @@ def test_an_undecodable_task_message_becomes_a_dead_letter(setup: Setup, body: b
     assert children(pid) == pool
 
 
+def test_a_message_for_an_unknown_task_becomes_a_dead_letter(setup: Setup) -> None:
+    marker = uuid.uuid4().hex
+    setup.app.send_task("tasks.ingest.no_such_task", args=([marker],), queue="hub.telemetry")
+
+    def recorded() -> list[dict[str, Any]]:
+        rows = dead_letters.list_dead_letters(setup.engine, status=None, limit=1000)
+        return [
+            r
+            for r in rows
+            if r["reason"] == "unknown_task"
+            and marker in dead_letters.get_dead_letter(setup.engine, r["id"])["payload"]
+        ]
+
+    assert wait_until(lambda: bool(recorded()), timeout=60)
+    assert recorded()[0]["source"] == "tasks.ingest.no_such_task"
+    assert setup.worker.process.poll() is None
+
+
 def hub_cli(setup: Setup, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "hub.cli", "dead-letters", *args],
