@@ -94,6 +94,8 @@ def _check_json_safe(value: object, path: str) -> None:
     JSON text (strings and keys by length, other scalars a few bytes each),
     enough to refuse an envelope no bridge would have let in.
     """
+    if isinstance(value, Mapping) and _flat_and_safe(value):
+        return
     size = 0
     # (value, depth, parent path, key in the parent): a path string is built
     # only for containers and errors, not for every scalar.
@@ -138,6 +140,26 @@ def _check_json_safe(value: object, path: str) -> None:
             raise PayloadTooLarge(
                 f"payload is larger than {MAX_PAYLOAD_BYTES_CEILING} bytes", field="payload"
             )
+
+
+_SCALARS = frozenset({str, int, bool, type(None)})
+
+
+def _flat_and_safe(mapping: Mapping[Any, Any]) -> bool:
+    """The common case, fast: string keys and plain scalar values only (a flat
+    payload of readings). False sends anything else to the full walk."""
+    size = 2
+    for key, item in mapping.items():
+        kind = type(item)
+        if type(key) is not str:
+            return False
+        if kind is str:
+            size += len(key) + len(item) + 7
+        elif kind in _SCALARS or (kind is float and math.isfinite(item)):
+            size += len(key) + 12
+        else:
+            return False
+    return size <= MAX_PAYLOAD_BYTES_CEILING
 
 
 def _path(parent: str, key: str | int | None) -> str:
