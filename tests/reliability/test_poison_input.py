@@ -11,7 +11,6 @@ bridge failure.
 
 from __future__ import annotations
 
-import socket
 import struct
 import urllib.request
 import zlib
@@ -31,6 +30,7 @@ from tests.reliability.harness import (
     read_stored,
 )
 from tests.support.raw_device import RawDevice
+from tests.support.raw_mqtt import RawMqttDevice
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(600)]
 
@@ -85,68 +85,15 @@ def poison_tcp(port: int, device_id: str, credential: str) -> dict[str, object]:
 # -- a bad MQTT device: plain MQTT 3.1.1 on a socket, QoS 1 ---------------------------
 
 
-def _utf8(text: str) -> bytes:
-    data = text.encode()
-    return struct.pack(">H", len(data)) + data
-
-
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _remaining_length(len(body)) + body
-
-
-def _read_packet(sock: socket.socket) -> tuple[int, bytes]:
-    def exactly(n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("the hub closed the MQTT connection")
-            data += chunk
-        return data
-
-    first = exactly(1)[0]
-    length, shift = 0, 0
-    while True:
-        byte = exactly(1)[0]
-        length |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            break
-    return first, exactly(length)
-
-
 def poison_mqtt(port: int, device_id: str, credential: str, root: str = "devices") -> int:
     """Publish every poison payload at QoS 1 on one connection; returns how many were PUBACKed."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        connect = (
-            _utf8("MQTT")
-            + bytes([4, 0xC2])  # level 4; username, password, clean session
-            + struct.pack(">H", 30)
-            + _utf8(device_id)
-            + _utf8(device_id)
-            + _utf8(credential)
-        )
-        sock.sendall(_packet(0x10, connect))
-        kind, body = _read_packet(sock)
-        assert kind == 0x20 and body[1] == 0, f"CONNACK refused: {body!r}"
-        topic = _utf8(f"{root}/{device_id}/telemetry")
-        acked = 0
-        for packet_id, payload in enumerate([*POISON.values(), OVERSIZED], start=1):
-            sock.sendall(_packet(0x32, topic + struct.pack(">H", packet_id) + payload))
-            kind, body = _read_packet(sock)
-            assert kind == 0x40 and struct.unpack(">H", body)[0] == packet_id
-            acked += 1
-        sock.sendall(_packet(0xE0, b""))
-    return acked
+    device = RawMqttDevice(port, device_id, credential)
+    try:
+        for payload in [*POISON.values(), OVERSIZED]:
+            device.publish_qos1(f"{root}/{device_id}/telemetry", payload)
+    finally:
+        device.close()
+    return len(POISON) + 1
 
 
 def metric(hub: HubProcess, name: str) -> float:
