@@ -217,3 +217,14 @@ def test_envelope_from_json_refuses_a_document_too_deep_to_parse() -> None:
     text = '{"schema":1,"payload":' + '{"a":' * 5000 + "1" + "}" * 5000 + "}"
     with pytest.raises(EnvelopeError):
         Envelope.from_json(text)
+
+
+def test_the_depth_setting_cannot_exceed_what_an_envelope_allows() -> None:
+    from hub.errors import ConfigError
+    from hub.settings import load_settings
+
+    assert load_settings(None, max_payload_depth=64).max_payload_depth == 64
+    with pytest.raises(ConfigError, match="max_payload_depth"):
+        load_settings(None, max_payload_depth=65)
+    with pytest.raises(ConfigError, match="max_payload_bytes"):
+        load_settings(None, max_payload_bytes=32 * 1024 * 1024)
