@@ -352,9 +352,11 @@ def dead_letters_list(ctx: click.Context, status: str, limit: int, as_json: bool
         click.echo(f"no dead letters ({status})", err=True)
     for row in rows:
         who = row["device_id"] or "-"
+        # The last line of a traceback is the error itself.
+        error = (row["error"].strip().splitlines() or [""])[-1][:80]
         click.echo(
             f"{row['id']}  {row['created_at']:%Y-%m-%d %H:%M:%S}  {row['status']:<9} "
-            f"{row['reason']:<16} {who:<24} {row['source']}  {row['error'].splitlines()[-1][:80]}"
+            f"{row['reason']:<16} {who:<24} {row['source']}  {error}"
         )
 
 

@@ -246,6 +246,12 @@ def test_dead_letters_from_the_command_line(setup: Setup) -> None:
     assert row["status"] == "dead"
     assert row["replayable"] is True
 
+    text = hub_cli(setup, "list", "--status", "all")
+    assert text.returncode == 0, text.stderr
+    line = next(x for x in text.stdout.splitlines() if x.startswith(row["id"]))
+    assert "handler_failed" in line
+    assert "RuntimeError: handler bug triggered by" in line
+
     shown = hub_cli(setup, "show", row["id"])
     assert shown.returncode == 0, shown.stderr
     assert "RuntimeError: handler bug triggered by" in shown.stdout
