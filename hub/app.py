@@ -26,6 +26,7 @@ from bridges.dispatch import Dispatcher, check_broker
 from bridges.downlink import Downlink
 from bridges.http_status import HttpStatusServer
 from bridges.tcp import TcpServer
+from bridges.worker_stats import poll as poll_worker_stats
 from hub import __version__
 from hub.errors import ConfigError
 from hub.metrics import Metrics
@@ -61,6 +62,7 @@ class HubApp:
         self.http: HttpStatusServer | None = None
         self._worker: subprocess.Popen[bytes] | None = None
         self._supervisor: asyncio.Future[None] | None = None
+        self._worker_stats: asyncio.Future[None] | None = None
         # The embedded default runs its own worker; with RabbitMQ, workers are
         # separate `celery -A tasks worker` processes.
         self._run_worker = settings.embedded if run_worker is None else run_worker
@@ -93,6 +95,7 @@ class HubApp:
                 self.settings.host, self.settings.http_port, self.metrics, self.status
             )
             await self.http.start()
+            self._worker_stats = asyncio.ensure_future(poll_worker_stats(self.engine, self.metrics))
             if self._run_worker:
                 self._start_worker()
                 self._supervisor = asyncio.ensure_future(self._supervise_worker())
@@ -171,6 +174,9 @@ class HubApp:
             delay = min(delay * 2, 30.0)
 
     async def stop(self) -> None:
+        if self._worker_stats is not None:
+            self._worker_stats.cancel()
+            self._worker_stats = None
         if self._supervisor is not None:
             self._supervisor.cancel()
             self._supervisor = None
@@ -239,6 +245,7 @@ class HubApp:
             "dispatch_pending": self.dispatcher.pending,
             "spool_messages": int(self._sample("hub_spool_messages")),
             "broker_connected": bool(self._sample("hub_broker_connected")),
+            "workers": self.metrics.worker_counts.snapshot(),
         }
 
 
