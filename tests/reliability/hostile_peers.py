@@ -47,6 +47,9 @@ class Attack:
     devices: tuple[tuple[str, str], ...] = ()
     #: Seconds between the bytes of a slow sender.
     byte_interval_s: float = 2.0
+    #: Lanes started per second (0: all at once). 2,000 sockets opened over a
+    #: second are still 2,000 open at once, without one instant of 2,000 accepts.
+    ramp_per_s: float = 0.0
 
 
 # -- native frames ------------------------------------------------------------------------
@@ -216,6 +219,8 @@ async def run(attack: Attack) -> Outcome:
     lanes = max(1, min(attack.lanes, attack.count))
 
     async def lane(first: int) -> None:
+        if attack.ramp_per_s:
+            await asyncio.sleep(first / attack.ramp_per_s)
         rng = random.Random(attack.seed * 1000 + first)
         for i in range(first, attack.count, lanes):
             await _one(attack, i, rng, outcome)
