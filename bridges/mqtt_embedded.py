@@ -9,7 +9,8 @@ these overrides (amqtt is pinned to 0.12.1 because they touch its internals):
 - `_initialize_client_session`: every connection gets a `BridgingHandler`
   (bridges.mqtt_bridge_plugin), which bridges device publishes and sends the
   PUBACK only once the message is durable.
-- `stream_connected`: reads the connection through a `PacketReader`
+- `stream_connected`: closes a connection beyond `mqtt_max_connections` at
+  once (counted), and reads the others through a `PacketReader`
   (bridges.mqtt_packets: whole, checked packets; size limit; CONNECT
   timeout; keep-alive at 1.5x) and always closes the socket at the end
   (stock amqtt leaves it open when the first packet is bad).
@@ -104,6 +105,8 @@ _QUEUE_FULL = "hub.queue_full"
 #: Session attribute: connected and its offline queue sent, so new messages go
 #: straight to the connection (until then they join the queue, keeping order).
 _LIVE = "hub.live"
+#: At most one log line per this many seconds about connections refused at the limit.
+_LIMIT_LOG_INTERVAL_S = 10.0
 #: `_holder_of`: nobody holds the client id.
 _FREE = object()
 _LISTENER = "default"
@@ -172,6 +175,7 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         max_packet_bytes: int,
         connect_timeout_s: float,
         max_topic_levels: int,
+        max_connections: int,
         max_queued_messages: int,
         metrics: Metrics,
         topic_root: str,
@@ -190,6 +194,11 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         self._max_packet_bytes = max_packet_bytes
         self._connect_timeout_s = connect_timeout_s
         self._max_topic_levels = max_topic_levels
+        self._max_connections = max_connections
+        self._open_connections = 0
+        self._limit_refusals = metrics.connections_refused.labels("mqtt", "connection_limit")
+        self._limit_logged_at = -_LIMIT_LOG_INTERVAL_S
+        self._limit_unlogged = 0
         self._max_queued = max_queued_messages
         self._metrics = metrics
         self._subscriptions: dict[str, list[tuple[Session, int]]] = _SubscriptionTable()
@@ -224,6 +233,37 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         )
 
     async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        if self._open_connections >= self._max_connections:
+            # Closed before a byte is read: the descriptors left stay free for
+            # the clients already connected, the other listeners and /healthz.
+            self._refused_at_limit()
+            writer.transport.abort()
+            return
+        self._open_connections += 1
+        try:
+            await self._serve_stream(reader, writer, listener_name)
+        finally:
+            self._open_connections -= 1
+
+    def _refused_at_limit(self) -> None:
+        """Count a connection closed at `mqtt_max_connections`; log at most one
+        line per interval, so a flood of connections cannot flood the log."""
+        self._limit_refusals.inc()
+        self._limit_unlogged += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._limit_logged_at >= _LIMIT_LOG_INTERVAL_S:
+            log.warning(
+                "MQTT: %d connection(s) refused, %d open is the limit "
+                "(mqtt_max_connections / HUB_MQTT_MAX_CONNECTIONS)",
+                self._limit_unlogged,
+                self._max_connections,
+            )
+            self._limit_logged_at = now
+            self._limit_unlogged = 0
+
+    async def _serve_stream(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
         peer = writer.get_extra_info("peername")
@@ -836,6 +876,7 @@ class EmbeddedMqtt:
             max_packet_bytes=self._settings.mqtt_max_packet_bytes,
             connect_timeout_s=self._settings.mqtt_connect_timeout_s,
             max_topic_levels=self._settings.mqtt_max_topic_levels,
+            max_connections=self._settings.mqtt_max_connections,
             max_queued_messages=self._settings.mqtt_max_queued_messages,
             metrics=self._metrics,
             topic_root=self._settings.mqtt_topic_root,

@@ -320,11 +320,15 @@ async def serve(settings: Settings, *, run_worker: bool | None = None, out: Any 
     out = out or sys.stdout
     open_files = raise_open_file_limit()
     wanted = settings.tcp_max_connections * len(settings.listeners)
+    if settings.mqtt_enabled and not settings.mqtt_external_url:
+        wanted += settings.mqtt_max_connections
     if open_files is not None and wanted >= open_files:
         log.warning(
-            "tcp_max_connections (%d per listener) is not below the open file limit (%d): "
-            "lower it, or raise the hard limit (ulimit -Hn, LimitNOFILE=)",
+            "tcp_max_connections (%d per listener) and mqtt_max_connections (%d) add up to "
+            "more than the open file limit (%d): lower them, or raise the hard limit "
+            "(ulimit -Hn, LimitNOFILE=)",
             settings.tcp_max_connections,
+            settings.mqtt_max_connections,
             open_files,
         )
     app = HubApp(settings, run_worker=run_worker)

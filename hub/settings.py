@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     mqtt_connect_timeout_s: float = Field(default=10.0, gt=0)
     #: Levels allowed in an MQTT topic name or filter; a PUBLISH or SUBSCRIBE beyond is refused.
     mqtt_max_topic_levels: int = Field(default=64, ge=1, le=32767)
+    #: Open connections of the embedded broker; beyond it new ones are closed at once.
+    mqtt_max_connections: int = Field(default=10_000, ge=1)
     #: QoS 1/2 messages kept for one offline persistent MQTT session; more are dropped.
     mqtt_max_queued_messages: int = Field(default=1000, ge=0)
     http_port: int = Field(default=8080, ge=0, le=65535)

@@ -201,6 +201,36 @@ def _session(client_id: str) -> object:
     return session
 
 
+# -- defect D on MQTT: a connection limit -------------------------------------------------------
+
+
+def test_connections_beyond_the_limit_are_closed_at_once_and_counted(tmp_path: Path) -> None:
+    limited = Broker(
+        tmp_path / "limited", mqtt_allow_anonymous=True, mqtt_max_connections=3
+    ).start()
+    raws: list[Raw] = []
+    try:
+        client = connected(limited, raws, "inside", None)
+        raws += [Raw(limited.port), Raw(limited.port)]  # silent, within the limit
+        time.sleep(0.5)
+        for _ in range(4):
+            extra = Raw(limited.port)
+            raws.append(extra)
+            assert extra.closed_within(3.0), "a connection beyond the limit stayed open"
+        refused = limited.counter(
+            "hub_connections_refused_total", transport="mqtt", reason="connection_limit"
+        )
+        assert refused == 4
+        assert still_works(client)
+        raws[1].close()
+        time.sleep(0.5)
+        assert still_works(connected(limited, raws, "after", None))
+    finally:
+        for raw in raws:
+            raw.close()
+        limited.close()
+
+
 # -- defect H: the first packet is refused from its first bytes ---------------------------------
 
 
