@@ -394,7 +394,7 @@ class DeviceConnection(asyncio.Protocol):
         self._hello_handle = None
         if self._closing or self.device_id is not None:
             return
-        self._server.metrics.protocol_errors.labels("tcp", HELLO_TIMEOUT).inc()
+        self._server.hello_timeouts.inc()
         log.info(
             "closing %s: no accepted HELLO within %.1f s (hello_timeout_s)",
             self.peer,
@@ -422,7 +422,7 @@ class DeviceConnection(asyncio.Protocol):
             # Frames wait for the hub (not read meanwhile): not the device's silence.
             self._arm_idle_timer(timeout)
             return
-        self._server.metrics.protocol_errors.labels("tcp", IDLE_TIMEOUT).inc()
+        self._server.idle_timeouts.inc()
         log.info("closing %s (device %r): idle for %.1f s", self.peer, self.device_id, idle)
         self._abort()
 
@@ -456,6 +456,9 @@ class TcpServer:
         self.hello_timeout_s = settings.hello_timeout_s
         self.max_connections = settings.tcp_max_connections
         self._limit_refusals = metrics.connections_refused.labels("tcp", CONNECTION_LIMIT)
+        # Deadlines of many connections can pass in one loop iteration.
+        self.hello_timeouts = metrics.protocol_errors.labels("tcp", HELLO_TIMEOUT)
+        self.idle_timeouts = metrics.protocol_errors.labels("tcp", IDLE_TIMEOUT)
         self._limit_logged_at = -_LIMIT_LOG_INTERVAL_S
         self._limit_unlogged = 0
         self.max_frame_bytes = settings.max_frame_bytes
