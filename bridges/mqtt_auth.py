@@ -78,12 +78,6 @@ class DeviceAccess:
     async def authenticate(self, session: Session) -> bool:
         """True when the client may connect; counts and logs a refusal once."""
         username = session.username
-        # A persistent session (clean session 0) keeps its attributes across
-        # connects. A client id already owned by one device must not hand that
-        # device's subscriptions and queued commands to another client.
-        owner = device_of(session)
-        if owner is not None and owner != username:
-            return self._refuse(session, username, CLIENT_ID_IN_USE)
         if username is None:
             if not self._allow_anonymous:
                 return self._refuse(session, None, ANONYMOUS)
@@ -114,6 +108,16 @@ class DeviceAccess:
         session.attributes.pop(REFUSAL_ATTRIBUTE, None)
         session.is_anonymous = False
         return True
+
+    def may_take_client_id(self, session: Session, holder: str | None) -> bool:
+        """Whether the authenticated `session` may take over a client id that
+        `holder` holds (a device id; None for an anonymous client): only the
+        same device may, so that no device can disconnect another, or take its
+        persistent session's subscriptions and queued commands, by naming its
+        client id. Counts and logs a refusal (`client_id_in_use`)."""
+        if device_of(session) == holder:
+            return True
+        return self._refuse(session, device_of(session), CLIENT_ID_IN_USE)
 
     def _refuse(self, session: Session, device_id: str | None, reason: str) -> bool:
         session.attributes[REFUSAL_ATTRIBUTE] = reason

@@ -9,7 +9,8 @@ these overrides (amqtt is pinned to 0.12.1 because they touch its internals):
 - `_initialize_client_session`: every connection gets a `BridgingHandler`
   (bridges.mqtt_bridge_plugin), which bridges device publishes and sends the
   PUBACK only once the message is durable.
-- `stream_connected`: reads the connection through a `PacketReader`
+- `stream_connected`: closes a connection beyond `mqtt_max_connections` at
+  once (counted), and reads the others through a `PacketReader`
   (bridges.mqtt_packets: whole, checked packets; size limit; CONNECT
   timeout; keep-alive at 1.5x) and always closes the socket at the end
   (stock amqtt leaves it open when the first packet is bad).
@@ -22,7 +23,10 @@ these overrides (amqtt is pinned to 0.12.1 because they touch its internals):
   all before authenticating; leaves the old connection open on a
   clean-session takeover; and keeps a clean session up to a second after its
   connection (so a quick reconnect got session present). Here the CONNECT is
-  authenticated first and a refused client changes nothing; an accepted one
+  authenticated first and a refused client changes nothing; a client id held
+  by a connection or a persistent session is bound to the device holding it,
+  and another device (or an anonymous client) naming it is refused
+  (`client_id_in_use`, CONNACK 5); an accepted one
   closes the connection holding its client id and waits for it to end, then
   resumes the stored session (clean session 0) or discards it
   [MQTT-3.1.2-4], [MQTT-3.1.2-6], [MQTT-3.1.4-2]; a clean session is removed
@@ -47,7 +51,8 @@ these overrides (amqtt is pinned to 0.12.1 because they touch its internals):
   telemetry message. Here filters are indexed
   by their literal prefix (the levels before the first wildcard; a
   wildcard-free filter is its own prefix, found by a dict lookup of the
-  topic), and only the buckets of the topic's prefixes are scanned.
+  topic) and its depth, and only the topic's prefix at each depth in use is
+  looked up: linear in the topic's length, whatever its depth.
 - `_broadcast_message`: applies the publish ACL to a device's will message,
   which stock amqtt publishes without asking the topic plugins.
 - The subscription table iterates over a snapshot of its keys, because amqtt
@@ -63,7 +68,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WriterAdapter
 from amqtt.broker import Broker, RetainedApplicationMessage, Server
@@ -100,6 +105,10 @@ _QUEUE_FULL = "hub.queue_full"
 #: Session attribute: connected and its offline queue sent, so new messages go
 #: straight to the connection (until then they join the queue, keeping order).
 _LIVE = "hub.live"
+#: At most one log line per this many seconds about connections refused at the limit.
+_LIMIT_LOG_INTERVAL_S = 10.0
+#: `_holder_of`: nobody holds the client id.
+_FREE = object()
 _LISTENER = "default"
 _BACKLOG = 4096
 #: How long a CONNECT taking over a client id waits for the old connection to end.
@@ -165,6 +174,8 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         tap: TapConfig,
         max_packet_bytes: int,
         connect_timeout_s: float,
+        max_topic_levels: int,
+        max_connections: int,
         max_queued_messages: int,
         metrics: Metrics,
         topic_root: str,
@@ -182,13 +193,23 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         self._tap = tap
         self._max_packet_bytes = max_packet_bytes
         self._connect_timeout_s = connect_timeout_s
+        self._max_topic_levels = max_topic_levels
+        self._max_connections = max_connections
+        self._open_connections = 0
+        self._limit_refusals = metrics.connections_refused.labels("mqtt", "connection_limit")
+        self._limit_logged_at = -_LIMIT_LOG_INTERVAL_S
+        self._limit_unlogged = 0
         self._max_queued = max_queued_messages
         self._metrics = metrics
         self._subscriptions: dict[str, list[tuple[Session, int]]] = _SubscriptionTable()
-        # Every subscribed filter, under its literal prefix (the levels before
-        # its first wildcard; the whole filter when it has none). Pruned lazily
-        # once the table no longer has a filter.
-        self._filter_index: dict[str, dict[str, None]] = {}
+        # Every subscribed filter, by the number of levels of its literal
+        # prefix (the levels before its first wildcard; the whole filter when
+        # it has none), then by that prefix. Pruned lazily once the table no
+        # longer has a filter.
+        self._filter_index: dict[int, dict[str, dict[str, None]]] = {}
+        # Client ids whose CONNECT was accepted and is taking them over: the
+        # device (None: anonymous) that will hold each (see _holder_of).
+        self._claims: dict[str, str | None] = {}
 
     # -- connections ---------------------------------------------------------------
 
@@ -214,12 +235,44 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
+        if self._open_connections >= self._max_connections:
+            # Closed before a byte is read: the descriptors left stay free for
+            # the clients already connected, the other listeners and /healthz.
+            self._refused_at_limit()
+            writer.transport.abort()
+            return
+        self._open_connections += 1
+        try:
+            await self._serve_stream(reader, writer, listener_name)
+        finally:
+            self._open_connections -= 1
+
+    def _refused_at_limit(self) -> None:
+        """Count a connection closed at `mqtt_max_connections`; log at most one
+        line per interval, so a flood of connections cannot flood the log."""
+        self._limit_refusals.inc()
+        self._limit_unlogged += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._limit_logged_at >= _LIMIT_LOG_INTERVAL_S:
+            log.warning(
+                "MQTT: %d connection(s) refused, %d open is the limit "
+                "(mqtt_max_connections / HUB_MQTT_MAX_CONNECTIONS)",
+                self._limit_unlogged,
+                self._max_connections,
+            )
+            self._limit_logged_at = now
+            self._limit_unlogged = 0
+
+    async def _serve_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
         peer = writer.get_extra_info("peername")
         peer_text = f"{peer[0]}:{peer[1]}" if peer else "unknown peer"
         packets = PacketReader(
             reader,
             max_packet_bytes=self._max_packet_bytes,
             connect_timeout_s=self._connect_timeout_s,
+            max_topic_levels=self._max_topic_levels,
             peer=peer_text,
             reply=writer.write,
             on_violation=self._violation,
@@ -262,7 +315,10 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
 
     async def _authenticate(self, session: Session, listener: ListenerConfig) -> bool:
         if session.attributes.pop(_ACCEPTED, False):
-            return True  # amqtt asking again for a CONNECT accepted just before
+            # amqtt asking again for a CONNECT accepted just before; it puts
+            # the session in its table next, without an await in between.
+            self._claims.pop(session.client_id, None)
+            return True
         authenticated: bool = await super()._authenticate(session, listener)
         return authenticated
 
@@ -279,26 +335,52 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         # client id's place in the session table and closed any connection
         # holding it; a refused client must not touch either. So the CONNECT is
         # authenticated first and a refusal answered here.
-        previous = self._sessions.get(client_session.client_id)
-        if previous is not None and not previous[0].clean_session:
-            owner = previous[0].attributes.get(DEVICE_ATTRIBUTE)
-            if owner is not None:
-                # A persistent session belongs to its device (mqtt_auth checks).
-                client_session.attributes[DEVICE_ATTRIBUTE] = owner
+        client_id = client_session.client_id
         if not await self._authenticate(client_session, self.listeners_config[listener_name]):
             await self._refuse_connect(client_session, handler, reader, writer)
             return
-        await self._take_over(client_session.client_id)
-        session = await self._continue_session(client_session)
+        # A client id in use belongs to the device holding it: only that device
+        # may take it over (docs/mqtt.md, "Authentication"). Checked after the
+        # last await of authentication, and the claim covers the awaits until
+        # the new session is in the table, so no other device slips in between.
+        holder = self._holder_of(client_id)
+        if holder is not _FREE and not self._access.may_take_client_id(
+            client_session, cast("str | None", holder)
+        ):
+            await self._refuse_connect(client_session, handler, reader, writer)
+            return
+        self._claims[client_id] = device_of(client_session)
+        try:
+            await self._take_over(client_id)
+            session = await self._continue_session(client_session)
+        except BaseException:
+            self._claims.pop(client_id, None)
+            raise
         session.attributes[_ACCEPTED] = True
         try:
             await super()._handle_client_session(
                 reader, writer, session, handler, server, listener_name
             )
         finally:
+            if session.attributes.pop(_ACCEPTED, False):
+                self._claims.pop(client_id, None)  # ended before amqtt took it
             await self._session_ended(session, handler)
             if isinstance(handler, BridgingHandler):
                 handler.finished.set()
+
+    def _holder_of(self, client_id: str) -> object:
+        """The device (None: an anonymous client) a client id is bound to, or
+        `_FREE`: bound while a connection or a persistent session holds it, or
+        an accepted CONNECT is on its way to taking it."""
+        if client_id in self._claims:
+            return self._claims[client_id]
+        entry = self._sessions.get(client_id)
+        if entry is None:
+            return _FREE
+        session = entry[0]
+        if session.transitions.is_connected() or not session.clean_session:
+            return device_of(session)
+        return _FREE
 
     async def _take_over(self, client_id: str) -> None:
         """Close the connection holding `client_id`, if any, and wait until it
@@ -401,7 +483,8 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             for index, (holder, _qos) in enumerate(holders):
                 if holder.client_id == session.client_id:
                     holders[index] = (session, result)
-            bucket = self._filter_index.setdefault(literal_prefix(topic_filter), {})
+            depth, prefix = literal_prefix(topic_filter)
+            bucket = self._filter_index.setdefault(depth, {}).setdefault(prefix, {})
             bucket[topic_filter] = None
             self._announce_if_subscribed(session)
         return result
@@ -569,16 +652,32 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         """The subscribed filters that match `topic`.
 
         A filter can only match topics that begin with its literal prefix, so
-        only the buckets of the topic's own prefixes (one per level, plus the
-        empty prefix of filters that start with a wildcard) are looked at:
-        the cost follows the topic's depth, not the number of subscriptions.
+        only one bucket per prefix depth that some filter has is looked at:
+        the topic's own prefix of that many levels. The cost follows the
+        topic's length times the number of distinct depths (bounded by
+        `mqtt_max_topic_levels`), not the number of subscriptions, and never
+        the square of the topic's depth (every prefix of a 32,767-level topic
+        built one by one took seconds).
         """
-        levels = topic.split("/")
-        prefixes = dict.fromkeys("/".join(levels[:depth]) for depth in range(len(levels) + 1))
         found: list[str] = []
-        for prefix in prefixes:
-            bucket = self._filter_index.get(prefix)
-            if not bucket:
+        if not self._filter_index:
+            return found
+        # Where each of the topic's first levels ends, up to the deepest prefix.
+        ends: list[int] = []
+        at = -1
+        for _ in range(max(self._filter_index)):
+            at = topic.find("/", at + 1)
+            if at < 0:
+                ends.append(len(topic))  # the last level
+                break
+            ends.append(at)
+        for depth in list(self._filter_index):
+            if depth > len(ends):
+                continue  # the topic has fewer levels than this prefix
+            by_prefix = self._filter_index[depth]
+            prefix = topic[: ends[depth - 1]] if depth else ""
+            bucket = by_prefix.get(prefix)
+            if bucket is None:
                 continue
             for topic_filter in list(bucket):
                 if topic_filter not in self._subscriptions:
@@ -586,7 +685,9 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
                 elif self._matches(topic, topic_filter):
                     found.append(topic_filter)
             if not bucket:
-                del self._filter_index[prefix]
+                del by_prefix[prefix]
+                if not by_prefix:
+                    del self._filter_index[depth]
         return found
 
     async def _broadcast_message(
@@ -683,13 +784,13 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         )
 
 
-def literal_prefix(topic_filter: str) -> str:
-    """The levels of a filter before its first wildcard, joined again."""
+def literal_prefix(topic_filter: str) -> tuple[int, str]:
+    """The levels of a filter before its first wildcard: how many, and joined again."""
     levels = topic_filter.split("/")
     for depth, level in enumerate(levels):
         if level in ("+", "#"):
-            return "/".join(levels[:depth])
-    return topic_filter
+            return depth, "/".join(levels[:depth])
+    return len(levels), topic_filter
 
 
 async def bind_listener(host: str, port: int) -> socket.socket:
@@ -779,6 +880,8 @@ class EmbeddedMqtt:
             tap=self._tap,
             max_packet_bytes=self._settings.mqtt_max_packet_bytes,
             connect_timeout_s=self._settings.mqtt_connect_timeout_s,
+            max_topic_levels=self._settings.mqtt_max_topic_levels,
+            max_connections=self._settings.mqtt_max_connections,
             max_queued_messages=self._settings.mqtt_max_queued_messages,
             metrics=self._metrics,
             topic_root=self._settings.mqtt_topic_root,

@@ -14,10 +14,13 @@ and checked *before* amqtt sees a byte of it:
   fields, UTF-8 strings, packet identifiers, topic names and filters. It
   raises `ProtocolViolation` with the reason and, when the specification asks
   for one, the CONNACK return code to send before closing.
-- `PacketReader` is the `ReaderAdapter` amqtt reads from. It enforces the
-  packet size limit from the length field (before the body is buffered), the
-  CONNECT timeout, the keep-alive (1.5 times the client's keep-alive with no
-  packet, [MQTT-3.1.2-24]) and backpressure between packets. A violation is
+- `PacketReader` is the `ReaderAdapter` amqtt reads from. It refuses a first
+  packet that is not a CONNECT from its first byte, and a CONNECT that names
+  no MQTT protocol from its first body bytes, so random bytes never hold a
+  connection; it enforces the packet size limit from the length field (before
+  the body is buffered), the topic level limit, the CONNECT timeout, the
+  keep-alive (1.5 times the client's keep-alive with no packet,
+  [MQTT-3.1.2-24]) and backpressure between packets. A violation is
   counted and logged once, and from then on the reader reports end of stream,
   which makes amqtt end the connection the way it does for a lost client (so
   the will is published, [MQTT-3.1.2-8]).
@@ -50,6 +53,13 @@ TOO_LARGE = "packet_too_large"
 CONNECT_TIMEOUT = "connect_timeout"
 KEEPALIVE_TIMEOUT = "keepalive_timeout"
 PROTOCOL_VIOLATION = "protocol_violation"
+TOPIC_TOO_DEEP = "topic_too_deep"
+
+#: The first byte of a CONNECT: type 1, flags 0 [MQTT-2.2.2-2].
+_CONNECT_BYTE = 0x10
+#: The protocol names a CONNECT may begin with, as MQTT strings (length first):
+#: MQTT 3.1.1 and later, and MQTT 3.1 (refused with a CONNACK, below).
+_PROTOCOL_NAMES = (b"\x00\x04MQTT", b"\x00\x06MQIsdp")
 
 # Packets only a server sends: a client sending one breaks the protocol.
 _SERVER_ONLY = {CONNACK: "CONNACK", SUBACK: "SUBACK", UNSUBACK: "UNSUBACK", PINGRESP: "PINGRESP"}
@@ -137,9 +147,20 @@ class _Body:
             raise ProtocolViolation(f"{self._what}: {self.left} unexpected bytes at the end")
 
 
-def check_packet(packet_type: int, flags: int, body: bytes, *, first: bool) -> ConnectInfo | None:
+def check_packet(
+    packet_type: int,
+    flags: int,
+    body: bytes,
+    *,
+    first: bool,
+    max_topic_levels: int | None = None,
+) -> ConnectInfo | None:
     """Check one complete packet a client sent; raise `ProtocolViolation` if the
-    connection must be closed. Returns the CONNECT's fields for a CONNECT."""
+    connection must be closed. Returns the CONNECT's fields for a CONNECT.
+
+    `max_topic_levels` (`mqtt_max_topic_levels`) bounds the levels of every
+    topic name and filter: the specification allows 32,767 levels in a 64 KiB
+    topic, far beyond any device, and every level costs the broker work."""
     if first != (packet_type == CONNECT):
         if first:
             # [MQTT-3.1.0-1]
@@ -152,24 +173,25 @@ def check_packet(packet_type: int, flags: int, body: bytes, *, first: bool) -> C
     if packet_type != PUBLISH and flags != _REQUIRED_FLAGS.get(packet_type, 0):
         # [MQTT-2.2.2-1], [MQTT-2.2.2-2]
         raise ProtocolViolation(f"packet type {packet_type} with flags {flags:#06b}")
+    levels = max_topic_levels
     if packet_type == CONNECT:
-        return _check_connect(_Body(body, "CONNECT"))
+        return _check_connect(_Body(body, "CONNECT"), levels)
     if packet_type == PUBLISH:
-        _check_publish(flags, _Body(body, "PUBLISH"))
+        _check_publish(flags, _Body(body, "PUBLISH"), levels)
     elif packet_type in _ACKS:
         packet = _Body(body, _ACKS[packet_type])
         packet.packet_id()
         packet.end()
     elif packet_type == SUBSCRIBE:
-        _check_subscribe(_Body(body, "SUBSCRIBE"))
+        _check_subscribe(_Body(body, "SUBSCRIBE"), levels)
     elif packet_type == UNSUBSCRIBE:
-        _check_unsubscribe(_Body(body, "UNSUBSCRIBE"))
+        _check_unsubscribe(_Body(body, "UNSUBSCRIBE"), levels)
     elif body:  # PINGREQ, DISCONNECT
         raise ProtocolViolation(f"packet type {packet_type} with a {len(body)}-byte body")
     return None
 
 
-def _check_connect(packet: _Body) -> ConnectInfo:
+def _check_connect(packet: _Body, max_levels: int | None) -> ConnectInfo:
     name = packet.text("protocol name")
     level = packet.byte("protocol level")
     if name == "MQIsdp" or (name == "MQTT" and level != 4):
@@ -201,7 +223,7 @@ def _check_connect(packet: _Body) -> ConnectInfo:
     client_id = packet.text("client identifier")  # [MQTT-3.1.3-4]
     if will:
         will_topic = packet.text("will topic")
-        check_topic_name(will_topic, "CONNECT: will topic")
+        check_topic_name(will_topic, "CONNECT: will topic", max_levels)
         packet.binary("will message")
     if has_username:
         packet.text("user name")  # [MQTT-3.1.2-19], [MQTT-3.1.3-11]
@@ -217,48 +239,61 @@ def _check_connect(packet: _Body) -> ConnectInfo:
     return ConnectInfo(clean, keep_alive, client_id, will, will_qos, will_retain)
 
 
-def check_topic_name(topic: str, what: str) -> None:
-    """A topic name (not a filter): at least one character, no wildcard."""
+def check_topic_name(topic: str, what: str, max_levels: int | None = None) -> None:
+    """A topic name (not a filter): at least one character, no wildcard, at
+    most `max_levels` levels."""
     if not topic:
         raise ProtocolViolation(f"{what} is empty")  # [MQTT-4.7.3-1]
     if "+" in topic or "#" in topic:
-        raise ProtocolViolation(f"{what} {topic!r} contains a wildcard")  # [MQTT-3.3.2-2]
+        raise ProtocolViolation(f"{what} {topic[:100]!r} contains a wildcard")  # [MQTT-3.3.2-2]
+    check_topic_levels(topic, what, max_levels)
 
 
-def _check_publish(flags: int, packet: _Body) -> None:
+def check_topic_levels(topic: str, what: str, max_levels: int | None) -> None:
+    """Refuse a topic name or filter of more than `max_levels` levels."""
+    if max_levels is not None and topic.count("/") >= max_levels:
+        raise ProtocolViolation(
+            f"{what} has {topic.count('/') + 1} levels, more than "
+            f"mqtt_max_topic_levels ({max_levels})",
+            reason=TOPIC_TOO_DEEP,
+        )
+
+
+def _check_publish(flags: int, packet: _Body, max_levels: int | None) -> None:
     qos = (flags >> 1) & 0x03
     if qos == 3:
         raise ProtocolViolation("PUBLISH with QoS 3")  # [MQTT-3.3.1-4]
     if qos == 0 and flags & 0x08:
         raise ProtocolViolation("PUBLISH with QoS 0 and DUP set")  # [MQTT-3.3.1-2]
-    check_topic_name(packet.text("topic name"), "PUBLISH: topic")  # [MQTT-3.3.2-1]
+    check_topic_name(packet.text("topic name"), "PUBLISH: topic", max_levels)  # [MQTT-3.3.2-1]
     if qos:
         packet.packet_id()
 
 
-def _check_filter(packet: _Body) -> None:
+def _check_filter(packet: _Body, max_levels: int | None) -> None:
     topic_filter = packet.text("topic filter")  # [MQTT-3.8.3-1], [MQTT-3.10.3-1]
     if not topic_filter:
         raise ProtocolViolation("empty topic filter")  # [MQTT-4.7.3-1]
+    check_topic_levels(topic_filter, "topic filter", max_levels)
 
 
-def _check_subscribe(packet: _Body) -> None:
+def _check_subscribe(packet: _Body, max_levels: int | None) -> None:
     packet.packet_id()
     if not packet.left:
         raise ProtocolViolation("SUBSCRIBE without a topic filter")  # [MQTT-3.8.3-3]
     while packet.left:
-        _check_filter(packet)
+        _check_filter(packet, max_levels)
         requested = packet.byte("requested QoS")
         if requested > 2:  # QoS 3, or a reserved bit set [MQTT-3-8.3-4]
             raise ProtocolViolation(f"SUBSCRIBE: requested QoS byte {requested:#04x}")
 
 
-def _check_unsubscribe(packet: _Body) -> None:
+def _check_unsubscribe(packet: _Body, max_levels: int | None) -> None:
     packet.packet_id()
     if not packet.left:
         raise ProtocolViolation("UNSUBSCRIBE without a topic filter")  # [MQTT-3.10.3-2]
     while packet.left:
-        _check_filter(packet)
+        _check_filter(packet, max_levels)
 
 
 #: Asks the connection's protocol state whether an acknowledgement fits its
@@ -282,11 +317,13 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         max_packet_bytes: int,
         connect_timeout_s: float,
         peer: str,
+        max_topic_levels: int | None = None,
         reply: Callable[[bytes], None],
         on_violation: Callable[[ProtocolViolation, str], None],
     ) -> None:
         self._inner = inner
         self._max = max_packet_bytes
+        self._max_topic_levels = max_topic_levels
         self._connect_timeout_s = connect_timeout_s
         self._reply = reply
         self._on_violation = on_violation
@@ -316,6 +353,11 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
     # -- ReaderAdapter ---------------------------------------------------------------
 
     async def read(self, n: int = -1) -> bytes:
+        if n == 0:
+            # amqtt reads a zero-length field (an empty will message or
+            # password) as read(0): with the packet's bytes all handed out, that
+            # must not wait for the next packet [MQTT-3.1.4-4].
+            return b""
         if not self._buffer and self.failed is None:
             self._buffer += await self._read_packet()
         if n < 0 or n >= len(self._buffer):
@@ -383,6 +425,12 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         header = await self._inner.readexactly(1)
         if not header:
             raise asyncio.IncompleteReadError(b"", 1)
+        if self.connect is None and header[0] != _CONNECT_BYTE:
+            # [MQTT-3.1.0-1]: refused from its first byte, before any length
+            # it announces could keep the connection waiting for a body.
+            raise ProtocolViolation(
+                f"first packet starts with {header[0]:#04x}, not CONNECT ({_CONNECT_BYTE:#04x})"
+            )
         length_bytes = bytearray()
         length, multiplier = 0, 1
         while True:
@@ -399,9 +447,18 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
             raise PacketTooLarge(
                 f"MQTT packet of {length} bytes exceeds mqtt_max_packet_bytes ({self._max})"
             )
-        body = await self._inner.readexactly(length) if length else b""
+        if self.connect is None:
+            body = await self._connect_body(length)
+        else:
+            body = await self._inner.readexactly(length) if length else b""
         packet_type, flags = header[0] >> 4, header[0] & 0x0F
-        info = check_packet(packet_type, flags, body, first=self.connect is None)
+        info = check_packet(
+            packet_type,
+            flags,
+            body,
+            first=self.connect is None,
+            max_topic_levels=self._max_topic_levels,
+        )
         if info is not None:
             self.connect = info
         elif packet_type in (PUBACK, PUBREC, PUBCOMP) and self.check_ack is not None:
@@ -409,6 +466,17 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
             if problem is not None:
                 raise ProtocolViolation(problem, reason=PROTOCOL_VIOLATION)
         return bytes(header) + bytes(length_bytes) + body
+
+    async def _connect_body(self, length: int) -> bytes:
+        """A CONNECT's body, refused as soon as its first bytes name no MQTT
+        protocol: random bytes that begin with 0x10 and announce a long packet
+        must not hold the connection until the body or the timeout comes."""
+        shortest = min(len(name) for name in _PROTOCOL_NAMES)
+        head = await self._inner.readexactly(min(length, shortest))
+        if not any(name.startswith(head) for name in _PROTOCOL_NAMES):
+            raise ProtocolViolation("CONNECT: the protocol name is not MQTT")  # [MQTT-3.1.2-1]
+        rest = await self._inner.readexactly(length - len(head)) if length > len(head) else b""
+        return head + rest
 
     def _fail(self, violation: ProtocolViolation) -> None:
         self.failed = violation.reason

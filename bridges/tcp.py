@@ -11,6 +11,13 @@ durable. A connection with too many unacknowledged frames stops being read
 (backpressure), a silent one is closed after the idle timeout, and a protocol
 violation gets a NAK with its reason and a close: it never touches another
 device's connection.
+
+Hostile or broken peers cannot hold descriptors (docs/protocol.md, "Deadlines
+and limits of the hub"): a connection has `hello_timeout_s` from its accept to
+an accepted HELLO, and bytes that trickle in do not extend it; the idle
+timeout is one timer per connection, armed for the exact moment the silence
+reaches `idle_timeout_s`; and beyond `tcp_max_connections` open connections a
+new one is closed as soon as it is accepted. Each of these is counted.
 """
 
 from __future__ import annotations
@@ -54,6 +61,13 @@ _KINDS: dict[type[Any], Kind] = {
     DeviceEvent: Kind.EVENT,
     StateReport: Kind.STATE,
 }
+#: Reasons, the `reason` label of hub_protocol_errors_total / hub_connections_refused_total.
+HELLO_TIMEOUT = "hello_timeout"
+IDLE_TIMEOUT = "idle_timeout"
+CONNECTION_LIMIT = "connection_limit"
+#: At most one log line per this many seconds about connections refused at the limit.
+_LIMIT_LOG_INTERVAL_S = 10.0
+
 _AUTH_REASONS = {
     "unknown_device": NakReason.UNKNOWN_DEVICE,
     "bad_credential": NakReason.BAD_CREDENTIAL,
@@ -93,6 +107,9 @@ class DeviceConnection(asyncio.Protocol):
         self._closing = False
         self._last_activity = time.monotonic()
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._hello_handle: asyncio.TimerHandle | None = None
+        #: In the server's connection set (False when refused at the limit).
+        self._admitted = False
         self._command_seq = 0
         self._commands_sent: set[str] = set()
         self.peer = "?"
@@ -104,16 +121,31 @@ class DeviceConnection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         peer = self._transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self._server.connections.add(self)
-        self._server.metrics.connections.labels("tcp").inc()
-        self._schedule_idle_check()
+        server = self._server
+        if len(server.connections) >= server.max_connections:
+            # Over the limit: closed before a byte is read, so that the
+            # descriptors left stay free for devices already connected, the
+            # other listeners and /healthz.
+            self._closing = True
+            server.refused_at_limit()
+            self._transport.abort()
+            return
+        self._admitted = True
+        server.connections.add(self)
+        server.metrics.connections.labels("tcp").inc()
+        loop = asyncio.get_running_loop()
+        self._hello_handle = loop.call_later(server.hello_timeout_s, self._hello_deadline)
+        self._arm_idle_timer(server.idle_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        for handle in (self._idle_handle, self._hello_handle):
+            if handle is not None:
+                handle.cancel()
+        if not self._admitted:
+            return
         self._server.connections.discard(self)
         self._server.metrics.connections.labels("tcp").dec()
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
         if self.device_id is not None and self._server.devices.get(self.device_id) is self:
             del self._server.devices[self.device_id]
             self._server.presence(self.device_id, online=False)
@@ -210,6 +242,9 @@ class DeviceConnection(asyncio.Protocol):
         self._accept(hello)
 
     def _accept(self, hello: Hello) -> None:
+        if self._hello_handle is not None:
+            self._hello_handle.cancel()
+            self._hello_handle = None
         self.device_id = hello.device_id
         self._boot_id = hello.boot_id
         previous = self._server.devices.get(hello.device_id)
@@ -323,6 +358,8 @@ class DeviceConnection(asyncio.Protocol):
             and not self._transport.is_closing()
         ):
             self._paused = False
+            # Not reading was our own doing: the device's silence counts from now.
+            self._last_activity = time.monotonic()
             self._transport.resume_reading()
 
     def _refuse(self, seq: int, reason: NakReason, message: str, *, count: bool = True) -> None:
@@ -348,20 +385,50 @@ class DeviceConnection(asyncio.Protocol):
             # close() flushes what was written (the NAK) before closing.
             self._transport.close()
 
-    def _schedule_idle_check(self) -> None:
-        # One timer per half timeout instead of one reset per frame.
+    def _abort(self) -> None:
+        # A deadline passed: nothing written is worth flushing to a peer that
+        # may never read it (close() would wait for that, holding the socket).
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _hello_deadline(self) -> None:
+        """`hello_timeout_s` after the accept, with no HELLO accepted: close,
+        however many bytes trickled in meanwhile."""
+        self._hello_handle = None
+        if self._closing or self.device_id is not None:
+            return
+        self._server.hello_timeouts.inc()
+        log.info(
+            "closing %s: no accepted HELLO within %.1f s (hello_timeout_s)",
+            self.peer,
+            self._server.hello_timeout_s,
+        )
+        self._abort()
+
+    def _arm_idle_timer(self, delay_s: float) -> None:
+        # One timer per connection, not one reset per frame: when it fires
+        # early (there was traffic since it was armed) it is armed again for
+        # the exact moment the silence would reach the timeout.
         loop = asyncio.get_running_loop()
-        self._idle_handle = loop.call_later(self._server.idle_timeout_s / 2, self._idle_check)
+        self._idle_handle = loop.call_later(max(delay_s, 0.0), self._idle_check)
 
     def _idle_check(self) -> None:
+        self._idle_handle = None
         if self._closing:
             return
+        timeout = self._server.idle_timeout_s
         idle = time.monotonic() - self._last_activity
-        if idle >= self._server.idle_timeout_s and self._inflight == 0:
-            log.info("closing %s (device %r): idle for %.0f s", self.peer, self.device_id, idle)
-            self._close()
+        if idle < timeout:
+            self._arm_idle_timer(timeout - idle)
             return
-        self._schedule_idle_check()
+        if self._inflight:
+            # Frames wait for the hub (not read meanwhile): not the device's silence.
+            self._arm_idle_timer(timeout)
+            return
+        self._server.idle_timeouts.inc()
+        log.info("closing %s (device %r): idle for %.1f s", self.peer, self.device_id, idle)
+        self._abort()
 
 
 class TcpServer:
@@ -390,6 +457,14 @@ class TcpServer:
         self.received = metrics.messages_received.labels("tcp")
         self.acked = metrics.messages_acked.labels("tcp")
         self.idle_timeout_s = settings.idle_timeout_s
+        self.hello_timeout_s = settings.hello_timeout_s
+        self.max_connections = settings.tcp_max_connections
+        self._limit_refusals = metrics.connections_refused.labels("tcp", CONNECTION_LIMIT)
+        # Deadlines of many connections can pass in one loop iteration.
+        self.hello_timeouts = metrics.protocol_errors.labels("tcp", HELLO_TIMEOUT)
+        self.idle_timeouts = metrics.protocol_errors.labels("tcp", IDLE_TIMEOUT)
+        self._limit_logged_at = -_LIMIT_LOG_INTERVAL_S
+        self._limit_unlogged = 0
         self.max_frame_bytes = settings.max_frame_bytes
         self.max_payload_depth = settings.max_payload_depth
         self.max_inflight = settings.max_inflight_per_connection
@@ -397,6 +472,24 @@ class TcpServer:
         self.devices: dict[str, DeviceConnection] = {}
         self.background: set[asyncio.Future[None]] = set()
         self._server: asyncio.Server | None = None
+
+    def refused_at_limit(self) -> None:
+        """Count a connection closed at `tcp_max_connections`; log at most one
+        line per interval, so a flood of connections cannot flood the log."""
+        self._limit_refusals.inc()
+        self._limit_unlogged += 1
+        now = time.monotonic()
+        if now - self._limit_logged_at >= _LIMIT_LOG_INTERVAL_S:
+            log.warning(
+                "TCP port %d (%s): %d connection(s) refused, %d open is the limit "
+                "(tcp_max_connections / HUB_TCP_MAX_CONNECTIONS)",
+                self.port,
+                self.codec_name,
+                self._limit_unlogged,
+                self.max_connections,
+            )
+            self._limit_logged_at = now
+            self._limit_unlogged = 0
 
     @property
     def port(self) -> int:

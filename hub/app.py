@@ -291,6 +291,30 @@ def _parent_death_signal() -> Callable[[], None] | None:
 _DIE_WITH_PARENT = _parent_death_signal()
 
 
+def raise_open_file_limit() -> int | None:
+    """Raise this process's soft limit of open descriptors to its hard limit.
+
+    Every device connection holds one descriptor, and the common soft limit of
+    1,024 is reached by a modest fleet (or by a peer opening silent sockets),
+    after which no device and not even /healthz can connect. Returns the limit
+    now in force, or None where the platform has no such limit.
+    """
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft >= hard:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        # macOS refuses RLIM_INFINITY as a soft limit: keep what there is.
+        log.warning("could not raise the open file limit from %d to %s: %s", soft, hard, exc)
+        return soft
+    return hard
+
+
 def _redact(url: str) -> str:
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
@@ -301,6 +325,19 @@ def _redact(url: str) -> str:
 async def serve(settings: Settings, *, run_worker: bool | None = None, out: Any = None) -> None:
     """Run a hub until SIGINT or SIGTERM; print where everything listens."""
     out = out or sys.stdout
+    open_files = raise_open_file_limit()
+    wanted = settings.tcp_max_connections * len(settings.listeners)
+    if settings.mqtt_enabled and not settings.mqtt_external_url:
+        wanted += settings.mqtt_max_connections
+    if open_files is not None and wanted >= open_files:
+        log.warning(
+            "tcp_max_connections (%d per listener) and mqtt_max_connections (%d) add up to "
+            "more than the open file limit (%d): lower them, or raise the hard limit "
+            "(ulimit -Hn, LimitNOFILE=)",
+            settings.tcp_max_connections,
+            settings.mqtt_max_connections,
+            open_files,
+        )
     app = HubApp(settings, run_worker=run_worker)
     await app.start()
     print(f"hub {__version__} running, mode: {app.mode()}", file=out)

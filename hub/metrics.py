@@ -92,6 +92,12 @@ class Metrics:
             ["transport"],
             registry=r,
         )
+        self.connections_refused = Counter(
+            "hub_connections_refused",
+            "Connections closed as soon as accepted (a listener at its connection limit)",
+            ["transport", "reason"],
+            registry=r,
+        )
         self.connections = Gauge(
             "hub_connections", "Open device connections", ["transport"], registry=r
         )

@@ -16,7 +16,14 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -72,11 +79,19 @@ class Settings(BaseSettings):
     mqtt_topic_root: str = Field(default="devices", min_length=1, pattern=r"^[^#+]+$")
     mqtt_max_packet_bytes: int = Field(default=256 * 1024, ge=1024)
     mqtt_connect_timeout_s: float = Field(default=10.0, gt=0)
+    #: Levels allowed in an MQTT topic name or filter; a PUBLISH or SUBSCRIBE beyond is refused.
+    mqtt_max_topic_levels: int = Field(default=64, ge=1, le=32767)
+    #: Open connections of the embedded broker; beyond it new ones are closed at once.
+    mqtt_max_connections: int = Field(default=10_000, ge=1)
     #: QoS 1/2 messages kept for one offline persistent MQTT session; more are dropped.
     mqtt_max_queued_messages: int = Field(default=1000, ge=0)
     http_port: int = Field(default=8080, ge=0, le=65535)
 
     idle_timeout_s: float = Field(default=120.0, gt=0)
+    #: Time a new TCP connection has to complete its HELLO, however it trickles in.
+    hello_timeout_s: float = Field(default=5.0, gt=0)
+    #: Open connections per TCP listener; beyond it new ones are closed at once.
+    tcp_max_connections: int = Field(default=10_000, ge=1)
     max_frame_bytes: int = Field(default=65536, ge=64, le=16 * 1024 * 1024)
     max_inflight_per_connection: int = Field(default=256, ge=1)
     #: Deepest nesting of a message's JSON (both transports); deeper is refused.
@@ -113,6 +128,16 @@ class Settings(BaseSettings):
         # HUB_HANDLERS=a.b,c.d as well as a JSON list or a TOML array.
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("mqtt_max_topic_levels")
+    @classmethod
+    def _room_for_device_topics(cls, value: int, info: ValidationInfo) -> int:
+        # <root>/<id>/commands/<command id>/result is the deepest device topic.
+        root = info.data.get("mqtt_topic_root")
+        needed = (root.count("/") + 1 if isinstance(root, str) else 1) + 4
+        if value < needed:
+            raise ValueError(f"must be at least {needed} to fit the device topics under the root")
         return value
 
     @field_validator("broker_url")
