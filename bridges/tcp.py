@@ -402,6 +402,11 @@ class TcpServer:
         assert self._server is not None, "not started"
         return int(self._server.sockets[0].getsockname()[1])
 
+    @property
+    def serving(self) -> bool:
+        """True while the listener accepts connections (for /readyz)."""
+        return self._server is not None and self._server.is_serving()
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         try:
