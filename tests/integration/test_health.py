@@ -53,7 +53,7 @@ def send_one(hub: HubThread, provision: Provision, connect: Connect, device_id: 
 def test_ready_and_every_path_answers_head(
     running_hub: StartHub, provision: Provision, connect: Connect, device_prefix: str
 ) -> None:
-    hub = running_hub()
+    hub = running_hub(mqtt_enabled=True)
     send_one(hub, provision, connect, f"{device_prefix}1")
     assert readiness(hub) == (200, {"ready": True, "reasons": []})
     for path in PATHS:
