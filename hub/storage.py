@@ -95,6 +95,13 @@ class EventRow(_MessageColumns, Base):
     __table_args__ = (Index("ix_device_events_device_received", "device_id", "received_at"),)
 
 
+class StateReportRow(_MessageColumns, Base):
+    """One state report: its id makes a retransmitted report change nothing."""
+
+    __tablename__ = "state_reports"
+    __table_args__ = (Index("ix_state_reports_device_received", "device_id", "received_at"),)
+
+
 class DeviceState(Base):
     """Each device's last known state and presence."""
 
@@ -252,21 +259,25 @@ def _iso(value: Any) -> str:
 def store_envelopes(engine: Engine, envelopes: Sequence[Envelope]) -> int:
     """Store a batch in one transaction, idempotently on the envelope id.
 
-    Telemetry and events get a row each (a retransmission is ignored); every
-    device seen gets its state row updated: last values, state reports,
-    presence, each in the order of hub/presence.py, whatever order batches
-    are stored in. A telemetry message that was stored before changes nothing.
-    Returns how many message rows were new.
+    Telemetry, events and state reports get a row each (a retransmission is
+    ignored); every device seen gets its state row updated: last values, state
+    reports, presence, each in the order of hub/presence.py, whatever order
+    batches are stored in. A telemetry message or state report that was stored
+    before changes nothing. Returns how many telemetry and event rows were new.
     """
     now = datetime.now(UTC)
     telemetry = [_row(e, now) for e in envelopes if e.kind is Kind.TELEMETRY]
     events = [_row(e, now) for e in envelopes if e.kind is Kind.EVENT]
+    states = [_row(e, now) for e in envelopes if e.kind is Kind.STATE]
     inserted = 0
     with engine.begin() as conn:
-        new_telemetry: set[str] = set()
+        new: set[str] = set()
         if telemetry:
             new_telemetry = _insert_new(conn, TelemetryRow.__table__, telemetry)
             inserted += len(new_telemetry)
+            new |= new_telemetry
+        if states:
+            new |= _insert_new(conn, StateReportRow.__table__, states)
         if events:
             result = conn.execute(_insert_ignore(engine, EventRow.__table__), events)
             inserted += max(result.rowcount, 0)
@@ -274,11 +285,11 @@ def store_envelopes(engine: Engine, envelopes: Sequence[Envelope]) -> int:
         for e in envelopes:
             if e.kind not in (Kind.TELEMETRY, Kind.STATE, Kind.PRESENCE):
                 continue  # events and command results are no state
-            if e.kind is Kind.TELEMETRY:
-                if e.id not in new_telemetry:
+            if e.kind is not Kind.PRESENCE:
+                if e.id not in new:
                     continue
                 # The first copy is the one stored; a second in the same batch is a resend.
-                new_telemetry.discard(e.id)
+                new.discard(e.id)
             changes.append(e)
         _update_state(conn, changes, now)
     return inserted

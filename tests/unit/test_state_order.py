@@ -226,3 +226,24 @@ def test_a_database_of_the_previous_schema_moves_forward(tmp_path: Path) -> None
 
 def _fields(env: Envelope) -> dict[str, object]:
     return {name: getattr(env, name) for name in Envelope.__dataclass_fields__}
+
+
+def test_a_retransmitted_state_report_changes_nothing(engine: Engine) -> None:
+    # No device time: the resend is received later, so only its id tells it apart.
+    def report(seq: int, fw: str, received: float) -> Envelope:
+        return Envelope(
+            id=envelope_id("d", seq, boot_id=1),
+            device_id="d",
+            kind=Kind.STATE,
+            payload={"fw": fw},
+            transport="tcp",
+            protocol="native",
+            seq=seq,
+            received_at=at(received),
+        )
+
+    store(engine, [report(1, "1.0", 1)])
+    store(engine, [report(2, "2.0", 2)])
+    store(engine, [report(1, "1.0", 9)])
+    row = device_state(engine, "d")
+    assert row is not None and row["state"] == {"fw": "2.0"} and row["last_seen_at"] == at(2)
