@@ -89,3 +89,20 @@ def test_a_postgres_url_as_providers_print_it_just_works(tmp_path: Path) -> None
         listed = hub(tmp_path, "devices", "list", "--json", env=env)
         assert listed.returncode == 0, listed.stderr
         assert [d["device_id"] for d in json.loads(listed.stdout)] == ["pg-1"]
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"HUB_TCP_PROT": "7000"}, "did you mean HUB_TCP_PORT?"),
+        ({"HUB_DATABASE_URL": "mysql://h/db"}, "database 'mysql' is not supported"),
+    ],
+)
+def test_hub_run_refuses_a_typo_in_one_line(
+    tmp_path: Path, env: dict[str, str], expected: str
+) -> None:
+    result = hub(tmp_path, "run", env=env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
