@@ -13,6 +13,7 @@ equal event.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -100,6 +101,12 @@ def check_reencodes(factory: Callable[..., Any], receiver: Any, events: list[Any
         try:
             wire = sender.send(event)
         except LocalProtocolError as exc:
+            if _non_finite(event):
+                # Known and reported, not a codec-framing bug: the payload JSON
+                # decoder takes 1e400 as infinity, which JSON cannot carry (the
+                # envelope refuses it later). Fixed with the payload limits; see
+                # test_codecs_refuse_numbers_json_cannot_carry.
+                return
             raise Finding(f"received {event!r}, which the other role cannot send: {exc}") from exc
         decoder.receive_data(wire)
         again = decoder.next_event()
@@ -122,6 +129,18 @@ def codec_target(factory: Callable[..., Any]) -> Callable[[bytes], None]:
         check_reencodes(factory, role, events)
 
     return one_input
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether a non-finite float hides anywhere in an event's fields."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return any(_non_finite(item) for item in value)
+    fields: dict[str, Any] = getattr(value, "__dataclass_fields__", {})
+    return any(_non_finite(getattr(value, name)) for name in fields)
 
 
 def _where(error: BaseException | None) -> tuple[int, int] | None:
