@@ -74,6 +74,12 @@ def _fuzz(target: str, args: argparse.Namespace, work: Path) -> tuple[bool, str]
         str(kept),
         str(seeds),
     ]
+    # Tokens of each format, so that mutations reach past the framing sooner.
+    words = work / "words.dict"
+    with words.open("wb") as out:
+        for name in ("json.dict", f"{target}.dict") if target != "mqtt" else ("mqtt.dict",):
+            out.write((HERE / "dicts" / name).read_bytes())
+    command.insert(-3, f"-dict={words}")
     log = work / "log.txt"
     started = time.monotonic()
     with log.open("wb") as out:
