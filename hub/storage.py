@@ -315,7 +315,6 @@ class _StateUpdate:
             self.transport = env.transport
 
     def apply(self, env: Envelope) -> None:
-        self.seen(env)
         if env.kind is Kind.PRESENCE:
             since = presence_since(env)
             stored = (
@@ -326,7 +325,12 @@ class _StateUpdate:
             if presence_stamp(since, env.received_at) > stored:
                 self.online = bool(env.payload.get("online", False))
                 self.presence_since, self.presence_at = since, env.received_at
+                # The newest connection's transport, even when a late event of an
+                # older one was seen later (not for that late event itself).
+                self.seen(env)
+                self.transport = env.transport
             return
+        self.seen(env)
         if env.kind is Kind.TELEMETRY:
             merge_ordered(self.values, self.values_at, dict(env.payload), message_stamp(env))
         else:

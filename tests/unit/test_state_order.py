@@ -48,9 +48,9 @@ def telemetry(
     )
 
 
-def connect(device: str, since: float) -> Envelope:
+def connect(device: str, since: float, transport: str = "tcp") -> Envelope:
     return presence_envelope(
-        device, online=True, since=at(since), transport="tcp", protocol="native"
+        device, online=True, since=at(since), transport=transport, protocol=transport
     )
 
 
@@ -105,15 +105,16 @@ def test_a_newer_connection_to_another_hub_wins_over_a_late_disconnect(engine: E
     # connection: the device is online (at B), in every order of storing.
     batches = [
         [connect("d", 0)],
-        [connect("d", 20)],
+        [connect("d", 20, "mqtt")],
         [disconnect("d", 0, 30)],
-        [telemetry("d", 1, {"t": 1}, 25)],
     ]
     for n, order in enumerate(itertools.permutations(batches)):
         device = f"m{n}"
         for batch in order:
             store(engine, [e.__class__(**{**_fields(e), "device_id": device}) for e in batch])
-        assert online(engine, device), order
+        row = device_state(engine, device)
+        assert row is not None and row["online"], order
+        assert row["transport"] == "mqtt", order  # where it is connected now
     # ... and when B's connection ends too, it is offline.
     store(engine, [disconnect("m0", 20, 40)])
     assert not online(engine, "m0")
@@ -247,3 +248,28 @@ def test_a_retransmitted_state_report_changes_nothing(engine: Engine) -> None:
     store(engine, [report(1, "1.0", 9)])
     row = device_state(engine, "d")
     assert row is not None and row["state"] == {"fw": "2.0"} and row["last_seen_at"] == at(2)
+
+
+def test_the_migration_goes_down_and_up_again(tmp_path: Path) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import inspect
+
+    from hub.storage import MIGRATIONS_DIR
+
+    url = f"sqlite:///{tmp_path / 'hub.sqlite3'}"
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", url)
+    config.attributes["configure_logger"] = False
+    migrate(url)
+    command.downgrade(config, "0002")
+    eng = make_engine(url)
+    assert "state_reports" not in inspect(eng).get_table_names()
+    assert "presence_at" not in {c["name"] for c in inspect(eng).get_columns("device_state")}
+    eng.dispose()
+    migrate(url)
+    eng = make_engine(url)
+    store(eng, [telemetry("d", 1, {"t": 1}, 1)])
+    assert device_state(eng, "d") is not None
+    eng.dispose()
