@@ -17,7 +17,8 @@ import asyncio
 import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from kombu import Connection, Consumer, Exchange, Queue
@@ -52,6 +53,8 @@ class Downlink:
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
+        # Each device's newest connection record, which the next one waits for.
+        self._tails: dict[str, asyncio.Future[None]] = {}
         self.delivered = 0
 
     def add_transport(self, deliver: Deliver) -> None:
@@ -76,19 +79,43 @@ class Downlink:
     # -- connection events from the transports (called on the loop) ---------
 
     def device_connected(self, device_id: str, transport: str) -> None:
-        self._spawn(self._connected(device_id, transport))
+        at = datetime.now(UTC)  # the connect's time, not when its record is written
+        self._in_order(device_id, lambda: self._connected(device_id, transport, at))
 
     def device_disconnected(self, device_id: str) -> None:
-        self._spawn(asyncio.to_thread(disconnected, self._engine, device_id, self.hub_id))
+        self._in_order(
+            device_id,
+            lambda: asyncio.to_thread(disconnected, self._engine, device_id, self.hub_id),
+        )
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
+    def _in_order(self, device_id: str, work: Callable[[], Awaitable[None]]) -> None:
+        """Run `work` after the device's earlier records: each runs on a thread, and
+        a disconnect written after the reconnect that followed it would make the
+        device unreachable for commands."""
+        previous = self._tails.get(device_id)
+
+        async def run() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            try:
+                await work()
+            except Exception:  # boundary: the database is away; the next connect records it
+                log.exception("could not record a connection change of %r", device_id)
+
+        task = asyncio.ensure_future(run())
+        self._tails[device_id] = task
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
-    async def _connected(self, device_id: str, transport: str) -> None:
+        def done(finished: asyncio.Future[None]) -> None:
+            self._tasks.discard(finished)
+            if self._tails.get(device_id) is finished:
+                del self._tails[device_id]
+
+        task.add_done_callback(done)
+
+    async def _connected(self, device_id: str, transport: str, at: datetime) -> None:
         try:
-            await asyncio.to_thread(connected, self._engine, device_id, self.hub_id, transport)
+            await asyncio.to_thread(connected, self._engine, device_id, self.hub_id, transport, at)
             for command in await asyncio.to_thread(pending_commands, self._engine, device_id):
                 self.deliver(command)
         except Exception:  # boundary: the database is away; commands wait for the next connect

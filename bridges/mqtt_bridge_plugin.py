@@ -35,6 +35,7 @@ import asyncio
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from amqtt.adapters import ReaderAdapter
@@ -50,9 +51,10 @@ from amqtt.session import OUTGOING, ApplicationMessage, OutgoingApplicationMessa
 
 from bridges.mqtt_auth import BAD_CREDENTIAL, REFUSAL_ATTRIBUTE, UNKNOWN_DEVICE, device_of
 from bridges.mqtt_packets import PUBACK, PUBCOMP, PUBREC, PacketReader
-from hub.envelope import Envelope, Kind
+from hub.envelope import Envelope
 from hub.errors import DispatchError, EnvelopeError, HubError
 from hub.metrics import Metrics
+from hub.presence import presence_envelope
 from hub.topics import DEFAULT_LIMITS, PayloadLimits, envelope_from_payload, parse_topic
 
 log = logging.getLogger(__name__)
@@ -121,16 +123,13 @@ class MqttUplink:
             # Shutting down: the device gets no acknowledgement and sends again.
             return _failed(exc)
 
-    def presence(self, device_id: str, *, online: bool) -> None:
-        """Record a device's connect or disconnect (best effort, nobody is acknowledged)."""
+    def presence(self, device_id: str, *, online: bool, since: datetime) -> None:
+        """Record a connect or disconnect of the connection accepted at `since`
+        (best effort, nobody is acknowledged; ordered by hub/presence.py)."""
         try:
             future = self._dispatcher.submit(
-                Envelope(
-                    device_id=device_id,
-                    kind=Kind.PRESENCE,
-                    payload={"online": online},
-                    transport="mqtt",
-                    protocol="mqtt",
+                presence_envelope(
+                    device_id, online=online, since=since, transport="mqtt", protocol="mqtt"
                 )
             )
         except HubError:
@@ -177,6 +176,8 @@ class BridgingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is 
         self.framed: PacketReader | None = None
         self.started = False  # the CONNECT was accepted and messages flow
         self.counted = False
+        # When the CONNECT was accepted: names this connection in its presence.
+        self.connected_at = datetime.now(UTC)
         # Reported to the downlink as holding its device (subscribed to its commands).
         self.announced = False
         # Set by the broker once this connection's session handling has ended
@@ -207,10 +208,11 @@ class BridgingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is 
         self.started = True
         if not self.counted:
             self.counted = True
+            self.connected_at = datetime.now(UTC)
             self.tap.metrics.connections.labels("mqtt").inc()
             device_id = device_of(self.session)
             if device_id is not None:
-                self.tap.uplink.presence(device_id, online=True)
+                self.tap.uplink.presence(device_id, online=True, since=self.connected_at)
 
     async def stop(self) -> None:
         self._closed = True
@@ -223,7 +225,7 @@ class BridgingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is 
             self.tap.metrics.connections.labels("mqtt").dec()
             device_id = device_of(session)
             if device_id is not None:
-                self.tap.uplink.presence(device_id, online=False)
+                self.tap.uplink.presence(device_id, online=False, since=self.connected_at)
 
     async def mqtt_deliver_next_message(self) -> ApplicationMessage | None:
         message: ApplicationMessage | None = await super().mqtt_deliver_next_message()

@@ -910,6 +910,11 @@ class EmbeddedMqtt:
         return self._broker.port
 
     @property
+    def serving(self) -> bool:
+        """True between start and stop (for /readyz)."""
+        return self._broker is not None
+
+    @property
     def connected_devices(self) -> int:
         """Authenticated devices connected now."""
         return self._broker.connected_devices() if self._broker is not None else 0

@@ -203,6 +203,11 @@ class ExternalMqttBridge:
         return self._ready.is_set()
 
     @property
+    def serving(self) -> bool:
+        """Devices' messages reach the hub: connected and subscribed (for /readyz)."""
+        return self.ready
+
+    @property
     def connected_devices(self) -> None:
         """Unknown: devices connect to the external broker, not to the hub."""
         return None

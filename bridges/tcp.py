@@ -34,6 +34,7 @@ from typing import Any, Protocol, cast
 from hub.envelope import Envelope, Kind, envelope_id
 from hub.errors import AuthError, ConfigError, DispatchError, RemoteProtocolError
 from hub.metrics import Metrics
+from hub.presence import presence_envelope
 from hub.protocol.base import CodecFactory, load_codec
 from hub.protocol.events import (
     NEED_DATA,
@@ -100,6 +101,8 @@ class DeviceConnection(asyncio.Protocol):
         )
         self._transport: asyncio.Transport | None = None
         self.device_id: str | None = None
+        # When the HELLO was accepted: names this connection in its presence.
+        self.connected_at = datetime.now(UTC)
         self._boot_id = 0
         self._authenticating = False
         self._inflight = 0
@@ -148,7 +151,7 @@ class DeviceConnection(asyncio.Protocol):
         self._server.metrics.connections.labels("tcp").dec()
         if self.device_id is not None and self._server.devices.get(self.device_id) is self:
             del self._server.devices[self.device_id]
-            self._server.presence(self.device_id, online=False)
+            self._server.presence(self.device_id, online=False, since=self.connected_at)
             if self._server.events is not None:
                 self._server.events.device_disconnected(self.device_id)
 
@@ -259,7 +262,8 @@ class DeviceConnection(asyncio.Protocol):
             previous._close()
         self._server.devices[hello.device_id] = self
         self._send(Ack(hello.seq))
-        self._server.presence(hello.device_id, online=True)
+        self.connected_at = datetime.now(UTC)
+        self._server.presence(hello.device_id, online=True, since=self.connected_at)
         if self._server.events is not None:
             self._server.events.device_connected(hello.device_id, "tcp")
 
@@ -496,6 +500,11 @@ class TcpServer:
         assert self._server is not None, "not started"
         return int(self._server.sockets[0].getsockname()[1])
 
+    @property
+    def serving(self) -> bool:
+        """True while the listener accepts connections (for /readyz)."""
+        return self._server is not None and self._server.is_serving()
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -528,14 +537,15 @@ class TcpServer:
             return False
         return connection.send_command(command.id, command.name, command.args)
 
-    def presence(self, device_id: str, *, online: bool) -> None:
-        """Record a connect or disconnect as a presence envelope (not acknowledged to anyone)."""
+    def presence(self, device_id: str, *, online: bool, since: datetime) -> None:
+        """Record a connect or disconnect of the connection accepted at `since` as a
+        presence envelope (not acknowledged to anyone; ordered by hub/presence.py)."""
         with contextlib.suppress(DispatchError):  # shutting down: presence is best effort
             self.dispatcher.submit(
-                Envelope(
-                    device_id=device_id,
-                    kind=Kind.PRESENCE,
-                    payload={"online": online},
+                presence_envelope(
+                    device_id,
+                    online=online,
+                    since=since,
                     transport="tcp",
                     protocol=self.codec_name,
                 )

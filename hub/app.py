@@ -24,7 +24,7 @@ from typing import Any
 
 from bridges.dispatch import Dispatcher, check_broker
 from bridges.downlink import Downlink
-from bridges.http_status import HttpStatusServer
+from bridges.http_status import HttpStatusServer, Readiness
 from bridges.tcp import TcpServer
 from bridges.worker_stats import poll as poll_worker_stats
 from hub import __version__
@@ -92,7 +92,11 @@ class HubApp:
             if self.settings.mqtt_enabled:
                 await self._start_mqtt()
             self.http = HttpStatusServer(
-                self.settings.host, self.settings.http_port, self.metrics, self.status
+                self.settings.host,
+                self.settings.http_port,
+                self.metrics,
+                self.status,
+                self.readiness,
             )
             await self.http.start()
             self._worker_stats = asyncio.ensure_future(poll_worker_stats(self.engine, self.metrics))
@@ -221,7 +225,9 @@ class HubApp:
             found.append(Listener("mqtt", self.settings.host, self.mqtt.port, "embedded broker"))
         if self.http is not None:
             found.append(
-                Listener("http", self.settings.host, self.http.port, "/healthz /status /metrics")
+                Listener(
+                    "http", self.settings.host, self.http.port, "/healthz /readyz /status /metrics"
+                )
             )
         return found
 
@@ -233,6 +239,27 @@ class HubApp:
 
     def _sample(self, name: str) -> float:
         return float(self.metrics.registry.get_sample_value(name) or 0.0)
+
+    def readiness(self) -> Readiness:
+        """Not ready while envelopes spool (the task broker is away or its backlog
+        replays) or while a listener is down (docs/delivery.md, "Health")."""
+        reasons = []
+        listeners = len(self.settings.listeners)
+        serving = sum(1 for server in self.tcp_servers if server.serving)
+        if serving < listeners:
+            reasons.append(f"{listeners - serving} of {listeners} TCP listeners not serving")
+        if self.settings.mqtt_enabled and (self.mqtt is None or not self.mqtt.serving):
+            what = "external MQTT broker" if self.settings.mqtt_external_url else "MQTT broker"
+            reasons.append(f"{what} not serving")
+        spooled = int(self._sample("hub_spool_messages"))
+        if spooled:
+            reasons.append(f"spooling: {spooled} envelopes wait in the local spool")
+        tried = self._sample("hub_batches_published_total") + self._sample(
+            "hub_envelopes_spooled_total"
+        )
+        if tried and not self._sample("hub_broker_connected"):
+            reasons.append("task broker unreachable")
+        return Readiness(tuple(reasons))
 
     def status(self) -> dict[str, Any]:
         connections = sum(len(s.devices) for s in self.tcp_servers)

@@ -151,13 +151,10 @@ def devices() -> None:
     """Register, list and remove devices."""
 
 
-def _registry(ctx: click.Context) -> Any:
+def _registry(ctx: click.Context, *, create: bool = False) -> Any:
     from hub.registry import Registry
-    from hub.storage import make_engine, migrate
 
-    settings = _settings(ctx)
-    migrate(settings.effective_database_url)
-    return Registry(make_engine(settings.effective_database_url))
+    return Registry(_engine(ctx, create=create))
 
 
 @devices.command("add")
@@ -167,7 +164,7 @@ def _registry(ctx: click.Context) -> Any:
 @friendly_errors
 def devices_add(ctx: click.Context, device_id: str, as_json: bool) -> None:
     """Register DEVICE_ID and print its new credential (shown only once)."""
-    credential = _registry(ctx).add(device_id)
+    credential = _registry(ctx, create=True).add(device_id)
     if as_json:
         _emit_json({"device_id": device_id, "credential": credential})
     else:
@@ -202,12 +199,35 @@ def devices_remove(ctx: click.Context, device_id: str) -> None:
     click.echo(f"device {device_id} removed")
 
 
-def _engine(ctx: click.Context) -> Any:
-    from hub.storage import make_engine, migrate
+def _engine(ctx: click.Context, *, create: bool = False) -> Any:
+    """The hub's database, brought to the newest schema. Only a command that
+    writes (`create`) may make a new one: a read command run in the wrong
+    folder must not answer from an empty database it just created."""
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+    from hub.storage import make_engine, migrate, sqlite_path
 
     settings = _settings(ctx)
-    migrate(settings.effective_database_url)
-    return make_engine(settings.effective_database_url)
+    url = settings.effective_database_url
+    path = sqlite_path(url)
+    if not create and path is not None and not path.exists():
+        if settings.database_url:
+            raise HubError(
+                f"no database at {path}; point database_url / HUB_DATABASE_URL at the "
+                "hub's database (or --config <hub.toml>)"
+            )
+        raise HubError(
+            f"no hub data in {settings.data_dir.resolve()} (looked for {path.name}); run "
+            "this where the hub keeps its data, or point at it with "
+            "HUB_DATA_DIR=<data folder> or --config <hub.toml>"
+        )
+    try:
+        migrate(url)
+    except SQLAlchemyError as exc:
+        cause = exc.orig if isinstance(exc, DBAPIError) else exc
+        reason = str(cause).splitlines()[0]
+        raise HubError(f"cannot open the database ({reason}); check HUB_DATABASE_URL") from None
+    return make_engine(url)
 
 
 @main.command()
@@ -290,10 +310,9 @@ def send(
 
     import tasks.application
     from hub.errors import CommandError
-    from hub.storage import migrate
 
     settings = _settings(ctx)
-    migrate(settings.effective_database_url)
+    _engine(ctx).dispose()  # an existing database, at the newest schema
     tasks.application.configure(settings)
     from tasks import send_command
 
@@ -437,10 +456,20 @@ def status(ctx: click.Context, url: str | None, as_json: bool) -> None:
             data["hub"] = json.load(response)
     except (urllib.error.URLError, OSError) as exc:
         problems.append(f"no hub answers at {url} ({exc}); is `hub run` running?")
-    try:
-        data["queues"] = queue_depths(settings.effective_broker_url)
-    except Exception as exc:  # boundary: report an unreachable broker, do not crash
-        problems.append(f"task broker unreachable: {exc}")
+    from hub.storage import sqlite_path
+
+    queue_file = sqlite_path(settings.effective_broker_url.removeprefix("sqla+"))
+    if queue_file is not None and not queue_file.exists():
+        # Asking would create an empty local queue in a folder that is not the hub's.
+        problems.append(
+            f"no local queue in {settings.data_dir.resolve()} (looked for {queue_file.name}); "
+            "point at the hub's data with HUB_DATA_DIR=<data folder> or --config <hub.toml>"
+        )
+    else:
+        try:
+            data["queues"] = queue_depths(settings.effective_broker_url)
+        except Exception as exc:  # boundary: report an unreachable broker, do not crash
+            problems.append(f"task broker unreachable: {exc}")
     if as_json:
         data["problems"] = problems
         _emit_json(data)

@@ -123,11 +123,24 @@ def command_status(engine: Engine, command_id: str) -> str | None:
         ).scalar_one_or_none()
 
 
-def connected(engine: Engine, device_id: str, hub_id: str, transport: str) -> None:
-    """Record that `hub_id` holds the device's connection (the newest connect wins)."""
-    now = datetime.now(UTC)
+def connected(
+    engine: Engine,
+    device_id: str,
+    hub_id: str,
+    transport: str,
+    connected_at: datetime | None = None,
+) -> None:
+    """Record that `hub_id` holds the device's connection since `connected_at`
+    (default now). The newest connect wins by time, not by which record is
+    written last: a slow write of an older connect to another hub changes nothing."""
+    now = connected_at or datetime.now(UTC)
     with engine.begin() as conn:
-        conn.execute(delete(DeviceConnection).where(DeviceConnection.device_id == device_id))
+        conn.execute(
+            delete(DeviceConnection).where(
+                DeviceConnection.device_id == device_id, DeviceConnection.connected_at <= now
+            )
+        )
+        # A newer connection's row is still there: the insert is then ignored.
         conn.execute(
             _insert_ignore(engine, DeviceConnection.__table__),
             [

@@ -11,6 +11,8 @@ docs/configuration.md lists every setting.
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import os
 import tomllib
 from pathlib import Path
@@ -41,6 +43,50 @@ from hub.payloads import (
 )
 
 ENV_PREFIX = "HUB_"
+#: `HUB_*` variables that are not settings: the file's name, and the test suite's own.
+_NOT_SETTINGS = ("HUB_CONFIG",)
+_RESERVED_PREFIXES = ("HUB_TEST_",)
+#: SQLAlchemy's driver for each PostgreSQL client library, preferred first.
+_POSTGRES_DRIVERS = (("psycopg", "postgresql+psycopg"), ("psycopg2", "postgresql+psycopg2"))
+
+
+def normalise_database_url(url: str, *, key: str = "database_url") -> str:
+    """`url` as SQLAlchemy takes it; a ConfigError naming the fix otherwise.
+
+    `postgres://` (as hosting providers print it) and a bare `postgresql://`
+    get the installed driver (SQLAlchemy would pick psycopg2 and fail with a
+    traceback when only psycopg 3 is installed). The hub stores into SQLite
+    and PostgreSQL only.
+    """
+    env = f"{ENV_PREFIX}{key.upper()}"
+    prefix = "db+" if url.startswith("db+") else ""
+    bare = url[len(prefix) :]
+    scheme, sep, rest = bare.partition("://")
+    if not sep:
+        raise ConfigError(
+            f"{key} / {env} must be a URL such as sqlite:///path/hub.sqlite3 or "
+            "postgresql://user:password@host/db",
+            key=key,
+            env=env,
+        )
+    if scheme in ("postgres", "postgresql"):
+        for module, driver in _POSTGRES_DRIVERS:
+            if importlib.util.find_spec(module) is not None:
+                return f"{prefix}{driver}://{rest}"
+        raise ConfigError(
+            f"{key} / {env} names PostgreSQL, but no PostgreSQL driver is installed; "
+            "install it with: pip install 'mqtt-hardware-hub[postgres]'",
+            key=key,
+            env=env,
+        )
+    if scheme.partition("+")[0] not in ("sqlite", "postgresql"):
+        raise ConfigError(
+            f"{key} / {env}: database {scheme!r} is not supported; use sqlite:///path "
+            "or postgresql://user:password@host/db",
+            key=key,
+            env=env,
+        )
+    return url
 
 
 class TcpListener(BaseModel):
@@ -140,6 +186,15 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at least {needed} to fit the device topics under the root")
         return value
 
+    @field_validator("database_url", "result_backend")
+    @classmethod
+    def _database_driver(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        if info.field_name == "result_backend" and not value.startswith("db+"):
+            return value  # another Celery result backend (redis://, ...): Celery checks it
+        return normalise_database_url(value, key=str(info.field_name))
+
     @field_validator("broker_url")
     @classmethod
     def _known_broker_scheme(cls, value: str | None) -> str | None:
@@ -202,18 +257,70 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"configuration file {path} does not exist", env="HUB_CONFIG") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
-    # Allow both a flat file and one with a [hub] table.
+    # Allow both a flat file and one with a [hub] table (then nothing else).
     hub_table = data.get("hub")
-    return dict(hub_table) if isinstance(hub_table, dict) else data
+    if not isinstance(hub_table, dict):
+        return data
+    others = sorted(set(data) - {"hub"})
+    if others:
+        raise ConfigError(
+            f"configuration file {path} has a [hub] table and also {', '.join(others)} "
+            "outside it; move every setting into [hub] (or drop the table)",
+            key=others[0],
+        )
+    return dict(hub_table)
 
 
-def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in error["loc"]) or "(file)"
-    top = str(error["loc"][0]) if error["loc"] else ""
-    env = f"{ENV_PREFIX}{top.upper()}" if top else ""
-    value = error.get("input")
+def _suggest(name: str, known: list[str]) -> str:
+    """ "; did you mean 'x'?" for the nearest known name, or nothing."""
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _setting_env(name: str) -> str:
+    return f"{ENV_PREFIX}{name.upper()}"
+
+
+def _check_environment() -> None:
+    """A `HUB_*` variable that names no setting is a typo, not something to ignore."""
+    known = {_setting_env(name) for name in Settings.model_fields}
+    for name in sorted(os.environ):
+        if not name.startswith(ENV_PREFIX) or name in known or name in _NOT_SETTINGS:
+            continue
+        if name.startswith(_RESERVED_PREFIXES):
+            continue
+        # Compared without the prefix, which every candidate shares.
+        bare = {known_name[len(ENV_PREFIX) :]: known_name for known_name in known}
+        bare.update({n[len(ENV_PREFIX) :]: n for n in _NOT_SETTINGS})
+        close = difflib.get_close_matches(name[len(ENV_PREFIX) :], sorted(bare), n=1)
+        fix = f"did you mean {bare[close[0]]}? Rename it, or unset it" if close else "unset it"
+        raise ConfigError(
+            f"unknown environment variable {name}; {fix} (settings: docs/configuration.md)",
+            env=name,
+        )
+
+
+def _redacted(key: str, value: object) -> object:
+    # A URL's password must not end up in a terminal or a log.
+    if isinstance(value, str) and "://" in value and "@" in value:
+        scheme, rest = value.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return value
+
+
+def _describe(error: dict[str, Any], source: str) -> str:
+    loc = [str(p) for p in error["loc"]]
+    key = ".".join(loc) or "(file)"
+    top = loc[0] if loc else ""
+    env = _setting_env(top) if top else ""
+    value = _redacted(key, error.get("input"))
     if error["type"] == "extra_forbidden":
-        return f"unknown setting {key!r} (see docs/configuration.md for the settings)"
+        model = Settings if len(loc) == 1 else TcpListener
+        known = sorted(model.model_fields)
+        return (
+            f"unknown setting {key!r}{source}{_suggest(loc[-1], known)} "
+            "(settings: docs/configuration.md)"
+        )
     return f"setting {key!r} ({env}) = {value!r} is invalid: {error['msg']}"
 
 
@@ -223,23 +330,27 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
     path = config_file or os.environ.get(f"{ENV_PREFIX}CONFIG") or None
     if path:
         file_values = _read_toml(Path(path))
+    _check_environment()
     # Environment beats the file; explicit overrides beat both. pydantic-settings
     # gives init values precedence over the environment, so the file's values
     # that the environment also sets are dropped here.
     for name in list(file_values):
-        if f"{ENV_PREFIX}{name.upper()}" in os.environ:
+        if _setting_env(name) in os.environ:
             del file_values[name]
     values = {**file_values, **{k: v for k, v in overrides.items() if v is not None}}
     try:
         return Settings(**values)
+    except ConfigError:
+        raise
     except SettingsError as exc:
         raise ConfigError(f"an environment variable could not be read: {exc}") from None
     except ValidationError as exc:
         errors = exc.errors()
         first = errors[0]
         key = ".".join(str(p) for p in first["loc"])
+        source = f" in {path}" if path else ""
         raise ConfigError(
-            "; ".join(_describe(dict(e)) for e in errors),
+            "; ".join(_describe(dict(e), source) for e in errors),
             key=key,
-            env=f"{ENV_PREFIX}{str(first['loc'][0]).upper()}" if first["loc"] else None,
+            env=_setting_env(str(first["loc"][0])) if first["loc"] else None,
         ) from None

@@ -67,3 +67,89 @@ def test_unknown_keys_and_broken_files_are_clear(tmp_path: Path) -> None:
         load_settings(config)
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "missing.toml")
+
+
+# -- one line that names the fix (issue: postgres:// tracebacks, silent typos) --
+
+
+@pytest.mark.parametrize("scheme", ["postgres", "postgresql"])
+def test_a_postgres_url_gets_the_installed_driver(
+    monkeypatch: pytest.MonkeyPatch, scheme: str
+) -> None:
+    monkeypatch.setenv("HUB_DATABASE_URL", f"{scheme}://hub:pw@db.example:5432/hub")
+    settings = load_settings()
+    assert settings.effective_database_url == "postgresql+psycopg://hub:pw@db.example:5432/hub"
+    assert settings.effective_result_backend == f"db+{settings.effective_database_url}"
+
+
+def test_an_explicit_driver_and_sqlite_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HUB_DATABASE_URL", "postgresql+psycopg2://h/db")
+    assert load_settings().database_url == "postgresql+psycopg2://h/db"
+    monkeypatch.setenv("HUB_DATABASE_URL", "sqlite:////tmp/x.sqlite3")
+    assert load_settings().database_url == "sqlite:////tmp/x.sqlite3"
+
+
+def test_postgres_without_a_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name.startswith("psycopg") else real(name, *a),
+    )
+    monkeypatch.setenv("HUB_DATABASE_URL", "postgres://h/db")
+    with pytest.raises(ConfigError, match=r"pip install 'mqtt-hardware-hub\[postgres\]'") as err:
+        load_settings()
+    assert (err.value.key, err.value.env) == ("database_url", "HUB_DATABASE_URL")
+
+
+@pytest.mark.parametrize("url", ["mysql://h/db", "hub.sqlite3"])
+def test_an_unsupported_database_is_one_line(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("HUB_DATABASE_URL", url)
+    with pytest.raises(ConfigError, match="HUB_DATABASE_URL") as err:
+        load_settings()
+    assert "\n" not in str(err.value)
+
+
+def test_a_misspelled_variable_suggests_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HUB_TCP_PROT", "7000")
+    with pytest.raises(ConfigError, match=r"HUB_TCP_PROT; did you mean HUB_TCP_PORT\?") as err:
+        load_settings()
+    assert err.value.env == "HUB_TCP_PROT"
+
+
+def test_an_unknown_variable_without_a_near_name_says_unset_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HUB_XYZZY", "1")
+    with pytest.raises(ConfigError, match="unknown environment variable HUB_XYZZY; unset it"):
+        load_settings()
+    monkeypatch.delenv("HUB_XYZZY")
+    monkeypatch.setenv("HUB_TEST_ANYTHING", "1")  # reserved for the test suite
+    load_settings()
+
+
+def test_an_unknown_key_suggests_the_nearest(tmp_path: Path) -> None:
+    config = tmp_path / "hub.toml"
+    config.write_text('mqtt_prot = 1884\n[[tcp_listeners]]\nport = 7701\ncodex = "lines"\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(config)
+    message = str(err.value)
+    assert "unknown setting 'mqtt_prot'" in message and "did you mean 'mqtt_port'?" in message
+    assert "'tcp_listeners.0.codex'" in message and "did you mean 'codec'?" in message
+    assert str(config) in message and "\n" not in message
+
+
+def test_keys_beside_a_hub_table_are_not_ignored(tmp_path: Path) -> None:
+    config = tmp_path / "hub.toml"
+    config.write_text("tcp_port = 7000\n[hub]\nmqtt_port = 1884\n")
+    with pytest.raises(ConfigError, match=r"\[hub\] table and also tcp_port outside it"):
+        load_settings(config)
+
+
+def test_a_password_in_a_bad_url_is_not_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HUB_BROKER_URL", "redis://user:s3cret@host:6379/0")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "s3cret" not in str(err.value) and "HUB_BROKER_URL" in str(err.value)

@@ -1,0 +1,78 @@
+"""Which hub holds a device (`device_connections`): ordered by time, not by writes.
+
+Commands are routed by this table. Records are written on threads, so a
+slow write could land after a newer one: a device that reconnected looked
+disconnected, or an older hub was named as holding it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+
+import bridges.downlink
+from bridges.downlink import Downlink
+from hub.commands import connected, disconnected
+from hub.settings import load_settings
+from hub.storage import DeviceConnection, make_engine, migrate
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    url = f"sqlite:///{tmp_path / 'hub.sqlite3'}"
+    migrate(url)
+    eng = make_engine(url)
+    yield eng
+    eng.dispose()
+
+
+def holder(engine: Engine, device_id: str) -> str | None:
+    with engine.connect() as conn:
+        return conn.execute(
+            select(DeviceConnection.hub_id).where(DeviceConnection.device_id == device_id)
+        ).scalar_one_or_none()
+
+
+def test_an_older_connect_written_late_does_not_take_the_device_back(engine: Engine) -> None:
+    connected(engine, "d", "hub-b", "tcp", T0 + timedelta(seconds=20))
+    connected(engine, "d", "hub-a", "tcp", T0)  # hub A's slow write of its older connect
+    assert holder(engine, "d") == "hub-b"
+    disconnected(engine, "d", "hub-a")  # and its late disconnect
+    assert holder(engine, "d") == "hub-b"
+    connected(engine, "d", "hub-a", "tcp", T0 + timedelta(seconds=30))  # the device comes back
+    assert holder(engine, "d") == "hub-a"
+
+
+def test_a_reconnect_is_not_undone_by_a_slow_disconnect_record(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The disconnect of the old connection takes longer to write than the
+    # connect of the new one (a busy database): both are on threads.
+    def slow_disconnected(*args: Any) -> None:
+        time.sleep(0.8)
+        disconnected(*args)
+
+    monkeypatch.setattr(bridges.downlink, "disconnected", slow_disconnected)
+    downlink = Downlink(load_settings(None, data_dir=tmp_path), engine)
+
+    async def scenario() -> None:
+        downlink.device_connected("d", "tcp")
+        await asyncio.sleep(0.3)
+        downlink.device_disconnected("d")
+        downlink.device_connected("d", "tcp")
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if not downlink._tasks:
+                break
+
+    asyncio.run(scenario())
+    assert holder(engine, "d") == downlink.hub_id
