@@ -53,7 +53,7 @@ from bridges.mqtt_packets import PUBACK, PUBCOMP, PUBREC, PacketReader
 from hub.envelope import Envelope, Kind
 from hub.errors import DispatchError, EnvelopeError, HubError
 from hub.metrics import Metrics
-from hub.topics import envelope_from_payload, parse_topic
+from hub.topics import DEFAULT_LIMITS, PayloadLimits, envelope_from_payload, parse_topic
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,17 @@ def _failed(error: BaseException) -> asyncio.Future[None]:
 class MqttUplink:
     """Validates device publishes into envelopes and submits them (one per message)."""
 
-    def __init__(self, dispatcher: EnvelopeSink, metrics: Metrics, topic_root: str) -> None:
+    def __init__(
+        self,
+        dispatcher: EnvelopeSink,
+        metrics: Metrics,
+        topic_root: str,
+        limits: PayloadLimits = DEFAULT_LIMITS,
+    ) -> None:
         self._dispatcher = dispatcher
         self._metrics = metrics
         self._root = topic_root
+        self._limits = limits
 
     def submit(
         self, topic: str, data: bytes | bytearray, *, sender: str | None
@@ -101,7 +108,7 @@ class MqttUplink:
             return None
         self._metrics.messages_received.labels("mqtt").inc()
         try:
-            envelope = envelope_from_payload(parsed, bytes(data))
+            envelope = envelope_from_payload(parsed, bytes(data), limits=self._limits)
         except EnvelopeError as exc:
             self._metrics.invalid_payloads.labels("mqtt").inc()
             log.warning(

@@ -88,7 +88,7 @@ from hub.errors import ConfigError, EnvelopeError
 from hub.metrics import Metrics
 from hub.registry import CredentialCache
 from hub.settings import Settings
-from hub.topics import command_message, command_topic
+from hub.topics import PayloadLimits, command_message, command_topic
 
 log = logging.getLogger(__name__)
 
@@ -758,7 +758,12 @@ class EmbeddedMqtt:
         self._background: set[asyncio.Future[None]] = set()
         self._access = DeviceAccess(settings, credentials, refresh_credentials, metrics)
         self._tap = TapConfig(
-            uplink=MqttUplink(dispatcher, metrics, settings.mqtt_topic_root),
+            uplink=MqttUplink(
+                dispatcher,
+                metrics,
+                settings.mqtt_topic_root,
+                PayloadLimits(settings.max_payload_depth, settings.max_payload_bytes),
+            ),
             metrics=metrics,
             max_inflight=settings.max_inflight_per_connection,
         )

@@ -45,7 +45,7 @@ from bridges.mqtt_bridge_plugin import EnvelopeSink, MqttUplink
 from hub.errors import ConfigError, DispatchError
 from hub.metrics import Metrics
 from hub.settings import Settings
-from hub.topics import uplink_filters
+from hub.topics import PayloadLimits, uplink_filters
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,12 @@ class ExternalMqttBridge:
         )
         self._settings = settings
         self._metrics = metrics
-        self._uplink = MqttUplink(dispatcher, metrics, settings.mqtt_topic_root)
+        self._uplink = MqttUplink(
+            dispatcher,
+            metrics,
+            settings.mqtt_topic_root,
+            PayloadLimits(settings.max_payload_depth, settings.max_payload_bytes),
+        )
         self._drain_timeout_s = drain_timeout_s
         self.client_id = client_id or default_client_id(settings)
         group = settings.mqtt_shared_group

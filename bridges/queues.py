@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from kombu import Connection
 
-from hub.routing import DEAD_LETTER_QUEUE, all_queues
+from hub.routing import all_queues
 
 
 def queue_depths(broker_url: str, timeout_s: float = 3.0) -> dict[str, int | None]:
@@ -15,7 +15,7 @@ def queue_depths(broker_url: str, timeout_s: float = 3.0) -> dict[str, int | Non
     depths: dict[str, int | None] = {}
     with Connection(broker_url, connect_timeout=timeout_s) as conn:
         conn.ensure_connection(max_retries=0)
-        for name in [*all_queues(), DEAD_LETTER_QUEUE]:
+        for name in all_queues():
             # A passive declare counts without creating; a missing queue closes
             # the channel, so each queue gets a fresh one.
             channel = conn.channel()

@@ -79,7 +79,11 @@ class DeviceConnection(asyncio.Protocol):
 
     def __init__(self, server: TcpServer) -> None:
         self._server = server
-        self._codec = server.codec_factory(Role.HUB, max_frame_bytes=server.max_frame_bytes)
+        self._codec = server.codec_factory(
+            Role.HUB,
+            max_frame_bytes=server.max_frame_bytes,
+            max_payload_depth=server.max_payload_depth,
+        )
         self._transport: asyncio.Transport | None = None
         self.device_id: str | None = None
         self._boot_id = 0
@@ -387,6 +391,7 @@ class TcpServer:
         self.acked = metrics.messages_acked.labels("tcp")
         self.idle_timeout_s = settings.idle_timeout_s
         self.max_frame_bytes = settings.max_frame_bytes
+        self.max_payload_depth = settings.max_payload_depth
         self.max_inflight = settings.max_inflight_per_connection
         self.connections: set[DeviceConnection] = set()
         self.devices: dict[str, DeviceConnection] = {}

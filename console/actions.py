@@ -12,7 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import Engine
@@ -179,7 +180,15 @@ def command_outcome(engine: Engine, command_id: str) -> CommandOutcome:
 
         from tasks.application import app
 
-        value = AsyncResult(command_id, app=app).result
+        outcome = AsyncResult(command_id, app=app)
+        # The worker moves the row out of `pending` just before it writes the
+        # result: give it a moment, and until then the reply is still arriving.
+        deadline = time.monotonic() + 2.0
+        while not outcome.ready() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not outcome.ready():
+            return CommandOutcome(replace(info, status="delivered"), None, None)
+        value = outcome.result
         if isinstance(value, BaseException):
             error = str(value)
         else:
@@ -204,3 +213,42 @@ def remove_account(engine: Engine, who: Principal, kind: str, name: str) -> None
     if not remove(engine, name):
         raise NotFound(f"no {kind} {name!r}")
     audit.record(engine, who.label, f"{kind}.remove", name)
+
+
+def _dead_letter_error(exc: Exception) -> HubError:
+    message = str(exc)
+    return NotFound(message) if message.startswith("no dead letter") else Conflict(message)
+
+
+def replay_dead_letter(engine: Engine, who: Principal, letter_id: str) -> str:
+    """Send the letter's task again (once); returns the new task's id."""
+    from hub.dead_letters import DeadLetterError
+    from tasks.dead_letters import replay
+
+    try:
+        task_id = replay(letter_id)
+    except DeadLetterError as exc:
+        raise _dead_letter_error(exc) from None
+    except Exception as exc:  # boundary: the broker is unreachable; the letter stays dead
+        raise Unavailable(f"could not replay (is RabbitMQ reachable?): {exc}") from None
+    audit.record(engine, who.label, "dead_letter.replay", letter_id, {"task": task_id})
+    return task_id
+
+
+def discard_dead_letter(engine: Engine, who: Principal, letter_id: str) -> None:
+    from hub.dead_letters import DeadLetterError, mark_discarded
+
+    try:
+        mark_discarded(engine, letter_id)
+    except DeadLetterError as exc:
+        raise _dead_letter_error(exc) from None
+    audit.record(engine, who.label, "dead_letter.discard", letter_id)
+
+
+def dead_letter(engine: Engine, letter_id: str) -> dict[str, Any]:
+    from hub.dead_letters import DeadLetterError, get_dead_letter
+
+    try:
+        return get_dead_letter(engine, letter_id)
+    except DeadLetterError as exc:
+        raise _dead_letter_error(exc) from None

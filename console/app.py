@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from console import actions, schemas
 from console.deps import Context, CsrfFailed, Forbidden, NotAuthenticated
 from console.events import EventHub
-from console.routers import commands, devices, events, hubs, pages
+from console.routers import commands, dead_letters, devices, events, hubs, pages
 from console.throttle import LoginThrottle
 from hub import __version__
 from hub.errors import HubError
@@ -122,7 +122,14 @@ def create_app(settings: Settings, *, poll_interval_s: float = 1.0) -> FastAPI:
         """Unauthenticated liveness check."""
         return schemas.Health(status="ok")
 
-    for router in (devices.router, commands.router, hubs.router, events.router, pages.router):
+    for router in (
+        devices.router,
+        commands.router,
+        dead_letters.router,
+        hubs.router,
+        events.router,
+        pages.router,
+    ):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     return app

@@ -116,3 +116,28 @@ class Hub(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"]
+
+
+class DeadLetter(BaseModel):
+    id: str
+    created_at: datetime
+    updated_at: datetime
+    source: str = Field(description="The task or stage that gave up.")
+    reason: str = Field(description="invalid_envelope, too_deep, store_failed, ...")
+    error: str = Field(description="Why it failed.")
+    envelope_id: str | None
+    device_id: str | None
+    attempts: int
+    status: Literal["dead", "replayed", "discarded"]
+    replayable: bool
+    payload: str | None = Field(default=None, description="Only in the single-letter view.")
+
+
+class DeadLetterPage(BaseModel):
+    items: list[DeadLetter]
+    counts: dict[str, int]
+
+
+class Replayed(BaseModel):
+    id: str
+    task_id: str = Field(description="The Celery task sent again.")

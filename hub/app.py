@@ -28,6 +28,7 @@ from bridges.dispatch import Dispatcher, check_broker
 from bridges.downlink import Downlink
 from bridges.http_status import HttpStatusServer
 from bridges.tcp import TcpServer
+from bridges.worker_stats import poll as poll_worker_stats
 from hub import __version__, hubs
 from hub.commands import PendingCommand, mark_delivered
 from hub.control import parse_control
@@ -68,6 +69,7 @@ class HubApp:
         self._heartbeat: asyncio.Future[None] | None = None
         self._background: set[asyncio.Future[Any]] = set()
         self._started_at = datetime.now(UTC)
+        self._worker_stats: asyncio.Future[None] | None = None
         # The embedded default runs its own worker; with RabbitMQ, workers are
         # separate `celery -A tasks worker` processes.
         self._run_worker = settings.embedded if run_worker is None else run_worker
@@ -102,6 +104,7 @@ class HubApp:
             await self.http.start()
             self.downlink.on_control(self._on_control)
             self._heartbeat = asyncio.ensure_future(self._beat())
+            self._worker_stats = asyncio.ensure_future(poll_worker_stats(self.engine, self.metrics))
             if self._run_worker:
                 self._start_worker()
                 self._supervisor = asyncio.ensure_future(self._supervise_worker())
@@ -253,6 +256,9 @@ class HubApp:
             delay = min(delay * 2, 30.0)
 
     async def stop(self) -> None:
+        if self._worker_stats is not None:
+            self._worker_stats.cancel()
+            self._worker_stats = None
         if self._supervisor is not None:
             self._supervisor.cancel()
             self._supervisor = None
@@ -328,6 +334,7 @@ class HubApp:
             "dispatch_pending": self.dispatcher.pending,
             "spool_messages": int(self._sample("hub_spool_messages")),
             "broker_connected": bool(self._sample("hub_broker_connected")),
+            "workers": self.metrics.worker_counts.snapshot(),
         }
 
 

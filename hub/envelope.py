@@ -1,6 +1,6 @@
 """The normalized envelope: the only thing that crosses from bridges to tasks.
 
-Layer: core; imports only `hub.errors`.
+Layer: core; imports only `hub.errors` and `hub.payloads`.
 
 Every device message, whichever transport and protocol it came by, becomes one
 `Envelope`. It serializes to a JSON-safe dict for Celery and validates when it
@@ -20,6 +20,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from hub.errors import EnvelopeError
+from hub.payloads import (
+    MAX_PAYLOAD_BYTES_CEILING,
+    MAX_PAYLOAD_DEPTH_CEILING,
+    PayloadTooDeep,
+    PayloadTooLarge,
+)
 
 SCHEMA_VERSION = 1
 MAX_DEVICE_ID_CHARS = 128
@@ -80,23 +86,64 @@ def validate_device_id(device_id: object) -> str:
 
 
 def _check_json_safe(value: object, path: str) -> None:
-    if value is None or isinstance(value, (str, bool, int)):
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise EnvelopeError(f"{path} is not a finite number", field="payload")
-        return
-    if isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            _check_json_safe(item, f"{path}[{i}]")
-        return
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise EnvelopeError(f"{path} has a non-string key {key!r}", field="payload")
-            _check_json_safe(item, f"{path}.{key}")
-        return
-    raise EnvelopeError(f"{path} is not JSON-safe ({type(value).__name__})", field="payload")
+    """EnvelopeError unless `value` is JSON-safe, at most MAX_PAYLOAD_DEPTH_CEILING
+    deep and about MAX_PAYLOAD_BYTES_CEILING large.
+
+    Iterative on purpose: a recursive walk would itself fail (RecursionError)
+    on the deeply nested input it must refuse. The size is an estimate of the
+    JSON text (strings and keys by length, other scalars a few bytes each),
+    enough to refuse an envelope no bridge would have let in.
+    """
+    size = 0
+    # (value, depth, parent path, key in the parent): a path string is built
+    # only for containers and errors, not for every scalar.
+    stack: list[tuple[object, int, str, str | int | None]] = [(value, 0, path, None)]
+    while stack:
+        item, depth, parent, key = stack.pop()
+        if item is None or isinstance(item, bool):
+            size += 5
+        elif isinstance(item, str):
+            size += len(item) + 3
+        elif isinstance(item, int):
+            size += 8
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                where = _path(parent, key)
+                raise EnvelopeError(f"{where} is not a finite number", field="payload")
+            size += 8
+        elif isinstance(item, (list, tuple, Mapping)):
+            if depth >= MAX_PAYLOAD_DEPTH_CEILING:
+                raise PayloadTooDeep(
+                    f"payload is nested too deeply (more than {MAX_PAYLOAD_DEPTH_CEILING} levels)",
+                    field="payload",
+                )
+            where = _path(parent, key)
+            size += 2
+            if isinstance(item, Mapping):
+                for name, child in item.items():
+                    if not isinstance(name, str):
+                        raise EnvelopeError(
+                            f"{where} has a non-string key {name!r}", field="payload"
+                        )
+                    size += len(name) + 4
+                    stack.append((child, depth + 1, where, name))
+            else:
+                stack.extend((child, depth + 1, where, i) for i, child in enumerate(item))
+        else:
+            where = _path(parent, key)
+            raise EnvelopeError(
+                f"{where} is not JSON-safe ({type(item).__name__})", field="payload"
+            )
+        if size > MAX_PAYLOAD_BYTES_CEILING:
+            raise PayloadTooLarge(
+                f"payload is larger than {MAX_PAYLOAD_BYTES_CEILING} bytes", field="payload"
+            )
+
+
+def _path(parent: str, key: str | int | None) -> str:
+    if key is None:
+        return parent
+    return f"{parent}[{key}]" if isinstance(key, int) else f"{parent}.{key}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,4 +235,6 @@ class Envelope:
             data = json.loads(text)
         except ValueError as exc:
             raise EnvelopeError(f"envelope is not JSON: {exc}") from exc
+        except RecursionError:
+            raise PayloadTooDeep("envelope is nested too deeply to parse") from None
         return cls.from_dict(data)

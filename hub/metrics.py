@@ -1,6 +1,6 @@
 """The hub process's metrics, in Prometheus terms.
 
-Layer: core; imports only prometheus_client.
+Layer: core; imports only prometheus_client and `hub.worker_metrics` (counter names).
 
 One `Metrics` object per hub instance, on its own registry, so that several
 hubs in one process (tests, benchmarks) do not collide.
@@ -8,7 +8,58 @@ hubs in one process (tests, benchmarks) do not collide.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from threading import Lock
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from hub.worker_metrics import COUNTERS as WORKER_COUNTER_HELP
+
+
+class WorkerCounts:
+    """The workers' counters as last read from the database (a Prometheus collector).
+
+    Workers are other processes and count in the database (hub.worker_metrics);
+    the hub reads the sums now and then, off the event loop, and `/metrics`
+    renders the last reading, so a scrape never waits on the database.
+    """
+
+    def __init__(self) -> None:
+        self._lock = Lock()
+        self._counters: dict[str, int] = dict.fromkeys(WORKER_COUNTER_HELP, 0)
+        self._dead_letters: dict[str, int] = {}
+        self._read = False
+
+    def update(self, counters: Mapping[str, int], dead_letters: Mapping[str, int]) -> None:
+        with self._lock:
+            self._counters.update(counters)
+            self._dead_letters = dict(dead_letters)
+            self._read = True
+
+    def snapshot(self) -> dict[str, Any]:
+        """For `/status`: the counters, dead letters by status, and whether read yet."""
+        with self._lock:
+            return {
+                **self._counters,
+                "dead_letters_by_status": dict(self._dead_letters),
+                "read": self._read,
+            }
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            counters = dict(self._counters)
+            dead = dict(self._dead_letters)
+        for name, value in counters.items():
+            help_text = WORKER_COUNTER_HELP.get(name, name)
+            yield CounterMetricFamily(f"hub_worker_{name}", help_text, value=value)
+        family = GaugeMetricFamily(
+            "hub_dead_letters", "Dead letters in the database by status", labels=["status"]
+        )
+        for status, count in dead.items():
+            family.add_metric([status], count)
+        yield family
 
 
 class Metrics:
@@ -57,6 +108,8 @@ class Metrics:
         self.broker_connected = Gauge(
             "hub_broker_connected", "1 while the task broker is reachable", registry=r
         )
+        self.worker_counts = WorkerCounts()
+        r.register(self.worker_counts)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

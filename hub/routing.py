@@ -34,8 +34,8 @@ COMMAND_EXPIRE_TASK = "tasks.commands.expire"
 
 #: Queue of user handler runs (one task per envelope and handler).
 HANDLER_QUEUE = "hub.handlers"
-#: Where handler runs that failed every retry end up.
-DEAD_LETTER_QUEUE = "hub.dead_letter"
+# Handler runs that failed every retry, and anything else a worker cannot
+# process, become dead letters in the database (hub.dead_letters), not a queue.
 
 
 #: The direct exchange every hub queue is bound to (routing key = queue name).

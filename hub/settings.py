@@ -1,6 +1,6 @@
 """Settings: one frozen object built from defaults, a TOML file and `HUB_*` variables.
 
-Layer: core; imports only `hub.errors`.
+Layer: core; imports only `hub.errors` and `hub.payloads`.
 
 Precedence, highest first: explicit overrides (command-line options), `HUB_*`
 environment variables, the TOML file named by `--config` or `HUB_CONFIG`,
@@ -26,6 +26,12 @@ from pydantic_settings import (
 )
 
 from hub.errors import ConfigError
+from hub.payloads import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    DEFAULT_MAX_PAYLOAD_DEPTH,
+    MAX_PAYLOAD_BYTES_CEILING,
+    MAX_PAYLOAD_DEPTH_CEILING,
+)
 
 ENV_PREFIX = "HUB_"
 
@@ -79,6 +85,14 @@ class Settings(BaseSettings):
     idle_timeout_s: float = Field(default=120.0, gt=0)
     max_frame_bytes: int = Field(default=65536, ge=64, le=16 * 1024 * 1024)
     max_inflight_per_connection: int = Field(default=256, ge=1)
+    #: Deepest nesting of a message's JSON (both transports); deeper is refused.
+    max_payload_depth: int = Field(
+        default=DEFAULT_MAX_PAYLOAD_DEPTH, ge=1, le=MAX_PAYLOAD_DEPTH_CEILING
+    )
+    #: Largest JSON payload of one MQTT message (a TCP payload is bounded by its frame).
+    max_payload_bytes: int = Field(
+        default=DEFAULT_MAX_PAYLOAD_BYTES, ge=64, le=MAX_PAYLOAD_BYTES_CEILING
+    )
 
     batch_max_messages: int = Field(default=500, ge=1, le=10000)
     batch_window_ms: float = Field(default=2.0, ge=0)

@@ -170,7 +170,7 @@ def _dumps(value: Any) -> str:
 
 
 def migrate(url: str) -> None:
-    """Bring the database at `url` to the newest schema (Alembic `upgrade head`)."""
+    """Bring the database at `url` to the newest schema (Alembic `upgrade heads`)."""
     from alembic import command
     from alembic.config import Config
 
@@ -183,7 +183,9 @@ def migrate(url: str) -> None:
     try:
         with engine.begin() as connection:
             config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+            # "heads": parts developed side by side may each add a revision on
+            # the same parent until their chains are joined; all are applied.
+            command.upgrade(config, "heads")
     finally:
         engine.dispose()
 

@@ -1,6 +1,6 @@
 """The MQTT topic scheme and payload formats, and the per-device topic ACL.
 
-Layer: core. Pure functions only: imports `hub.envelope` and `hub.errors`, and
+Layer: core. Pure functions only: imports `hub.envelope`, `hub.payloads` and `hub.errors`, and
 must not import asyncio, amqtt, paho, `bridges`, `tasks` or `firmware_sim`, so
 that the embedded broker, the external-broker bridge, the simulator and the
 tests all share one definition of what a device may send.
@@ -28,6 +28,12 @@ from typing import Any
 
 from hub.envelope import MAX_DEVICE_ID_CHARS, Envelope, Kind, envelope_id, validate_device_id
 from hub.errors import EnvelopeError
+from hub.payloads import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    DEFAULT_MAX_PAYLOAD_DEPTH,
+    check_size,
+    loads_bounded,
+)
 
 #: The last level of a data topic, and the kind of envelope it becomes.
 DATA_LEVELS: dict[str, Kind] = {
@@ -162,25 +168,26 @@ def may_subscribe(device_id: str, topic_filter: str, root: str) -> bool:
 # -- payloads -------------------------------------------------------------------
 
 
-def _reject_constant(name: str) -> Any:
-    raise EnvelopeError(f"payload contains {name}, which is not valid JSON", field="payload")
-
-
-def _load_object(data: bytes) -> dict[str, Any]:
+def _load_object(data: bytes, limits: PayloadLimits) -> dict[str, Any]:
     if not data:
         raise EnvelopeError("payload is empty; expected a JSON object", field="payload")
+    check_size(len(data), limits.max_bytes)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise EnvelopeError(f"payload is not UTF-8: {exc.reason}", field="payload") from None
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = loads_bounded(text, limits.max_depth)
     except json.JSONDecodeError as exc:
         raise EnvelopeError(
             f"payload is not JSON: {exc.msg} at {exc.pos}", field="payload"
         ) from None
-    except RecursionError:
-        raise EnvelopeError("payload is nested too deeply", field="payload") from None
+    except ValueError as exc:
+        # NaN, Infinity, 1e999, and integers of more than 4,300 digits (Python's
+        # int-conversion limit): not JSON a device may send, and no bridge failure.
+        raise EnvelopeError(
+            f"payload is not valid JSON: {str(exc)[:120]}", field="payload"
+        ) from None
     if not isinstance(value, dict):
         raise EnvelopeError(
             f"payload must be a JSON object, not {type(value).__name__}", field="payload"
@@ -239,6 +246,17 @@ def _message_id(device_id: str, seq: int | None, boot: int | None) -> str:
     return envelope_id(device_id, seq, boot or 0)
 
 
+@dataclass(frozen=True, slots=True)
+class PayloadLimits:
+    """How deep and how large a device's JSON payload may be (docs/mqtt.md, "Payload limits")."""
+
+    max_depth: int = DEFAULT_MAX_PAYLOAD_DEPTH
+    max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+
+
+DEFAULT_LIMITS = PayloadLimits()
+
+
 def envelope_from_payload(
     topic: DeviceTopic,
     data: bytes,
@@ -246,15 +264,18 @@ def envelope_from_payload(
     transport: str = "mqtt",
     protocol: str = "mqtt",
     received_at: datetime | None = None,
+    limits: PayloadLimits = DEFAULT_LIMITS,
 ) -> Envelope:
     """Validate a device's payload on `topic` into an Envelope.
 
+    A payload larger than `limits.max_bytes` or nested deeper than
+    `limits.max_depth` is refused (EnvelopeError) before it is looked at.
     Data topics take either `{"seq", "boot", "ts", "values": {...}}` (all but
     `values` optional) or a flat object of values. Command results take
     `{"ok": bool, "result": any, "error": str}` (plus optional seq, boot, ts).
     Raises EnvelopeError with the reason on anything else.
     """
-    obj = _load_object(data)
+    obj = _load_object(data, limits)
     extra: dict[str, Any] = {} if received_at is None else {"received_at": received_at}
     if topic.kind is Kind.COMMAND_RESULT:
         return _command_result(topic, obj, transport, protocol, extra)

@@ -6,19 +6,34 @@ Layer: tasks; imports the `hub` core only.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init
+from celery.signals import task_failure, task_retry, worker_init, worker_process_init, worker_ready
 
+from hub import worker_metrics
 from hub.routing import celery_queues, task_routes
 from hub.settings import Settings, load_settings
 from hub.storage import migrate
+from tasks import wire
 
 log = logging.getLogger(__name__)
 
 settings: Settings = load_settings()
+
+# Task bodies are decoded with a bounded depth, so that no message can make a
+# prefork worker fail to pickle it and exit (tasks/wire.py).
+wire.install()
+
+_worker_name = socket.gethostname()
+
+
+def worker_name() -> str:
+    """This worker's node name (`celery@host`), under which it counts (hub.worker_metrics)."""
+    return _worker_name
+
 
 app = Celery("tasks", include=["tasks.ingest", "tasks.commands", "tasks.handlers"])
 app.conf.update(
@@ -41,6 +56,8 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     enable_utc=True,
+    # Records task messages that cannot be decoded as dead letters (tasks/consumer.py).
+    worker_consumer="tasks.consumer:HubConsumer",
 )
 
 
@@ -77,3 +94,42 @@ def _migrate_on_start(**_: Any) -> None:
                 raise
             log.warning("schema migration collided with another process; retrying")
             time.sleep(1.0)
+
+
+def count_event(name: str) -> None:
+    """Add one to this worker's counter `name` (hub.worker_metrics), best effort."""
+    # Best effort: a counter must never fail a task or a worker's start.
+    from tasks.db import engine  # tasks.db imports this module
+
+    try:
+        worker_metrics.add(engine(), _worker_name, {name: 1})
+    except Exception:  # boundary: the database may be away; the task's own error says so
+        log.debug("could not count %s", name, exc_info=True)
+
+
+@worker_init.connect
+def _name_worker(sender: Any = None, **_: Any) -> None:
+    global _worker_name
+    hostname = getattr(sender, "hostname", None)
+    if isinstance(hostname, str) and hostname:
+        _worker_name = hostname
+
+
+@worker_ready.connect
+def _count_start(**_: Any) -> None:
+    count_event(worker_metrics.WORKER_STARTS)
+
+
+@worker_process_init.connect
+def _count_process_start(**_: Any) -> None:
+    count_event(worker_metrics.POOL_PROCESS_STARTS)
+
+
+@task_retry.connect
+def _count_retry(**_: Any) -> None:
+    count_event(worker_metrics.TASK_FAILURES)
+
+
+@task_failure.connect
+def _count_failure(**_: Any) -> None:
+    count_event(worker_metrics.TASK_FAILURES)

@@ -17,9 +17,9 @@ once per envelope, each run its own task on the `hub.handlers` queue::
             send_command(envelope.device_id, "set_interval", {"seconds": 1})
 
 A handler that raises is retried (`HANDLER_MAX_RETRIES` times, with backoff);
-after that the run goes to the dead-letter queue `hub.dead_letter`, which
-`hub status` counts. Other handlers and devices are not affected. Handlers
-must be idempotent: delivery is at least once.
+after that the run becomes a dead letter in the database (`hub dead-letters
+list`, replayable), and `hub status` counts it. Other handlers and devices
+are not affected. Handlers must be idempotent: delivery is at least once.
 """
 
 from __future__ import annotations
@@ -32,14 +32,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from hub import worker_metrics
+from hub.dead_letters import HANDLER_FAILED, NewDeadLetter
 from hub.envelope import Envelope, Kind
 from hub.errors import ConfigError, EnvelopeError
-from hub.routing import DEAD_LETTER_QUEUE, EXCHANGE, HANDLER_QUEUE
-from tasks.application import app
+from hub.routing import HANDLER_QUEUE
+from tasks.application import app, count_event
+from tasks.wire import QUARANTINE_KEY
 
 log = logging.getLogger(__name__)
 
 HANDLER_MAX_RETRIES = 3
+RUN_TASK = "tasks.handlers.run"
 HandlerFunc = Callable[[Envelope], Any]
 
 
@@ -110,45 +114,28 @@ def schedule(envelopes: list[Envelope], modules: tuple[str, ...]) -> int:
     return scheduled
 
 
-def dead_letter(name: str, envelope: dict[str, Any], error: BaseException) -> None:
-    """Park a handler run that failed for good where operators can see it."""
-    body = {
-        "handler": name,
-        "envelope": envelope,
-        "error": f"{type(error).__name__}: {error}",
-        "traceback": "".join(traceback.format_exception(error)),
-    }
-    with app.producer_or_acquire() as producer:
-        producer.publish(
-            body,
-            exchange=EXCHANGE,
-            routing_key=DEAD_LETTER_QUEUE,
-            serializer="json",
-            declare=[dead_letter_queue()],
-            retry=True,
-            delivery_mode="persistent",
+def dead_letter(
+    name: str, envelope: dict[str, Any], error: BaseException, *, attempts: int = 1
+) -> None:
+    """Park a handler run that failed for good where operators can see and replay it."""
+    from tasks.dead_letters import record
+
+    quarantined = isinstance(envelope, dict) and QUARANTINE_KEY in envelope
+    record(
+        NewDeadLetter(
+            source=name,
+            reason=HANDLER_FAILED,
+            error="".join(traceback.format_exception(error))[-4000:],
+            envelope=envelope,
+            attempts=attempts,
+            task_name=None if quarantined else RUN_TASK,
+            task_args=None if quarantined else [name, envelope],
         )
-    log.error(
-        "handler %s failed for good on envelope %s: %s; dead-lettered",
-        name,
-        envelope.get("id"),
-        error,
-    )
-
-
-def dead_letter_queue() -> Any:
-    from kombu import Exchange, Queue
-
-    return Queue(
-        DEAD_LETTER_QUEUE,
-        Exchange(EXCHANGE, type="direct", durable=True),
-        routing_key=DEAD_LETTER_QUEUE,
-        durable=True,
     )
 
 
 @app.task(
-    name="tasks.handlers.run",
+    name=RUN_TASK,
     bind=True,
     ignore_result=True,
     acks_late=True,
@@ -165,10 +152,12 @@ def run(self: Any, name: str, envelope: dict[str, Any]) -> None:
             raise ConfigError(f"handler {name!r} is not registered in this worker")
         registration.func(Envelope.from_dict(envelope))
     except (EnvelopeError, ConfigError) as exc:
+        count_event(worker_metrics.TASK_FAILURES)
         dead_letter(name, envelope, exc)  # retrying cannot help
     except Exception as exc:  # boundary: a user handler
         if self.request.retries >= HANDLER_MAX_RETRIES:
-            dead_letter(name, envelope, exc)
+            count_event(worker_metrics.TASK_FAILURES)
+            dead_letter(name, envelope, exc, attempts=self.request.retries + 1)
             return
         log.warning(
             "handler %s raised %s; retry %d of %d",
@@ -178,3 +167,5 @@ def run(self: Any, name: str, envelope: dict[str, Any]) -> None:
             HANDLER_MAX_RETRIES,
         )
         raise self.retry(exc=exc, countdown=0.5 * 2**self.request.retries) from None
+    else:
+        count_event(worker_metrics.HANDLER_RUNS)

@@ -22,9 +22,10 @@ from console.deps import (
     Admin,
     Ctx,
     Db,
+    Operator,
     Viewer,
 )
-from hub import accounts, audit, fleet, hubs
+from hub import accounts, audit, dead_letters, fleet, hubs
 from hub.accounts import ROLES, Principal
 
 router = APIRouter(include_in_schema=False)
@@ -272,6 +273,66 @@ def provision_remove(request: Request, who: Admin, ctx: Ctx, device_id: Field) -
     except actions.NotFound as exc:
         return _provisioned(request, ctx, who, error=str(exc))
     return _provisioned(request, ctx, who, notice=f"Device {device_id.strip()} removed.")
+
+
+# -- dead letters ----------------------------------------------------------------------
+
+
+@router.get("/dead-letters")
+def dead_letters_page(
+    request: Request, who: Viewer, ctx: Ctx, status: str = "dead"
+) -> HTMLResponse:
+    shown = status if status in (*dead_letters.STATUSES, "all") else "dead"
+    rows = dead_letters.list_dead_letters(
+        ctx.engine, status=None if shown == "all" else shown, limit=200
+    )
+    return render(
+        request,
+        ctx,
+        "dead_letters.html",
+        who,
+        nav="dead-letters",
+        letters=rows,
+        counts=dead_letters.count_dead_letters(ctx.engine),
+        status=shown,
+        notice=request.query_params.get("notice"),
+    )
+
+
+@router.get("/dead-letters/{letter_id}")
+def dead_letter_page(request: Request, who: Viewer, ctx: Ctx, letter_id: str) -> HTMLResponse:
+    return render(
+        request,
+        ctx,
+        "dead_letter.html",
+        who,
+        nav="dead-letters",
+        letter=actions.dead_letter(ctx.engine, letter_id),
+    )
+
+
+@router.post("/dead-letters/{letter_id}/replay")
+def dead_letter_replay(request: Request, who: Operator, ctx: Ctx, letter_id: str) -> Response:
+    try:
+        actions.replay_dead_letter(ctx.engine, who, letter_id)
+    except (actions.Conflict, actions.Unavailable) as exc:
+        return _back_to_letters(str(exc))
+    return _back_to_letters(f"Dead letter {letter_id[:8]} replayed.")
+
+
+@router.post("/dead-letters/{letter_id}/discard")
+def dead_letter_discard(request: Request, who: Operator, ctx: Ctx, letter_id: str) -> Response:
+    try:
+        actions.discard_dead_letter(ctx.engine, who, letter_id)
+    except actions.Conflict as exc:
+        return _back_to_letters(str(exc))
+    return _back_to_letters(f"Dead letter {letter_id[:8]} discarded.")
+
+
+def _back_to_letters(notice: str) -> Response:
+    from urllib.parse import quote
+
+    return RedirectResponse(f"/dead-letters?notice={quote(notice)}", status_code=303)
 
 
 # -- hubs ------------------------------------------------------------------------------

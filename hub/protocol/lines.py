@@ -1,6 +1,6 @@
 """The lines protocol: newline-delimited UTF-8 text, for legacy devices.
 
-Layer: core; imports only `hub.errors` and `hub.protocol`. Sans-IO: this module
+Layer: core; imports only `hub.errors`, `hub.payloads` and `hub.protocol`. Sans-IO: this module
 must not import sockets or asyncio.
 
 It carries the same events as the native protocol under different framing,
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import ClassVar, Final
 
 from hub.errors import LocalProtocolError, RemoteProtocolError
+from hub.payloads import DEFAULT_MAX_PAYLOAD_DEPTH
 from hub.protocol.base import DEFAULT_MAX_FRAME_BYTES
 from hub.protocol.events import (
     NEED_DATA,
@@ -42,6 +43,7 @@ from hub.protocol.native import (
     MAX_UINT64,
     MIN_FRAME_BYTES,
     ConnectionState,
+    check_event_depth,
     check_uint,
     command_from_json,
     command_result_from_json,
@@ -176,19 +178,38 @@ class LinesCodec:
 
     `max_frame_bytes` bounds a line, its `\\n` (and `\\r`) included; a longer
     line is refused with TOO_LARGE as soon as that many bytes are buffered
-    without a newline.
+    without a newline; JSON nested deeper than `max_payload_depth` is refused
+    with BAD_PAYLOAD (docs/protocol.md, "Limits").
     """
 
     name: ClassVar[str] = "lines"
 
-    __slots__ = ("_buf", "_eof", "_error", "_pos", "_scan", "_state", "max_frame_bytes")
+    __slots__ = (
+        "_buf",
+        "_eof",
+        "_error",
+        "_pos",
+        "_scan",
+        "_state",
+        "max_frame_bytes",
+        "max_payload_depth",
+    )
 
-    def __init__(self, role: Role, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_payload_depth: int = DEFAULT_MAX_PAYLOAD_DEPTH,
+    ) -> None:
         if not isinstance(role, Role):
             raise TypeError(f"role must be a Role, not {role!r}")
         if max_frame_bytes < MIN_FRAME_BYTES:
             raise ValueError(f"max_frame_bytes must be at least {MIN_FRAME_BYTES}")
+        if max_payload_depth < 1:
+            raise ValueError("max_payload_depth must be at least 1")
         self.max_frame_bytes = max_frame_bytes
+        self.max_payload_depth = max_payload_depth
         self._state = ConnectionState(role)
         self._buf = bytearray()
         self._pos = 0  # everything before it has been consumed
@@ -274,11 +295,13 @@ class LinesCodec:
         seq = 0 if kind is Hello else _guess_seq(rest)
         self._state.received(kind, seq)
         try:
-            return parse(rest)
+            event = parse(rest)
+            check_event_depth(event, rest, self.max_payload_depth)
         except RemoteProtocolError as exc:
             # A line refused for its shape still names its seq, for the NAK.
             exc.seq = exc.seq or seq
             raise
+        return event
 
     # -- sending -----------------------------------------------------------
 

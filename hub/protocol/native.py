@@ -1,6 +1,6 @@
 """The native binary device protocol: length-prefixed frames checked by CRC-32.
 
-Layer: core; imports only `hub.errors` and `hub.protocol`. Sans-IO: this module
+Layer: core; imports only `hub.errors`, `hub.payloads` and `hub.protocol`. Sans-IO: this module
 must not import sockets or asyncio. Bytes go in through `receive_data()`,
 events come out of `next_event()`, and `send()` turns events into bytes; the
 caller owns the connection.
@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Final
 
 from hub.errors import LocalProtocolError, RemoteProtocolError
+from hub.payloads import DEFAULT_MAX_PAYLOAD_DEPTH, exceeds_depth, text_exceeds_depth
 from hub.protocol.base import DEFAULT_MAX_FRAME_BYTES
 from hub.protocol.events import (
     NEED_DATA,
@@ -50,6 +51,7 @@ __all__ = [
     "ConnectionState",
     "FrameType",
     "NativeCodec",
+    "check_event_depth",
     "check_uint",
     "command_from_json",
     "command_result_from_json",
@@ -211,7 +213,15 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_JSON_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant)
+def _finite_float(text: str) -> float:
+    # 1e999 parses to inf, which JSON cannot carry back out.
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text[:32]} is out of the range of a double")
+    return value
+
+
+_JSON_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 # Compact and ASCII-only: deterministic bytes for the golden vectors, and no
 # raw newline can ever appear in the lines protocol (docs/protocol.md, "JSON").
 _JSON_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
@@ -223,8 +233,9 @@ def decode_json_object(data: bytes | bytearray | str, what: str, seq: int) -> di
         text = data if isinstance(data, str) else data.decode("utf-8")
         value = _JSON_DECODER.decode(text)
     except (ValueError, RecursionError) as exc:
-        # ValueError covers UnicodeDecodeError and JSONDecodeError; deep nesting
-        # exhausts the recursion limit before any size limit would help.
+        # ValueError covers UnicodeDecodeError, JSONDecodeError and integers of
+        # more than 4,300 digits; very deep nesting exhausts the recursion limit
+        # before any size limit would help (the depth limit is checked after).
         raise RemoteProtocolError(
             f"{what} payload is not UTF-8 JSON: {exc}", code=NakReason.BAD_PAYLOAD, seq=seq
         ) from None
@@ -252,6 +263,34 @@ def encode_json_object(value: object, what: str, seq: int) -> bytes:
             f"{what} payload must be a mapping", code=NakReason.BAD_PAYLOAD, seq=seq
         )
     return encode_json(value if type(value) is dict else dict(value), what, seq)
+
+
+def _json_carried(event: Event) -> object:
+    """The JSON document an event carried on the wire, as far as depth goes."""
+    if isinstance(event, (Telemetry, DeviceEvent, StateReport)):
+        return event.payload
+    if isinstance(event, Command):
+        return {"args": event.args}
+    if isinstance(event, CommandResult):
+        return {"result": event.result}
+    return None
+
+
+def check_event_depth(event: Event, raw: bytes | bytearray | str, max_depth: int) -> None:
+    """RemoteProtocolError(BAD_PAYLOAD) if the JSON `event` came in as (`raw`) nests
+    deeper than `max_depth` (docs/protocol.md, "Limits").
+
+    Counting brackets in `raw` is a sound shortcut: most payloads have fewer
+    brackets than the limit, and only the others are measured (iteratively).
+    """
+    if not text_exceeds_depth(raw, max_depth):
+        return
+    if exceeds_depth(_json_carried(event), max_depth):
+        raise RemoteProtocolError(
+            f"payload is nested too deeply (more than {max_depth} levels)",
+            code=NakReason.BAD_PAYLOAD,
+            seq=getattr(event, "seq", 0),
+        )
 
 
 def _bad_field(what: str, field: str, seq: int) -> RemoteProtocolError:
@@ -451,21 +490,40 @@ class NativeCodec:
 
     `max_frame_bytes` bounds a whole frame, header and CRC included, both
     ways. A frame whose header announces more is refused with TOO_LARGE
-    before its payload is buffered (docs/protocol.md, "Limits").
+    before its payload is buffered; JSON nested deeper than
+    `max_payload_depth` is refused with BAD_PAYLOAD (docs/protocol.md, "Limits").
     """
 
     name: ClassVar[str] = "native"
 
-    __slots__ = ("_buf", "_eof", "_error", "_max_payload", "_pos", "_state", "max_frame_bytes")
+    __slots__ = (
+        "_buf",
+        "_eof",
+        "_error",
+        "_max_payload",
+        "_pos",
+        "_state",
+        "max_frame_bytes",
+        "max_payload_depth",
+    )
 
-    def __init__(self, role: Role, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_payload_depth: int = DEFAULT_MAX_PAYLOAD_DEPTH,
+    ) -> None:
         if not isinstance(role, Role):
             raise TypeError(f"role must be a Role, not {role!r}")
         if not MIN_FRAME_BYTES <= max_frame_bytes <= FRAME_OVERHEAD + MAX_UINT32:
             raise ValueError(
                 f"max_frame_bytes must be {MIN_FRAME_BYTES}..{FRAME_OVERHEAD + MAX_UINT32}"
             )
+        if max_payload_depth < 1:
+            raise ValueError("max_payload_depth must be at least 1")
         self.max_frame_bytes = max_frame_bytes
+        self.max_payload_depth = max_payload_depth
         self._max_payload = max_frame_bytes - FRAME_OVERHEAD
         self._state = ConnectionState(role)
         # Received bytes; everything before `_pos` has been consumed.
@@ -574,7 +632,10 @@ class NativeCodec:
         kind, decode = entry
         self._state.received(kind, seq)
         self._pos = frame_end
-        return decode(buf[pos + HEADER_SIZE : body_end], seq)
+        body = buf[pos + HEADER_SIZE : body_end]
+        event = decode(body, seq)
+        check_event_depth(event, body, self.max_payload_depth)
+        return event
 
     # -- sending -----------------------------------------------------------
 

@@ -509,3 +509,77 @@ def test_user_and_token_commands(console_settings: Settings) -> None:
     assert token.returncode == 0 and "hubt_" in token.stdout
     assert name in cli(console_settings, "tokens", "list").stdout
     make_user(console_settings, f"{name}-2", "viewer")
+
+
+def _dead_letter(console: ConsoleProcess, device_id: str, seq: int) -> str:
+    """A dead letter as a worker records it when the database refused a telemetry batch."""
+    from hub import dead_letters
+    from hub.envelope import Envelope, Kind
+    from hub.storage import make_engine
+
+    envelope = Envelope(
+        device_id=device_id,
+        kind=Kind.TELEMETRY,
+        payload={"t": seq},
+        transport="tcp",
+        protocol="native",
+        seq=seq,
+    ).to_dict()
+    engine = make_engine(console.settings.effective_database_url)
+    try:
+        return dead_letters.record(
+            engine,
+            dead_letters.NewDeadLetter(
+                source="tasks.ingest.telemetry",
+                reason=dead_letters.STORE_FAILED,
+                error="the database refused the batch",
+                envelope=envelope,
+                task_name="tasks.ingest.telemetry",
+                task_args=[[envelope]],
+            ),
+        )
+    finally:
+        engine.dispose()
+
+
+def test_dead_letters_list_show_replay_and_discard(
+    worker: Worker,
+    console: ConsoleProcess,
+    viewer: httpx.Client,
+    operator: httpx.Client,
+    device_prefix: str,
+) -> None:
+    device_id = f"{device_prefix}dl"
+    first, second = _dead_letter(console, device_id, 1), _dead_letter(console, device_id, 2)
+
+    page = viewer.get("/api/dead-letters").json()
+    mine = {d["id"]: d for d in page["items"] if d["device_id"] == device_id}
+    assert set(mine) == {first, second}
+    assert mine[first]["reason"] == "store_failed" and mine[first]["replayable"] is True
+    assert page["counts"]["dead"] >= 2
+    shown = viewer.get(f"/api/dead-letters/{first}").json()
+    assert '"t":1' in shown["payload"].replace(" ", "")
+    assert viewer.post(f"/api/dead-letters/{first}/replay").status_code == 403
+    assert viewer.delete(f"/api/dead-letters/{first}").status_code == 403
+
+    replayed = operator.post(f"/api/dead-letters/{first}/replay")
+    assert replayed.status_code == 200, replayed.text
+    assert replayed.json()["task_id"]
+    again = operator.post(f"/api/dead-letters/{first}/replay")
+    assert again.status_code == 409 and "replayed, not dead" in again.json()["detail"]
+    from hub.storage import count_rows, make_engine
+
+    engine = make_engine(console.settings.effective_database_url)
+    try:
+        assert wait_until(lambda: count_rows(engine, device_prefix=device_id) == 1, timeout=60)
+    finally:
+        engine.dispose()
+
+    assert operator.delete(f"/api/dead-letters/{second}").status_code == 204
+    assert viewer.get(f"/api/dead-letters/{second}").json()["status"] == "discarded"
+    assert operator.delete(f"/api/dead-letters/{second}").status_code == 409
+    assert viewer.get("/api/dead-letters/nope").status_code == 404
+    assert operator.post("/api/dead-letters/nope/replay").status_code == 404
+    actions = {(e["action"], e["target"]) for e in _audit(console)}
+    assert ("dead_letter.replay", first) in actions
+    assert ("dead_letter.discard", second) in actions

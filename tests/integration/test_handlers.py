@@ -11,14 +11,12 @@ import sys
 from collections.abc import Callable
 
 import pytest
-from kombu import Connection
 from sqlalchemy import Engine
 
-from bridges.queues import queue_depths
 from firmware_sim.fleet import run_tcp_fleet
+from hub import dead_letters
 from hub.commands import SUCCEEDED
 from hub.protocol.events import Ack, Command, CommandResult
-from hub.routing import DEAD_LETTER_QUEUE
 from hub.storage import CommandRow, count_rows
 from tests.support.processes import ROOT, HubThread, Worker, settings_env, wait_until
 from tests.support.raw_device import RawDevice
@@ -63,32 +61,12 @@ def test_a_handler_commands_a_device_that_runs_hot(
     assert wait_until(answered, timeout=30)
 
 
-def _dead_letters_of(broker_url: str, device_id: str, timeout: float) -> list[dict[str, object]]:
-    """Take this test's messages off the dead-letter queue (others' stay)."""
-    found: list[dict[str, object]] = []
-
-    def collect() -> bool:
-        with Connection(broker_url) as conn:
-            queue = conn.SimpleQueue(DEAD_LETTER_QUEUE)
-            try:
-                while True:
-                    try:
-                        message = queue.get(timeout=0.5)
-                    except queue.Empty:
-                        break
-                    body = message.payload
-                    if body["envelope"]["device_id"] == device_id:
-                        found.append(body)
-                        message.ack()
-                    else:
-                        message.requeue()
-                        break
-            finally:
-                queue.close()
-        return bool(found)
-
-    wait_until(collect, timeout=timeout, interval=1)
-    return found
+def _dead_letters_of(engine: Engine, device_id: str) -> list[dict[str, object]]:
+    return [
+        dead_letters.get_dead_letter(engine, str(row["id"]))
+        for row in dead_letters.list_dead_letters(engine, status=None, limit=1000)
+        if row["device_id"] == device_id
+    ]
 
 
 def test_a_raising_handler_is_retried_then_dead_lettered_while_the_rest_flows(
@@ -115,24 +93,41 @@ def test_a_raising_handler_is_retried_then_dead_lettered_while_the_rest_flows(
     assert summary.acknowledged == 500
     assert wait_until(lambda: count_rows(engine, device_prefix=f"{device_prefix}ok-") == 500)
 
-    def dead_lettered() -> bool:
-        return (queue_depths(rabbitmq_url).get(DEAD_LETTER_QUEUE) or 0) >= 1
-
-    # Three retries with backoff (0.5 + 1 + 2 s), then the dead-letter queue.
-    assert wait_until(dead_lettered, timeout=60, interval=0.5)
+    # Three retries with backoff (0.5 + 1 + 2 s), then a dead letter in the database.
+    assert wait_until(lambda: bool(_dead_letters_of(engine, boom_id)), timeout=60, interval=0.5)
+    # The hub reads the workers' counters every few seconds.
+    assert wait_until(
+        lambda: hub.call_soon(hub.app.status)["workers"]["dead_letters"] >= 1, timeout=30
+    )
+    assert hub.app.http is not None
     status = subprocess.run(
-        [sys.executable, "-m", "hub.cli", "status", "--json"],
+        [
+            sys.executable,
+            "-m",
+            "hub.cli",
+            "status",
+            "--json",
+            "--url",
+            f"http://127.0.0.1:{hub.app.http.port}/status",
+        ],
         cwd=ROOT,
         env=settings_env(hub.settings),
         capture_output=True,
         text=True,
         timeout=60,
     )
-    letters = _dead_letters_of(rabbitmq_url, boom_id, timeout=60)
+    letters = _dead_letters_of(engine, boom_id)
     assert len(letters) == 1
-    assert letters[0]["handler"] == "tests.support.example_handlers.always_raises"
-    assert "handler bug triggered by" in str(letters[0]["error"])
-    assert "RuntimeError" in str(letters[0]["traceback"])
+    assert letters[0]["source"] == "tests.support.example_handlers.always_raises"
+    assert letters[0]["reason"] == "handler_failed"
+    assert letters[0]["attempts"] == 4
+    assert "RuntimeError: handler bug triggered by" in str(letters[0]["error"])
     assert count_rows(engine, device_prefix=boom_id) == 1  # stored before the handlers ran
     assert status.returncode == 0, status.stderr
-    assert json.loads(status.stdout)["queues"][DEAD_LETTER_QUEUE] >= 1
+    workers = json.loads(status.stdout)["hub"]["workers"]
+    assert workers["dead_letters"] >= 1
+    assert workers["rows_stored"] >= 501
+    assert workers["task_failures"] >= 4
+    metrics = hub.call_soon(hub.app.metrics.render).decode()
+    assert "hub_worker_dead_letters_total" in metrics
+    assert 'hub_dead_letters{status="dead"}' in metrics
