@@ -3,7 +3,7 @@
 (function () {
   "use strict";
   var NS = "http://www.w3.org/2000/svg";
-  var W = 600, H = 180, PAD_L = 48, PAD_R = 10, PAD_T = 10, PAD_B = 24;
+  var H = 180, PAD_L = 48, PAD_R = 10, PAD_T = 10, PAD_B = 24;
 
   function el(name, attrs) {
     var node = document.createElementNS(NS, name);
@@ -32,8 +32,8 @@
     this.latest.className = "mono";
     this.caption.appendChild(this.title);
     this.caption.appendChild(this.latest);
-    this.svg = el("svg", { viewBox: "0 0 " + W + " " + H, preserveAspectRatio: "none",
-                           role: "img" });
+    // Drawn at the figure's own width (no stretching: labels stay legible).
+    this.svg = el("svg", { role: "img", height: H });
     this.figure.appendChild(this.caption);
     this.figure.appendChild(this.svg);
     container.appendChild(this.figure);
@@ -57,6 +57,9 @@
 
   LineChart.prototype.draw = function () {
     var svg = this.svg, pts = this.points;
+    var W = Math.max(this.figure.clientWidth || 0, 200);
+    svg.setAttribute("viewBox", "0 0 " + W + " " + H);
+    svg.setAttribute("width", W);
     while (svg.firstChild) svg.removeChild(svg.firstChild);
     svg.setAttribute("data-points", String(pts.length));
     var last = pts.length ? pts[pts.length - 1].v : null;

@@ -117,6 +117,7 @@ var Console = (function () {
           rows.appendChild(tr);
         }
         countOnline();
+        text(document.getElementById("total-count"), String(page.total));
       });
     }
 

@@ -27,10 +27,10 @@ StartDevice = Callable[..., SimulatedDevice]
 SHOTS = os.environ.get("CONSOLE_SCREENSHOTS")
 
 
-def shot(page: Page, name: str) -> None:
+def shot(page: Page, name: str, *, full_page: bool = False) -> None:
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(SHOTS) / f"console-{name}.png"))
+        page.screenshot(path=str(Path(SHOTS) / f"console-{name}.png"), full_page=full_page)
 
 
 def log_in(page: Page, console: ConsoleProcess, name: str, password: str) -> None:
@@ -118,7 +118,8 @@ def test_an_admin_adds_a_device_watches_it_come_online_charts_it_and_pings_it(
     expect(reply).to_contain_text('"pong": true')
     recent = page.get_by_role("table", name="Recent commands")
     expect(recent.get_by_role("row").filter(has_text="ping").first).to_contain_text("succeeded")
-    shot(page, "device")
+    page.evaluate("window.scrollTo(0, 0)")
+    shot(page, "device", full_page=True)
 
     # The audit log shows who did it.
     page.get_by_role("link", name="Audit log").click()
