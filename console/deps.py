@@ -103,7 +103,10 @@ async def _check_csrf(request: Request, session: LoginSession) -> None:
         value = form.get("csrf_token")
         sent = value if isinstance(value, str) else None
     if not sent or not hmac.compare_digest(sent, session.csrf_token):
-        raise CsrfFailed("the form is stale or was not sent by the console; reload the page")
+        raise CsrfFailed(
+            "missing or wrong CSRF token: the form is stale or was not sent by the console; "
+            "reload the page"
+        )
 
 
 def require(role: Role) -> Callable[..., object]:

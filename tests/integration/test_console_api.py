@@ -583,3 +583,68 @@ def test_dead_letters_list_show_replay_and_discard(
     actions = {(e["action"], e["target"]) for e in _audit(console)}
     assert ("dead_letter.replay", first) in actions
     assert ("dead_letter.discard", second) in actions
+
+
+def _login_form(client: httpx.Client) -> str:
+    import re
+
+    found = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text)
+    assert found is not None
+    return found.group(1)
+
+
+def test_browser_login_cookie_csrf_and_slowed_down_failures(
+    console: ConsoleProcess, console_settings: Settings, device_prefix: str
+) -> None:
+    name = f"admin-{time.monotonic_ns()}"
+    password = make_user(console_settings, name, "admin")
+    with httpx.Client(base_url=console.url, timeout=30) as browser:
+        # A login without the form's token is refused.
+        refused = browser.post(
+            "/login", data={"username": name, "password": password, "csrf_token": "forged"}
+        )
+        assert refused.status_code == 403
+        answer = browser.post(
+            "/login",
+            data={"username": name, "password": password, "csrf_token": _login_form(browser)},
+        )
+        assert answer.status_code == 303 and answer.headers["location"] == "/devices"
+        cookie = answer.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=lax" in cookie and "Max-Age=" in cookie
+        page = browser.get("/devices")
+        assert page.status_code == 200
+        csrf = page.text.split('name="csrf-token" content="', 1)[1].split('"', 1)[0]
+
+        # With the cookie, a change needs the session's CSRF token.
+        body = {"id": f"{device_prefix}c"}
+        assert browser.post("/api/devices", json=body).status_code == 403
+        forged = browser.post("/api/devices", json=body, headers={"X-CSRF-Token": "x"})
+        assert forged.status_code == 403 and "CSRF token" in forged.json()["detail"]
+        made = browser.post("/api/devices", json=body, headers={"X-CSRF-Token": csrf})
+        assert made.status_code == 201
+        no_field = browser.post("/provisioning/add", data={"device_id": f"{device_prefix}d"})
+        assert no_field.status_code == 403
+        with_field = browser.post(
+            "/provisioning/add", data={"device_id": f"{device_prefix}d", "csrf_token": csrf}
+        )
+        assert with_field.status_code == 200 and "shown only this once" in with_field.text
+
+        out = browser.post("/logout", data={"csrf_token": csrf})
+        assert out.status_code == 303
+        assert browser.get("/api/devices").status_code == 401
+
+    with httpx.Client(base_url=console.url, timeout=30) as guesser:
+        codes = []
+        for _ in range(7):
+            wrong = guesser.post(
+                "/login",
+                data={"username": name, "password": "guess", "csrf_token": _login_form(guesser)},
+            )
+            codes.append(wrong.status_code)
+        assert codes[:5] == [401] * 5
+        assert 429 in codes[5:]
+        slowed = guesser.post(
+            "/login",
+            data={"username": name, "password": password, "csrf_token": _login_form(guesser)},
+        )
+        assert slowed.status_code == 429 and "Too many failed logins" in slowed.text
