@@ -67,6 +67,7 @@ class HubApp:
         self._worker: subprocess.Popen[bytes] | None = None
         self._supervisor: asyncio.Future[None] | None = None
         self._heartbeat: asyncio.Future[None] | None = None
+        self._beat_write: asyncio.Future[None] | None = None
         self._background: set[asyncio.Future[Any]] = set()
         self._started_at = datetime.now(UTC)
         self._worker_stats: asyncio.Future[None] | None = None
@@ -200,8 +201,15 @@ class HubApp:
 
     async def _beat(self) -> None:
         while True:
+            # Shielded: a write under way when the hub stops finishes before the
+            # row is removed (stop() waits for it), so no stale row is left.
+            self._beat_write = asyncio.ensure_future(
+                asyncio.to_thread(hubs.beat, self.engine, self.heartbeat())
+            )
             try:
-                await asyncio.to_thread(hubs.beat, self.engine, self.heartbeat())
+                await asyncio.shield(self._beat_write)
+            except asyncio.CancelledError:
+                raise
             except Exception:  # boundary: the database is away; the next beat tries again
                 log.exception("could not write the hub's heartbeat")
             await asyncio.sleep(self.settings.hub_heartbeat_s)
@@ -265,6 +273,8 @@ class HubApp:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             self._heartbeat = None
+            if self._beat_write is not None:
+                await asyncio.gather(self._beat_write, return_exceptions=True)
             try:
                 await asyncio.to_thread(hubs.gone, self.engine, self.downlink.hub_id)
             except Exception:  # boundary: the row then ages out (three missed beats)

@@ -648,3 +648,24 @@ def test_browser_login_cookie_csrf_and_slowed_down_failures(
             data={"username": name, "password": password, "csrf_token": _login_form(guesser)},
         )
         assert slowed.status_code == 429 and "Too many failed logins" in slowed.text
+
+
+def test_a_stopped_hub_leaves_no_heartbeat_and_its_devices_go_offline(
+    hub_settings_factory: Callable[..., Settings],
+    admin: httpx.Client,
+    viewer: httpx.Client,
+    device_prefix: str,
+) -> None:
+    hub = HubThread(hub_settings_factory(hub_heartbeat_s=0.3))
+    hub_id = hub.app.downlink.hub_id
+    try:
+        device_id = f"{device_prefix}gone"
+        device = RawDevice(hub.tcp_port)
+        assert isinstance(device.hello(device_id, _create(admin, device_id)), Ack)
+        assert wait_until(lambda: _device(viewer, device_id)["online"], timeout=30)
+        assert any(h["id"] == hub_id for h in viewer.get("/api/hubs").json())
+    finally:
+        hub.stop()
+    assert all(h["id"] != hub_id for h in viewer.get("/api/hubs").json())
+    assert _device(viewer, device_id)["online"] is False
+    device.close()
