@@ -129,6 +129,24 @@ def test_an_admin_adds_a_device_watches_it_come_online_charts_it_and_pings_it(
     ).to_contain_text(f"user:{accounts['admin'][0]}")
     expect(audit.get_by_role("row").filter(has_text="command.send").first).to_be_visible()
 
+    # Users: a new one's password is shown once; removing it takes it off the list.
+    page.get_by_role("link", name="Users").click()
+    add_user = page.get_by_role("region", name="Add a user")
+    add_user.get_by_label("Name").fill(f"{device_prefix}ann")
+    add_user.get_by_label("Role").select_option("viewer")
+    add_user.get_by_role("button", name="Add user").click()
+    expect(page.get_by_role("region", name=f"Password for {device_prefix}ann")).to_contain_text(
+        "Shown only this once"
+    )
+    users = page.get_by_role("table", name="Users")
+    expect(users.get_by_role("row").filter(has_text=f"{device_prefix}ann")).to_contain_text(
+        "viewer"
+    )
+    page.once("dialog", lambda dialog: dialog.accept())
+    users.get_by_role("button", name=f"Remove {device_prefix}ann").click()
+    expect(page.get_by_role("status")).to_contain_text(f"User {device_prefix}ann removed")
+    expect(users.get_by_role("row").filter(has_text=f"{device_prefix}ann")).to_have_count(0)
+
     # Hubs and queues.
     page.get_by_role("link", name="Hubs").click()
     expect(page.get_by_role("region", name=f"Hub {hub.app.downlink.hub_id}")).to_contain_text(
