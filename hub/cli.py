@@ -161,6 +161,13 @@ def _registry(ctx: click.Context) -> Any:
     return Registry(make_engine(settings.effective_database_url))
 
 
+def _audit(registry: Any, action: str, device_id: str) -> None:
+    """Changes made from the command line go into the console's audit log too."""
+    from hub import audit
+
+    audit.record(registry.engine, "cli", action, device_id)
+
+
 @devices.command("add")
 @click.argument("device_id")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -168,7 +175,9 @@ def _registry(ctx: click.Context) -> Any:
 @friendly_errors
 def devices_add(ctx: click.Context, device_id: str, as_json: bool) -> None:
     """Register DEVICE_ID and print its new credential (shown only once)."""
-    credential = _registry(ctx).add(device_id)
+    registry = _registry(ctx)
+    credential = registry.add(device_id)
+    _audit(registry, "device.add", device_id)
     if as_json:
         _emit_json({"device_id": device_id, "credential": credential})
     else:
@@ -198,8 +207,10 @@ def devices_list(ctx: click.Context, as_json: bool) -> None:
 @friendly_errors
 def devices_remove(ctx: click.Context, device_id: str) -> None:
     """Remove DEVICE_ID from the registry (its data stays)."""
-    if not _registry(ctx).remove(device_id):
+    registry = _registry(ctx)
+    if not registry.remove(device_id):
         raise HubError(f"no device {device_id!r}")
+    _audit(registry, "device.remove", device_id)
     click.echo(f"device {device_id} removed")
 
 

@@ -51,6 +51,10 @@ class Registry:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
     def add(self, device_id: str, credential: str | None = None) -> str:
         """Register a device; returns its credential (generated unless given)."""
         try:

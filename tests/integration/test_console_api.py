@@ -510,6 +510,22 @@ def test_user_and_token_commands(console_settings: Settings) -> None:
     assert name in cli(console_settings, "tokens", "list").stdout
     make_user(console_settings, f"{name}-2", "viewer")
 
+    # Devices added and removed on the command line are in the audit log too.
+    from hub import audit
+    from hub.storage import make_engine
+
+    assert cli(console_settings, "devices", "add", f"{name}-dev").returncode == 0
+    assert cli(console_settings, "devices", "remove", f"{name}-dev").returncode == 0
+    engine = make_engine(console_settings.effective_database_url)
+    try:
+        entries = [
+            (e.actor, e.action) for e in audit.recent(engine, 500) if e.target.startswith(name)
+        ]
+    finally:
+        engine.dispose()
+    assert ("cli", "device.add") in entries and ("cli", "device.remove") in entries
+    assert ("cli", "user.add") in entries and ("cli", "token.add") in entries
+
 
 def _dead_letter(console: ConsoleProcess, device_id: str, seq: int) -> str:
     """A dead letter as a worker records it when the database refused a telemetry batch."""
