@@ -32,12 +32,15 @@ from hub.commands import (
     forget_hub,
     pending_commands,
 )
+from hub.control import is_control
 from hub.settings import Settings
 
 log = logging.getLogger(__name__)
 
 #: A transport's way to hand a command to a connected device; False if it does not hold it.
 Deliver = Callable[[PendingCommand], bool]
+#: Who handles control messages to this hub (hub/control.py), called on the loop.
+ControlHandler = Callable[[dict[str, Any]], None]
 
 
 class Downlink:
@@ -56,6 +59,11 @@ class Downlink:
         # Each device's newest connection record, which the next one waits for.
         self._tails: dict[str, asyncio.Future[None]] = {}
         self.delivered = 0
+        self._control: ControlHandler | None = None
+
+    def on_control(self, handler: ControlHandler) -> None:
+        """Route control messages (hub/control.py) that arrive on this hub's queue."""
+        self._control = handler
 
     def add_transport(self, deliver: Deliver) -> None:
         self._transports.append(deliver)
@@ -148,6 +156,12 @@ class Downlink:
         return Queue(name, Exchange(""), routing_key=name, durable=False, auto_delete=True)
 
     def _on_message(self, body: Any, message: Any) -> None:
+        if is_control(body):
+            if self._control is not None:
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._control, body)
+            message.ack()
+            return
         try:
             command = PendingCommand.from_dict(body)
         except (KeyError, TypeError, ValueError) as exc:

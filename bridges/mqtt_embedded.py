@@ -776,6 +776,18 @@ class HubBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     def port(self) -> int:
         return int(self._listen_socket.getsockname()[1])
 
+    async def disconnect_device(self, device_id: str) -> int:
+        """Close every connection authenticated as the device; how many there were."""
+        closed = 0
+        for session, handler in list(self._sessions.values()):
+            if (
+                session.attributes.get(DEVICE_ATTRIBUTE) == device_id
+                and session.transitions.is_connected()
+            ):
+                await self._stop_handler(handler)
+                closed += 1
+        return closed
+
     def connected_devices(self) -> int:
         return sum(
             1
@@ -943,6 +955,10 @@ class EmbeddedMqtt:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return True
+
+    async def disconnect_device(self, device_id: str) -> int:
+        """Drop the device's connections (it was re-keyed or removed)."""
+        return await self._broker.disconnect_device(device_id) if self._broker is not None else 0
 
     async def stop(self) -> None:
         """Close every connection and the listener. Messages still waiting to be

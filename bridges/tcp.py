@@ -537,6 +537,14 @@ class TcpServer:
             return False
         return connection.send_command(command.id, command.name, command.args)
 
+    def disconnect_device(self, device_id: str) -> bool:
+        """Close the device's connection if it is held here (re-keyed or removed)."""
+        connection = self.devices.get(device_id)
+        if connection is None:
+            return False
+        connection._close()
+        return True
+
     def presence(self, device_id: str, *, online: bool, since: datetime) -> None:
         """Record a connect or disconnect of the connection accepted at `since` as a
         presence envelope (not acknowledged to anyone; ordered by hub/presence.py)."""

@@ -15,10 +15,12 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,9 @@ from bridges.downlink import Downlink
 from bridges.http_status import HttpStatusServer, Readiness
 from bridges.tcp import TcpServer
 from bridges.worker_stats import poll as poll_worker_stats
-from hub import __version__
+from hub import __version__, hubs
+from hub.commands import PendingCommand, mark_delivered
+from hub.control import parse_control
 from hub.errors import ConfigError
 from hub.metrics import Metrics
 from hub.registry import CredentialCache, Registry
@@ -62,6 +66,10 @@ class HubApp:
         self.http: HttpStatusServer | None = None
         self._worker: subprocess.Popen[bytes] | None = None
         self._supervisor: asyncio.Future[None] | None = None
+        self._heartbeat: asyncio.Future[None] | None = None
+        self._beat_write: asyncio.Future[None] | None = None
+        self._background: set[asyncio.Future[Any]] = set()
+        self._started_at = datetime.now(UTC)
         self._worker_stats: asyncio.Future[None] | None = None
         # The embedded default runs its own worker; with RabbitMQ, workers are
         # separate `celery -A tasks worker` processes.
@@ -87,7 +95,7 @@ class HubApp:
                     self.downlink,
                 )
                 await server.start()
-                self.downlink.add_transport(server.deliver_command)
+                self.downlink.add_transport(self._noting_delivery(server.deliver_command))
                 self.tcp_servers.append(server)
             if self.settings.mqtt_enabled:
                 await self._start_mqtt()
@@ -99,6 +107,8 @@ class HubApp:
                 self.readiness,
             )
             await self.http.start()
+            self.downlink.on_control(self._on_control)
+            self._heartbeat = asyncio.ensure_future(self._beat())
             self._worker_stats = asyncio.ensure_future(poll_worker_stats(self.engine, self.metrics))
             if self._run_worker:
                 self._start_worker()
@@ -126,7 +136,87 @@ class HubApp:
         await self.mqtt.start()
         deliver = getattr(self.mqtt, "deliver_command", None)
         if deliver is not None:
-            self.downlink.add_transport(deliver)
+            self.downlink.add_transport(self._noting_delivery(deliver))
+
+    # -- commands, control messages and the heartbeat (what the console sees) ----
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _noting_delivery(
+        self, deliver: Callable[[PendingCommand], bool]
+    ) -> Callable[[PendingCommand], bool]:
+        """Wrap a transport's delivery so that a delivered command says so in the database."""
+
+        def noted(command: PendingCommand) -> bool:
+            if not deliver(command):
+                return False
+            self._spawn(self._mark_delivered(command.id))
+            return True
+
+        return noted
+
+    async def _mark_delivered(self, command_id: str) -> None:
+        try:
+            await asyncio.to_thread(mark_delivered, self.engine, command_id)
+        except Exception:  # boundary: the status is informative; the command is on its way
+            log.exception("could not record the delivery of command %s", command_id)
+
+    def _on_control(self, body: dict[str, Any]) -> None:
+        control = parse_control(body)
+        if control is None:
+            log.warning("dropping an unknown control message: %r", body)
+            return
+        self._spawn(self._disconnect(control.device_id, control.reason))
+
+    async def _disconnect(self, device_id: str, reason: str) -> None:
+        """Reload the device's credential, then drop its connections on every transport."""
+        try:
+            await self.refresh_credentials(device_id)
+        except Exception:  # boundary: the registry is away; still drop the connection
+            log.exception("could not reload the credential of %r", device_id)
+            self.credentials.forget(device_id)
+        closed = sum(server.disconnect_device(device_id) for server in self.tcp_servers)
+        disconnect_mqtt = getattr(self.mqtt, "disconnect_device", None)
+        if disconnect_mqtt is not None:
+            closed += await disconnect_mqtt(device_id)
+        if closed:
+            log.info("device %r disconnected (%s)", device_id, reason or "control message")
+
+    def heartbeat(self) -> hubs.Heartbeat:
+        status = self.status()
+        mqtt = status["devices_connected"]["mqtt"]
+        return hubs.Heartbeat(
+            hub_id=self.downlink.hub_id,
+            version=__version__,
+            mode=self.mode(),
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            listeners=status["listeners"],
+            devices_tcp=int(status["devices_connected"]["tcp"]),
+            devices_mqtt=int(mqtt or 0),
+            spool_messages=int(status["spool_messages"]),
+            broker_connected=bool(status["broker_connected"]),
+            heartbeat_s=self.settings.hub_heartbeat_s,
+            started_at=self._started_at,
+        )
+
+    async def _beat(self) -> None:
+        while True:
+            # Shielded: a write under way when the hub stops finishes before the
+            # row is removed (stop() waits for it), so no stale row is left.
+            self._beat_write = asyncio.ensure_future(
+                asyncio.to_thread(hubs.beat, self.engine, self.heartbeat())
+            )
+            try:
+                await asyncio.shield(self._beat_write)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # boundary: the database is away; the next beat tries again
+                log.exception("could not write the hub's heartbeat")
+            await asyncio.sleep(self.settings.hub_heartbeat_s)
 
     def _start_worker(self) -> None:
         env = dict(os.environ)
@@ -184,6 +274,15 @@ class HubApp:
         if self._supervisor is not None:
             self._supervisor.cancel()
             self._supervisor = None
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
+            if self._beat_write is not None:
+                await asyncio.gather(self._beat_write, return_exceptions=True)
+            try:
+                await asyncio.to_thread(hubs.gone, self.engine, self.downlink.hub_id)
+            except Exception:  # boundary: the row then ages out (three missed beats)
+                log.exception("could not remove the hub's heartbeat row")
         for server in self.tcp_servers:
             await server.stop()
         self.tcp_servers.clear()

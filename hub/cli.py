@@ -10,6 +10,7 @@ status; `--verbose` adds the traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -157,6 +158,13 @@ def _registry(ctx: click.Context, *, create: bool = False) -> Any:
     return Registry(_engine(ctx, create=create))
 
 
+def _audit(registry: Any, action: str, device_id: str) -> None:
+    """Changes made from the command line go into the console's audit log too."""
+    from hub import audit
+
+    audit.record(registry.engine, "cli", action, device_id)
+
+
 @devices.command("add")
 @click.argument("device_id")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -164,7 +172,9 @@ def _registry(ctx: click.Context, *, create: bool = False) -> Any:
 @friendly_errors
 def devices_add(ctx: click.Context, device_id: str, as_json: bool) -> None:
     """Register DEVICE_ID and print its new credential (shown only once)."""
-    credential = _registry(ctx, create=True).add(device_id)
+    registry = _registry(ctx, create=True)
+    credential = registry.add(device_id)
+    _audit(registry, "device.add", device_id)
     if as_json:
         _emit_json({"device_id": device_id, "credential": credential})
     else:
@@ -194,8 +204,10 @@ def devices_list(ctx: click.Context, as_json: bool) -> None:
 @friendly_errors
 def devices_remove(ctx: click.Context, device_id: str) -> None:
     """Remove DEVICE_ID from the registry (its data stays)."""
-    if not _registry(ctx).remove(device_id):
+    registry = _registry(ctx)
+    if not registry.remove(device_id):
         raise HubError(f"no device {device_id!r}")
+    _audit(registry, "device.remove", device_id)
     click.echo(f"device {device_id} removed")
 
 
@@ -340,6 +352,102 @@ def send(
         _emit_json({"command_id": result.id, "ok": True, "result": reply})
     else:
         click.echo(json.dumps(reply, default=_json_default))
+
+
+@main.command(
+    epilog="Examples:\n\n\b\n  hub console\n  HUB_CONSOLE_PORT=9000 hub console\n"
+    "  hub users add alice --role admin   # then log in at http://127.0.0.1:8081/"
+)
+@click.option("--host", help="Address to listen on (HUB_HOST, default 0.0.0.0).")
+@click.option("--port", "console_port", type=int, help="Port (HUB_CONSOLE_PORT, 8081).")
+@click.pass_context
+@friendly_errors
+def console(ctx: click.Context, /, **options: Any) -> None:
+    """Serve the web console and HTTP API (a process of its own, beside `hub run`)."""
+    settings = _settings(ctx, **options)
+    from console.server import serve
+
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(settings)
+
+
+def _accounts_engine(ctx: click.Context) -> Any:
+    return _engine(ctx)
+
+
+def _account_group(kind: str, secret_name: str) -> click.Group:
+    plural = f"{kind}s"
+
+    @click.group(
+        name=plural, help=f"Console {plural}: add (prints the {secret_name} once), list, remove."
+    )
+    def group() -> None:
+        pass
+
+    @group.command(
+        "add", help=f"Add a {kind} NAME with a role; prints its {secret_name} (shown only once)."
+    )
+    @click.argument("name")
+    @click.option(
+        "--role",
+        type=click.Choice(["viewer", "operator", "admin"]),
+        required=True,
+        help="viewer reads; operator also sends commands and replays dead letters; "
+        "admin also changes devices, users and tokens.",
+    )
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @click.pass_context
+    @friendly_errors
+    def add(ctx: click.Context, name: str, role: str, as_json: bool) -> None:
+        from hub import accounts, audit
+
+        engine = _accounts_engine(ctx)
+        secret = (accounts.add_user if kind == "user" else accounts.add_token)(engine, name, role)
+        audit.record(engine, "cli", f"{kind}.add", name, {"role": role})
+        if as_json:
+            _emit_json({"name": name, "role": role, secret_name: secret})
+        else:
+            click.echo(f"{kind} {name} ({role}) added; its {secret_name} (shown only once):")
+            click.echo(secret)
+
+    @group.command("list", help=f"List console {plural}.")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @click.pass_context
+    @friendly_errors
+    def list_(ctx: click.Context, as_json: bool) -> None:
+        from hub import accounts
+
+        engine = _accounts_engine(ctx)
+        found = accounts.users(engine) if kind == "user" else accounts.tokens(engine)
+        if as_json:
+            _emit_json(
+                [{"name": a.name, "role": a.role, "created_at": a.created_at} for a in found]
+            )
+            return
+        for a in found:
+            click.echo(f"{a.name}\t{a.role}\t{a.created_at:%Y-%m-%d %H:%M:%S}")
+        if not found:
+            click.echo(f"no {plural}; add one with `hub {plural} add NAME --role ...`", err=True)
+
+    @group.command("remove", help=f"Remove a {kind}; it can no longer log in or call the API.")
+    @click.argument("name")
+    @click.pass_context
+    @friendly_errors
+    def remove(ctx: click.Context, name: str) -> None:
+        from hub import accounts, audit
+
+        engine = _accounts_engine(ctx)
+        removed = (accounts.remove_user if kind == "user" else accounts.remove_token)(engine, name)
+        if not removed:
+            raise HubError(f"no {kind} {name!r}")
+        audit.record(engine, "cli", f"{kind}.remove", name)
+        click.echo(f"{kind} {name} removed")
+
+    return group
+
+
+main.add_command(_account_group("user", "password"))
+main.add_command(_account_group("token", "token"))
 
 
 @main.group("dead-letters")

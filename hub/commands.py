@@ -23,6 +23,10 @@ from sqlalchemy import Engine, delete, insert, select, update
 from hub.storage import CommandRow, DeviceConnection, _insert_ignore
 
 PENDING = "pending"
+#: Handed to the device's connection; still open (the device may not have answered).
+DELIVERED = "delivered"
+#: Not finished yet: a delivered command is delivered again on the next connect.
+OPEN = (PENDING, DELIVERED)
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 EXPIRED = "expired"
@@ -89,24 +93,34 @@ def create_command(
 
 
 def finish_command(engine: Engine, command_id: str, status: str) -> bool:
-    """Move a pending command to `status`; False if it was not pending any more."""
+    """Move an open command to `status`; False if it was finished already."""
     with engine.begin() as conn:
         result = conn.execute(
             update(CommandRow)
-            .where(CommandRow.id == command_id, CommandRow.status == PENDING)
+            .where(CommandRow.id == command_id, CommandRow.status.in_(OPEN))
             .values(status=status, finished_at=datetime.now(UTC))
         )
     return result.rowcount == 1
 
 
+def mark_delivered(engine: Engine, command_id: str) -> None:
+    """Note that a hub handed the command to its device (pending -> delivered)."""
+    with engine.begin() as conn:
+        conn.execute(
+            update(CommandRow)
+            .where(CommandRow.id == command_id, CommandRow.status == PENDING)
+            .values(status=DELIVERED)
+        )
+
+
 def pending_commands(engine: Engine, device_id: str) -> list[PendingCommand]:
-    """A device's pending, unexpired commands, oldest first."""
+    """A device's open (pending or delivered), unexpired commands, oldest first."""
     now = datetime.now(UTC)
     query = (
         select(CommandRow)
         .where(
             CommandRow.device_id == device_id,
-            CommandRow.status == PENDING,
+            CommandRow.status.in_(OPEN),
             CommandRow.expires_at > now,
         )
         .order_by(CommandRow.created_at)

@@ -4,7 +4,9 @@ Layer: composition root, like `hub.app` and `hub.cli`: it imports the hub core,
 `hub.app` (and through it `bridges`), `tasks` and `firmware_sim`, which no
 other layer may combine.
 
-One process runs everything on one event loop: the hub (`HubApp`, with its
+The web console (`hub console`) runs beside it as a child process of its own,
+and the header prints its address and a login. One process runs everything
+else on one event loop: the hub (`HubApp`, with its
 worker child in the embedded default), a TCP fleet and an MQTT fleet from the
 firmware simulator, a sampler that reads what the worker stored, and the view.
 Midway it sends `ping` and `set_interval` to the first device of each
@@ -44,6 +46,7 @@ from typing import Any, TextIO
 from firmware_sim.fleet import FleetStats, FleetSummary, device_ids, run_mqtt_fleet, run_tcp_fleet
 from firmware_sim.provision import provision_devices
 from hub.app import HubApp, prepare_data_dir
+from hub.console_child import ConsoleChild, start_console
 from hub.errors import CommandExpired, ConfigError
 from hub.settings import Settings
 from hub.storage import count_rows, device_state
@@ -494,6 +497,8 @@ class Demo:
             _Transport("mqtt", MQTT_PREFIX, options.devices),
         ]
         self.app: HubApp | None = None
+        self.console: ConsoleChild | None = None
+        self.console_line = ""
         self.mode = ""
         self.listeners = ""
         self.phase = "starting"
@@ -540,6 +545,7 @@ class Demo:
         self.app = app
         background: list[asyncio.Task[Any]] = []
         try:
+            await self._start_console()
             self._describe_hub(app)
             await self._baselines(app)
             self.display.begin(self._header())
@@ -581,6 +587,8 @@ class Demo:
             try:
                 self.stop_devices.set()
                 await self._finish_fleets()
+                if self.console is not None:
+                    await asyncio.to_thread(self.console.stop)
                 await app.stop()
                 self.phase = "interrupted" if self.interrupted.is_set() else "done"
                 self.display.end(self.snapshot())
@@ -622,6 +630,17 @@ class Demo:
         await app.start()
         return app
 
+    async def _start_console(self) -> None:
+        """The web console beside the hub, as its own process; the demo goes on without it."""
+        try:
+            self.console = await asyncio.to_thread(start_console, self.settings)
+        except Exception as exc:  # boundary: the fleet demo does not need the console
+            log.debug("the console did not start", exc_info=True)
+            self.console_line = f"console   unavailable: {exc}"
+            return
+        c = self.console
+        self.console_line = f"console   {c.url}  (log in as {c.user} / {c.password})"
+
     def _without_mqtt(self) -> Settings:
         data_dir = self.settings.data_dir
         return self.make_settings({**demo_overrides(data_dir), "mqtt_enabled": False})
@@ -652,6 +671,8 @@ class Demo:
             f"mode      {self.mode}",
             f"listening {self.listeners}",
         ]
+        if self.console_line:
+            lines.append(self.console_line)
         for t in self.transports:
             if not t.available:
                 lines.append(f"{t.name:<9} unavailable: {t.reason}")
@@ -961,6 +982,7 @@ class Demo:
             "ok": not problems,
             "problem": "; ".join(problems) or None,
             "data_dir": str(self.options.data_dir.resolve()) if self.options.data_dir else None,
+            "console": self.console.url if self.console is not None else None,
         }
 
 

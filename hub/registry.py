@@ -16,7 +16,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Engine, delete, insert, select, update
 
 from hub.envelope import validate_device_id
 from hub.errors import AuthError, EnvelopeError, HubError
@@ -39,11 +39,21 @@ class DeviceExists(HubError):
         self.device_id = device_id
 
 
+class UnknownDevice(HubError):
+    def __init__(self, device_id: str) -> None:
+        super().__init__(f"no device {device_id!r}")
+        self.device_id = device_id
+
+
 class Registry:
     """Registry operations on the database (blocking; call off the event loop)."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
 
     def add(self, device_id: str, credential: str | None = None) -> str:
         """Register a device; returns its credential (generated unless given)."""
@@ -63,6 +73,27 @@ class Registry:
                 )
             )
         return credential
+
+    def rekey(self, device_id: str) -> str:
+        """Give a device a new credential; the old one stops matching at once.
+
+        Hubs keep a cache of the hashes (CredentialCache): the console tells
+        them to reload the device and drop its connection (hub/control.py).
+        """
+        credential = secrets.token_urlsafe(32)
+        with self._engine.begin() as conn:
+            changed = conn.execute(
+                update(Device)
+                .where(Device.id == device_id)
+                .values(credential_sha256=hash_credential(credential))
+            ).rowcount
+        if not changed:
+            raise UnknownDevice(device_id)
+        return credential
+
+    def exists(self, device_id: str) -> bool:
+        with self._engine.connect() as conn:
+            return conn.execute(select(Device.id).where(Device.id == device_id)).first() is not None
 
     def remove(self, device_id: str) -> bool:
         with self._engine.begin() as conn:

@@ -132,6 +132,12 @@ class Settings(BaseSettings):
     #: QoS 1/2 messages kept for one offline persistent MQTT session; more are dropped.
     mqtt_max_queued_messages: int = Field(default=1000, ge=0)
     http_port: int = Field(default=8080, ge=0, le=65535)
+    #: Port of `hub console`, the web console and HTTP API (a process of its own).
+    console_port: int = Field(default=8081, ge=0, le=65535)
+    #: How long a console login lasts.
+    console_session_hours: float = Field(default=12.0, gt=0)
+    #: How often a hub writes its heartbeat row (the console's hubs page and presence).
+    hub_heartbeat_s: float = Field(default=5.0, gt=0)
 
     idle_timeout_s: float = Field(default=120.0, gt=0)
     #: Time a new TCP connection has to complete its HELLO, however it trickles in.

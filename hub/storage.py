@@ -106,6 +106,7 @@ class DeviceState(Base):
     """Each device's last known state and presence."""
 
     __tablename__ = "device_state"
+    __table_args__ = (Index("ix_device_state_updated_at", "updated_at"),)
 
     device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -131,7 +132,10 @@ class CommandRow(Base):
     """
 
     __tablename__ = "commands"
-    __table_args__ = (Index("ix_commands_device_status", "device_id", "status"),)
+    __table_args__ = (
+        Index("ix_commands_device_status", "device_id", "status"),
+        Index("ix_commands_finished_at", "finished_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     device_id: Mapped[str] = mapped_column(String(128))
@@ -202,6 +206,7 @@ def migrate(url: str) -> None:
     try:
         with engine.begin() as connection:
             config.attributes["connection"] = connection
+            # One chain of revisions: "head" fails loudly if two ever branch.
             command.upgrade(config, "head")
     finally:
         engine.dispose()

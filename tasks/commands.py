@@ -28,8 +28,10 @@ from hub.commands import (
     downlink_queue,
     finish_command,
 )
+from hub.control import disconnect_message
 from hub.envelope import Envelope, validate_device_id
 from hub.errors import CommandExpired, CommandFailed, EnvelopeError, HubError
+from hub.hubs import live_hub_ids
 from hub.routing import COMMAND_EXPIRE_TASK
 from tasks.application import app
 from tasks.db import engine
@@ -70,6 +72,29 @@ def send_command(
                 retry_policy={"max_retries": 3},
             )
     return AsyncResult(command_id, app=app)
+
+
+def disconnect_device(device_id: str, reason: str) -> int:
+    """Tell every live hub to reload the device's credential and drop its connection.
+
+    Sent to all of them, not only the one holding the device: a hub that does
+    not hold it still refreshes its cached hash, so the old credential stops
+    working everywhere at once. Returns how many hubs were told.
+    """
+    hub_ids = live_hub_ids(engine())
+    if not hub_ids:
+        return 0
+    with app.producer_or_acquire() as producer:
+        for hub_id in hub_ids:
+            producer.publish(
+                disconnect_message(device_id, reason),
+                exchange="",
+                routing_key=downlink_queue(hub_id),
+                serializer="json",
+                retry=True,
+                retry_policy={"max_retries": 3},
+            )
+    return len(hub_ids)
 
 
 @app.task(name=COMMAND_EXPIRE_TASK, ignore_result=True, acks_late=True)

@@ -139,8 +139,10 @@ def simulated_devices() -> Iterator[Callable[..., SimulatedDevice]]:
     """Start long-lived simulated devices (`start(transport, port, id, credential)`)."""
     started: list[SimulatedDevice] = []
 
-    def start(transport: str, port: int, device_id: str, credential: str) -> SimulatedDevice:
-        device = SimulatedDevice(transport, port, device_id, credential)
+    def start(
+        transport: str, port: int, device_id: str, credential: str, **options: Any
+    ) -> SimulatedDevice:
+        device = SimulatedDevice(transport, port, device_id, credential, **options)
         started.append(device)
         return device
 

@@ -66,6 +66,7 @@ def test_demo_prints_plain_progress_and_a_summary(tmp_path: Path) -> None:
     assert re.search(r"^ping\s+demo-tcp-1\s+[\d.]+ s\s+\{\"pong\": true", out, re.M), out
     assert re.search(r"^set_interval\s+demo-tcp-1\s+[\d.]+ s\s+\{\"interval_s\": ", out, re.M)
     assert "result: ok, every acknowledged message was stored" in out
+    assert re.search(r"^console   http://127\.0\.0\.1:\d+/  \(log in as demo / \S+\)$", out, re.M)
 
     # --data-dir keeps the data, readable like any hub's; nothing went to HUB_DATA_DIR.
     engine = make_engine(f"sqlite:///{data_dir / 'hub.sqlite3'}")
@@ -192,3 +193,40 @@ def test_every_view_fits_80_columns() -> None:
     assert "interrupted after 20.5 s" in text[1]
     assert any(line.startswith("result: NOT OK, tcp: 9 stored of 10") for line in text)
     assert any('"y' in line for line in text[1:]) and not any("..." in line for line in text)
+
+
+def test_demo_starts_the_console_and_its_printed_login_works(tmp_path: Path) -> None:
+    import httpx
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "firmware-sim")])
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "hub.cli", "demo", "--duration", "60", "--devices", "1"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert demo.stdout is not None
+        found = None
+        for line in demo.stdout:
+            found = re.match(r"^console   (http://\S+)  \(log in as (\S+) / (\S+)\)$", line)
+            if found:
+                break
+        assert found is not None, "the demo printed no console line"
+        url, user, password = found.groups()
+        with httpx.Client(base_url=url, timeout=30, follow_redirects=True) as browser:
+            form = browser.get("/login").text
+            csrf = re.search(r'name="csrf_token" value="([^"]+)"', form)
+            assert csrf is not None
+            page = browser.post(
+                "/login",
+                data={"username": user, "password": password, "csrf_token": csrf.group(1)},
+            )
+            assert page.status_code == 200 and "<h1>Devices</h1>" in page.text
+            assert "demo-tcp-1" in page.text
+    finally:
+        demo.send_signal(signal.SIGINT)
+        demo.communicate(timeout=90)

@@ -233,7 +233,16 @@ class SimulatedDevice:
     until `stop()`.
     """
 
-    def __init__(self, transport: str, port: int, device_id: str, credential: str) -> None:
+    def __init__(
+        self,
+        transport: str,
+        port: int,
+        device_id: str,
+        credential: str,
+        *,
+        messages: int | None = 0,
+        rate: float = 0.0,
+    ) -> None:
         from firmware_sim import fleet
 
         self.loop = asyncio.new_event_loop()
@@ -242,7 +251,15 @@ class SimulatedDevice:
 
         async def main() -> Any:
             self._stop_event = asyncio.Event()
-            return await run("127.0.0.1", port, device_id, credential, stop=self._stop_event)
+            return await run(
+                "127.0.0.1",
+                port,
+                device_id,
+                credential,
+                stop=self._stop_event,
+                messages=messages,
+                rate=rate,
+            )
 
         self._future = asyncio.run_coroutine_threadsafe(main(), self.loop)
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
