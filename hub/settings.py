@@ -121,10 +121,14 @@ class Settings(BaseSettings):
 
     @property
     def effective_broker_url(self) -> str:
-        """The Celery broker: RabbitMQ when configured, else a SQLite queue in the data folder."""
+        """The Celery broker: RabbitMQ when configured, else the local queue in the data folder.
+
+        `localqueue://` is the transport of the `localqueue` package (real
+        acknowledgement over SQLite; see docs/delivery.md).
+        """
         if self.broker_url:
             return self.broker_url
-        return f"sqla+sqlite:///{(self.data_dir / 'queue.sqlite3').resolve()}"
+        return f"localqueue://{(self.data_dir / 'queue.sqlite3').resolve()}"
 
     @property
     def effective_result_backend(self) -> str:

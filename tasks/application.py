@@ -12,6 +12,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_init
 
+import localqueue  # noqa: F401  (registers the embedded default's queue with kombu)
 from hub.routing import celery_queues, task_routes
 from hub.settings import Settings, load_settings
 from hub.storage import migrate

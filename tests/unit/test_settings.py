@@ -16,7 +16,7 @@ def test_defaults_are_the_embedded_mode(monkeypatch: pytest.MonkeyPatch) -> None
     settings = load_settings()
     assert settings.embedded
     assert settings.mqtt_port == 1883
-    assert settings.effective_broker_url.startswith("sqla+sqlite:///")
+    assert settings.effective_broker_url.startswith("localqueue:///")
     assert settings.effective_result_backend.startswith("db+sqlite:///")
     assert [(x.port, x.codec) for x in settings.listeners] == [(7700, "native")]
 
