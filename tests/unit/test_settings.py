@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,21 @@ def test_unknown_keys_and_broken_files_are_clear(tmp_path: Path) -> None:
         load_settings(config)
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "missing.toml")
+
+
+def test_the_environment_of_a_child_gives_it_exactly_these_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "hub.toml"
+    config.write_text(
+        'handlers = ["a.b", "c.d"]\nmqtt_enabled = false\nbatch_window_ms = 0.5\n'
+        '[[tcp_listeners]]\nport = 7701\ncodec = "lines"\n'
+    )
+    settings = load_settings(config, http_port=9100, data_dir=tmp_path / "d")
+    for name in [n for n in os.environ if n.startswith("HUB_")]:
+        monkeypatch.delenv(name)
+    for name, value in settings.to_environment().items():
+        monkeypatch.setenv(name, value)
+    child = load_settings()
+    assert child.model_dump() == {**settings.model_dump(), "data_dir": (tmp_path / "d").resolve()}
+    assert child.handlers == ("a.b", "c.d") and child.listeners[0].codec == "lines"
