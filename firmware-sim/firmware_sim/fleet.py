@@ -44,6 +44,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from firmware_sim.commands import CommandAnswer, SimState, answer
 
 __all__ = [
+    "AckHook",
     "Backoff",
     "ConnectLimiter",
     "FleetStats",
@@ -341,6 +342,10 @@ class ConnectionEnd(enum.Enum):
 
 T = TypeVar("T")
 
+#: Called once per telemetry message when its acknowledgement arrives, with
+#: (device id, boot id, seq): lets a test record exactly what the hub acknowledged.
+AckHook = Callable[[str, int, int], None]
+
 # How long a connection may have messages outstanding without any ACK before
 # the device assumes it is dead and reconnects, as real firmware would.
 DEFAULT_ACK_TIMEOUT_S = 30.0
@@ -374,6 +379,7 @@ class SimulatedDevice(ABC, Generic[T]):
         drain_timeout_s: float = 30.0,
         ack_timeout_s: float = DEFAULT_ACK_TIMEOUT_S,
         give_up_s: float | None = 60.0,
+        on_acknowledged: AckHook | None = None,
     ) -> None:
         if window < 1:
             raise ValueError("window must be >= 1")
@@ -392,6 +398,7 @@ class SimulatedDevice(ABC, Generic[T]):
         self.drain_timeout_s = drain_timeout_s
         self.ack_timeout_s = ack_timeout_s
         self.give_up_s = give_up_s
+        self.on_acknowledged = on_acknowledged
 
         # A real device picks its boot id from hardware entropy at power-up;
         # it must differ between runs, or the hub would take a new run's
@@ -527,6 +534,8 @@ class SimulatedDevice(ABC, Generic[T]):
             return False
         self.stats.acknowledged += 1
         self.state.acknowledged += 1
+        if self.on_acknowledged is not None:
+            self.on_acknowledged(self.device_id, self.boot_id, seq)
         now = self._now()
         self._last_ack_at = now
         self._last_progress = now
