@@ -15,7 +15,14 @@ A consumer that dies holding rows loses nothing: its rows come back when the
 lease ends (`LEASE_S`) even if nothing else notices, and as soon as any
 process of the queue sees that the owner process is gone (at open, then every
 `REAP_EVERY_S`), which is how the supervisor's new worker picks up at once
-what a killed worker held. See docs/delivery.md ("The local queue").
+what a killed worker held.
+
+While a consumer thread handles a message, the messages it publishes into the
+same file wait in its outbox (`deliver`) and are committed in one transaction
+with that message's `ack`: a worker killed in the middle of a task has
+published none of what the task sends (its redelivery sends them once), and
+one that finished has published all of it. See docs/delivery.md ("The local
+queue").
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ import socket
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -59,6 +68,14 @@ class Claimed:
     id: int
     payload: str
     deliveries: int
+
+
+@dataclass(slots=True)
+class _Outbox:
+    """What one thread publishes while it handles message `for_id`."""
+
+    for_id: int
+    puts: list[tuple[str, str]] = field(default_factory=list)
 
 
 def owner_token(pid: int | None = None) -> str:
@@ -113,6 +130,7 @@ class Store:
             self._db.executescript(_SCHEMA)
             self._adopt_kombu_tables()
         self._next_reap = 0.0
+        self._outboxes = threading.local()
         self._renewer: threading.Thread | None = None
         self._closed = threading.Event()
 
@@ -148,13 +166,48 @@ class Store:
 
     # -- publishing ------------------------------------------------------------
 
-    def put(self, queue: str, payload: str) -> int:
-        """Append a message; it is committed when this returns."""
+    def put(self, queue: str, payload: str) -> None:
+        """Append a message: committed when this returns, or with the ack of the
+        message this thread is handling (see `deliver`)."""
+        outbox: _Outbox | None = getattr(self._outboxes, "current", None)
+        if outbox is not None:
+            outbox.puts.append((queue, payload))
+            return
         with self._lock:
-            cursor = self._db.execute(
+            self._db.execute(
                 "INSERT INTO queue_messages (queue, payload) VALUES (?, ?)", (queue, payload)
             )
-            return int(cursor.lastrowid or 0)
+
+    @contextmanager
+    def deliver(self, message_id: int) -> Iterator[None]:
+        """While this thread handles `message_id`, hold what it publishes for its ack.
+
+        Whatever is still held when the handling ends (the message was not
+        acknowledged in it, or was acknowledged before its task ran) is
+        committed then.
+        """
+        self._outboxes.current = _Outbox(message_id)
+        try:
+            yield
+        finally:
+            outbox: _Outbox | None = self._outboxes.current
+            self._outboxes.current = None
+            if outbox is not None and outbox.puts:
+                self._commit(outbox.puts, ack=None)
+
+    def _commit(self, puts: list[tuple[str, str]], ack: int | None) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO queue_messages (queue, payload) VALUES (?, ?)", puts
+                )
+                if ack is not None:
+                    self._db.execute("DELETE FROM queue_messages WHERE id = ?", (ack,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     # -- consuming -------------------------------------------------------------
 
@@ -184,7 +237,12 @@ class Store:
                 return Claimed(int(row[0]), str(got[0][0]), int(got[0][1]))
 
     def ack(self, message_id: int) -> None:
-        """Done with a message: delete it."""
+        """Done with a message: delete it, with what its handling published."""
+        outbox: _Outbox | None = getattr(self._outboxes, "current", None)
+        if outbox is not None and outbox.for_id == message_id:
+            self._outboxes.current = None
+            self._commit(outbox.puts, ack=message_id)
+            return
         with self._lock:
             self._db.execute("DELETE FROM queue_messages WHERE id = ?", (message_id,))
 

@@ -7,6 +7,8 @@ never gives it back, nor deletes it: `acks_late` cannot work on it, and its
 table only grows. Here a message handed out is a lease (see the store): the
 delivery tag is the row id, `ack` deletes the row, a reject with requeue or
 a warm shutdown releases it, and a consumer that dies returns what it held.
+What a task publishes into the queue (handler runs, retries) is committed
+with the task's own acknowledgement, so a killed task has sent nothing twice.
 
 URL: `localqueue:///<absolute path of the queue file>`.
 """
@@ -84,6 +86,13 @@ class Channel(virtual.Channel):  # type: ignore[misc]
             properties.setdefault("delivery_info", {})["redelivered"] = True
             payload["redelivered"] = True
         return payload
+
+    def _get_and_deliver(self, queue: str, callback: Any) -> None:
+        message = self._get(queue)
+        # The task runs inside this callback (solo pool): what it publishes is
+        # committed with its acknowledgement (see the store's `deliver`).
+        with self.store.deliver(message["properties"]["delivery_tag"]):
+            callback(message, queue)
 
     def _restore(self, message: Any) -> None:
         """Give an unacknowledged message back (warm shutdown, recover)."""

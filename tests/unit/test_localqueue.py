@@ -24,10 +24,10 @@ from localqueue.store import Store, open_store, owner_gone, owner_token
 
 def test_a_claimed_message_is_hidden_until_acked_then_gone(tmp_path: Path) -> None:
     store = Store(tmp_path / "q.sqlite3")
-    first = store.put("a", "one")
+    store.put("a", "one")
     store.put("a", "two")
     claimed = store.claim("a")
-    assert claimed is not None and (claimed.id, claimed.payload) == (first, "one")
+    assert claimed is not None and claimed.payload == "one"
     assert store.size("a") == 1 and store.total() == 2
     store.ack(claimed.id)
     nxt = store.claim("a")
@@ -114,6 +114,52 @@ def test_owner_tokens_tell_living_from_gone() -> None:
     assert owner_gone(f"{host}/{pid}/{float(started) - 100:.2f}")  # pid reused
     assert not owner_gone(f"another-host/{pid}/1.00")  # not ours to judge
     assert owner_gone("garbage")
+
+
+def _handle_publish_then_die(path: str) -> None:
+    store = Store(Path(path))
+    claimed = store.claim("in")
+    assert claimed is not None
+    with store.deliver(claimed.id):
+        store.put("out", "sent by the task")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_what_a_killed_task_published_was_never_sent(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite3"
+    store = Store(path)
+    store.put("in", "task")
+    child = multiprocessing.get_context("spawn").Process(
+        target=_handle_publish_then_die, args=(str(path),)
+    )
+    child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    assert store.size("out") == 0
+    again = store.claim("in")
+    assert again is not None and again.deliveries == 2
+
+
+def test_what_a_task_publishes_is_committed_with_its_ack(tmp_path: Path) -> None:
+    store = Store(tmp_path / "q.sqlite3")
+    store.put("in", "one")
+    store.put("in", "two")
+    first = store.claim("in")
+    assert first is not None
+    with store.deliver(first.id):
+        store.put("out", "a")
+        store.put("out", "b")
+        assert store.size("out") == 0  # held until the ack
+        store.ack(first.id)
+        assert store.size("out") == 2
+        store.put("out", "after the ack")  # no longer held
+        assert store.size("out") == 3
+    second = store.claim("in")
+    assert second is not None
+    with store.deliver(second.id):
+        store.put("out", "not acked in the handling")
+    assert store.size("out") == 4  # committed when the handling ended
+    assert store.total() == 5
 
 
 def _consume_all(path: str, queue: str, out: str) -> None:
