@@ -6,7 +6,11 @@ Layer: composition root. The one core module allowed to import `bridges`.
 embedded local queue), one TCP server per configured listener, the MQTT side
 (embedded amqtt broker, or a bridge from an external broker) and the HTTP
 status endpoint. In the embedded default (no RabbitMQ configured) it also
-runs a worker for the local queue.
+runs a worker for the local queue: a child process (`python -m tasks.worker`)
+that gets the hub's validated settings in its environment, is checked before
+the hub serves, is restarted when it dies (but not when its configuration is
+wrong: then the hub stops with that error), and is stopped warmly, after the
+listeners and the dispatcher, so that it finishes the task in hand.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from bridges.worker_stats import poll as poll_worker_stats
 from hub import __version__, hubs
 from hub.commands import PendingCommand, mark_delivered
 from hub.control import parse_control
-from hub.errors import ConfigError
+from hub.errors import EXIT_CONFIG, ConfigError, HubError
 from hub.metrics import Metrics
 from hub.registry import CredentialCache, Registry
 from hub.settings import Settings
@@ -71,6 +75,10 @@ class HubApp:
         self._background: set[asyncio.Future[Any]] = set()
         self._started_at = datetime.now(UTC)
         self._worker_stats: asyncio.Future[None] | None = None
+        #: Set when the hub should stop (a signal, or a worker that cannot run).
+        self.stop_requested = asyncio.Event()
+        #: Why the hub stopped on its own, raised by `serve` once it has stopped.
+        self.fatal: HubError | None = None
         # The embedded default runs its own worker; with RabbitMQ, workers are
         # separate `celery -A tasks worker` processes.
         self._run_worker = settings.embedded if run_worker is None else run_worker
@@ -78,9 +86,20 @@ class HubApp:
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
-        await asyncio.to_thread(check_broker, self.settings)
-        await asyncio.to_thread(migrate, self.settings.effective_database_url)
-        self.credentials.update(await asyncio.to_thread(self.registry.credential_hashes))
+        # The worker's own check (settings, handler modules) runs while the hub
+        # prepares; it must pass before any device is accepted.
+        checked = (
+            asyncio.ensure_future(asyncio.to_thread(check_worker, self.settings))
+            if self._run_worker
+            else None
+        )
+        try:
+            await asyncio.to_thread(check_broker, self.settings)
+            await asyncio.to_thread(migrate, self.settings.effective_database_url)
+            self.credentials.update(await asyncio.to_thread(self.registry.credential_hashes))
+        finally:
+            if checked is not None:
+                await checked
         await self.dispatcher.start()
         try:
             await self.downlink.start()
@@ -219,28 +238,10 @@ class HubApp:
             await asyncio.sleep(self.settings.hub_heartbeat_s)
 
     def _start_worker(self) -> None:
-        env = dict(os.environ)
-        env["HUB_DATA_DIR"] = str(self.settings.data_dir.resolve())
-        env["HUB_DATABASE_URL"] = self.settings.effective_database_url
-        env["HUB_RESULT_BACKEND"] = self.settings.effective_result_backend
-        if self.settings.broker_url:
-            env["HUB_BROKER_URL"] = self.settings.broker_url
-        env.pop("HUB_CONFIG", None)
-        log_file = (self.settings.data_dir / "worker.log").open("ab")
+        log_file = (self.data_path / "worker.log").open("ab")
         self._worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "tasks",
-                "worker",
-                "--pool=solo",
-                "--loglevel=WARNING",
-                "--without-gossip",
-                "--without-mingle",
-            ],
-            env=env,
+            worker_command(),
+            env=worker_environment(self.settings),
             stdout=log_file,
             stderr=subprocess.STDOUT,
             # Its own session: a Ctrl+C meant for the hub must not reach the
@@ -251,7 +252,11 @@ class HubApp:
         log_file.close()
 
     async def _supervise_worker(self) -> None:
-        """Restart the in-hub worker if it dies; say so, with where its log is."""
+        """Restart the in-hub worker if it dies; say so, with where its log is.
+
+        A worker that exits with `EXIT_CONFIG` would fail the same way again:
+        the hub stops instead, with the worker's one line as its error.
+        """
         delay = 1.0
         while True:
             await asyncio.sleep(delay)
@@ -259,6 +264,15 @@ class HubApp:
             if worker is None or worker.poll() is None:
                 delay = 1.0
                 continue
+            if worker.returncode == EXIT_CONFIG:
+                self.fatal = ConfigError(
+                    _config_error_line(self.data_path / "worker.log")
+                    or f"the task worker's configuration is invalid (log: "
+                    f"{self.data_path / 'worker.log'})"
+                )
+                self._worker = None
+                self.stop_requested.set()
+                return
             log.error(
                 "the task worker exited with status %s; restarting it (log: %s)",
                 worker.returncode,
@@ -266,6 +280,26 @@ class HubApp:
             )
             self._start_worker()
             delay = min(delay * 2, 30.0)
+
+    async def _stop_worker(self) -> None:
+        """SIGTERM (a warm shutdown: the task in hand finishes), then, after
+        `worker_stop_timeout_s`, SIGKILL; what it held returns to the queue."""
+        worker, self._worker = self._worker, None
+        if worker is None or worker.poll() is not None:
+            return
+        worker.send_signal(signal.SIGTERM)
+        timeout = self.settings.worker_stop_timeout_s
+        try:
+            status = await asyncio.to_thread(worker.wait, timeout)
+        except subprocess.TimeoutExpired:
+            log.warning(
+                "the task worker did not stop within %.0f s (worker_stop_timeout_s / "
+                "HUB_WORKER_STOP_TIMEOUT_S); killing it, its unfinished messages stay queued",
+                timeout,
+            )
+            worker.kill()
+            status = await asyncio.to_thread(worker.wait)
+        log.info("task worker stopped (status %s)", status)
 
     async def stop(self) -> None:
         if self._worker_stats is not None:
@@ -294,13 +328,7 @@ class HubApp:
         if self.http is not None:
             await self.http.stop()
             self.http = None
-        if self._worker is not None:
-            self._worker.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(self._worker.wait, 30)
-            except subprocess.TimeoutExpired:
-                self._worker.kill()
-            self._worker = None
+        await self._stop_worker()
         self.engine.dispose()
 
     # -- services for the bridges ------------------------------------------------
@@ -393,6 +421,56 @@ def prepare_data_dir(settings: Settings) -> Path:
     return data_dir.resolve()
 
 
+def worker_command(*options: str) -> list[str]:
+    """The in-hub worker's command line (its Celery options live in `tasks.worker`)."""
+    return [sys.executable, "-m", "tasks.worker", *options]
+
+
+def worker_environment(settings: Settings) -> dict[str, str]:
+    """The worker's environment: ours without any `HUB_*`, then every validated setting.
+
+    So the worker sees exactly the hub's settings, whether they came from the
+    file, the variables or command-line options, and nothing a stale variable says.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    env.update(settings.to_environment())
+    env["PYTHONUNBUFFERED"] = "1"  # worker.log as it happens
+    return env
+
+
+def check_worker(settings: Settings) -> None:
+    """Run the worker's own configuration check; a ConfigError with its one line if it fails."""
+    try:
+        result = subprocess.run(
+            worker_command("--check"),
+            env=worker_environment(settings),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    except subprocess.TimeoutExpired:
+        raise HubError("the task worker's configuration check did not finish") from None
+    if result.returncode == 0:
+        return
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    last = lines[-1] if lines else f"exit status {result.returncode}"
+    if result.returncode == EXIT_CONFIG:
+        raise ConfigError(last.removeprefix("configuration error: "))
+    raise HubError(f"the task worker cannot start: {last}")
+
+
+def _config_error_line(log_path: Path) -> str | None:
+    """The worker's last configuration error in its log, without the prefix."""
+    try:
+        with log_path.open("rb") as fh:
+            fh.seek(max(0, log_path.stat().st_size - 16384))
+            tail = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    found = [x for x in tail.splitlines() if x.startswith("configuration error: ")]
+    return found[-1].removeprefix("configuration error: ") if found else None
+
+
 def _parent_death_signal() -> Callable[[], None] | None:
     """A function for the worker child that makes it get SIGTERM when the hub dies,
     even by SIGKILL (Linux `prctl(PR_SET_PDEATHSIG)`); None elsewhere.
@@ -448,8 +526,16 @@ def _redact(url: str) -> str:
     return url
 
 
+#: Each ends with the same clean stop. SIGHUP is a stop for now (a reload later).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 async def serve(settings: Settings, *, run_worker: bool | None = None, out: Any = None) -> None:
-    """Run a hub until SIGINT or SIGTERM; print where everything listens."""
+    """Run a hub until SIGINT, SIGTERM or SIGHUP; print where everything listens.
+
+    A stop closes the listeners, makes every accepted message durable, and
+    lets the in-hub worker finish its task (docs/delivery.md, "Stopping").
+    """
     out = out or sys.stdout
     open_files = raise_open_file_limit()
     wanted = settings.tcp_max_connections * len(settings.listeners)
@@ -471,13 +557,14 @@ async def serve(settings: Settings, *, run_worker: bool | None = None, out: Any 
         print(f"  {listener.name:<12} {listener.host}:{listener.port}  {listener.detail}", file=out)
     print(f"  data         {app.data_path}", file=out)
     print("Press Ctrl+C to stop.", file=out, flush=True)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, app.stop_requested.set)
     try:
-        await stop.wait()
+        await app.stop_requested.wait()
     finally:
         print("stopping: making accepted messages durable...", file=out, flush=True)
         await app.stop()
         print("stopped", file=out, flush=True)
+    if app.fatal is not None:
+        raise app.fatal

@@ -8,6 +8,10 @@ context they concern are fields, so callers branch on data, not on messages.
 
 from __future__ import annotations
 
+#: Exit status of the in-hub worker when its configuration is wrong (EX_CONFIG of
+#: sysexits.h): its supervisor stops the hub instead of restarting it.
+EXIT_CONFIG = 78
+
 
 class HubError(Exception):
     """Root of every error the hub raises on purpose."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -161,6 +162,8 @@ class Settings(BaseSettings):
     broker_retry_interval_s: float = Field(default=1.0, gt=0)
     #: Start even if RabbitMQ is unreachable (messages spool until it is back).
     start_without_broker: bool = False
+    #: How long a stopping hub lets its worker finish the task in hand before killing it.
+    worker_stop_timeout_s: float = Field(default=60.0, gt=0)
 
     handlers: Annotated[tuple[str, ...], NoDecode] = ()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -221,10 +224,14 @@ class Settings(BaseSettings):
 
     @property
     def effective_broker_url(self) -> str:
-        """The Celery broker: RabbitMQ when configured, else a SQLite queue in the data folder."""
+        """The Celery broker: RabbitMQ when configured, else the local queue in the data folder.
+
+        `localqueue://` is the transport of the `localqueue` package (real
+        acknowledgement over SQLite; see docs/delivery.md).
+        """
         if self.broker_url:
             return self.broker_url
-        return f"sqla+sqlite:///{(self.data_dir / 'queue.sqlite3').resolve()}"
+        return f"localqueue://{(self.data_dir / 'queue.sqlite3').resolve()}"
 
     @property
     def effective_result_backend(self) -> str:
@@ -240,6 +247,28 @@ class Settings(BaseSettings):
         if self.tcp_listeners:
             return self.tcp_listeners
         return (TcpListener(port=self.tcp_port, codec="native"),)
+
+    def to_environment(self) -> dict[str, str]:
+        """Every setting as a `HUB_*` variable: a process that loads its settings
+        from these (the in-hub worker) gets exactly these values, file included."""
+        dumped = self.model_dump(mode="json")
+        env: dict[str, str] = {}
+        for name, info in type(self).model_fields.items():
+            value = dumped[name]
+            if value is None:
+                continue  # unset; the variable is left out
+            if NoDecode in info.metadata:
+                text = ",".join(value)  # a comma-separated list (`handlers`)
+            elif isinstance(value, (list, dict)):
+                text = json.dumps(value)
+            elif isinstance(value, bool):
+                text = "true" if value else "false"
+            else:
+                text = str(value)
+            env[f"{ENV_PREFIX}{name.upper()}"] = text
+        # The child may not share our working directory's meaning of a relative path.
+        env[f"{ENV_PREFIX}DATA_DIR"] = str(self.data_dir.resolve())
+        return env
 
     @classmethod
     def settings_customise_sources(

@@ -13,6 +13,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import task_failure, task_retry, worker_init, worker_process_init, worker_ready
 
+import localqueue  # noqa: F401  (registers the embedded default's queue with kombu)
 from hub import worker_metrics
 from hub.routing import celery_queues, task_routes
 from hub.settings import Settings, load_settings

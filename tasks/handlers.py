@@ -88,7 +88,7 @@ def load(modules: tuple[str, ...]) -> None:
     for module in modules:
         try:
             importlib.import_module(module)
-        except ImportError as exc:
+        except Exception as exc:  # boundary: user code, at import
             raise ConfigError(
                 f"handler module {module!r} cannot be imported: {exc}",
                 key="handlers",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ def test_defaults_are_the_embedded_mode(monkeypatch: pytest.MonkeyPatch) -> None
     settings = load_settings()
     assert settings.embedded
     assert settings.mqtt_port == 1883
-    assert settings.effective_broker_url.startswith("sqla+sqlite:///")
+    assert settings.effective_broker_url.startswith("localqueue:///")
     assert settings.effective_result_backend.startswith("db+sqlite:///")
     assert [(x.port, x.codec) for x in settings.listeners] == [(7700, "native")]
 
@@ -153,3 +154,21 @@ def test_a_password_in_a_bad_url_is_not_shown(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(ConfigError) as err:
         load_settings()
     assert "s3cret" not in str(err.value) and "HUB_BROKER_URL" in str(err.value)
+
+
+def test_the_environment_of_a_child_gives_it_exactly_these_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "hub.toml"
+    config.write_text(
+        'handlers = ["a.b", "c.d"]\nmqtt_enabled = false\nbatch_window_ms = 0.5\n'
+        '[[tcp_listeners]]\nport = 7701\ncodec = "lines"\n'
+    )
+    settings = load_settings(config, http_port=9100, data_dir=tmp_path / "d")
+    for name in [n for n in os.environ if n.startswith("HUB_")]:
+        monkeypatch.delenv(name)
+    for name, value in settings.to_environment().items():
+        monkeypatch.setenv(name, value)
+    child = load_settings()
+    assert child.model_dump() == {**settings.model_dump(), "data_dir": (tmp_path / "d").resolve()}
+    assert child.handlers == ("a.b", "c.d") and child.listeners[0].codec == "lines"
