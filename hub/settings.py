@@ -78,6 +78,14 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(default=2.0, ge=0)
     spool_max_messages: int = Field(default=100_000, ge=1)
     broker_retry_interval_s: float = Field(default=1.0, gt=0)
+    #: A publish RabbitMQ has not confirmed within this time counts as failed:
+    #: the broker is taken as away and the batch goes to the spool.
+    broker_confirm_timeout_s: float = Field(default=5.0, gt=0)
+    #: AMQP heartbeat of the hub's RabbitMQ connection (0: off); a broker silent
+    #: for two heartbeats counts as away even while nothing is published.
+    broker_heartbeat_s: float = Field(default=10.0, ge=0)
+    #: Envelopes per task message when the spool is replayed (spooled batches are merged).
+    spool_replay_batch_messages: int = Field(default=5000, ge=1, le=100_000)
     #: Start even if RabbitMQ is unreachable (messages spool until it is back).
     start_without_broker: bool = False
 
