@@ -10,7 +10,7 @@ so a deployed database moves forward with the code.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -206,26 +206,44 @@ def _row(env: Envelope, now: datetime) -> dict[str, Any]:
     }
 
 
-def store_envelopes(engine: Engine, envelopes: Sequence[Envelope]) -> int:
+def store_envelopes(
+    engine: Engine,
+    envelopes: Sequence[Envelope],
+    *,
+    before_commit: Callable[[list[Envelope]], object] | None = None,
+) -> int:
     """Store a batch in one transaction, idempotently on the envelope id.
 
     Telemetry and events get a row each (a retransmission is ignored); every
     device seen gets its state row updated: last values, state reports,
     presence. Returns how many message rows were new.
+
+    `before_commit` is called inside the transaction with the envelopes that
+    are new: telemetry and events not stored before, and every envelope of the
+    kinds that keep no row. A redelivered batch or a retransmission is then
+    processed once; if the callback raises, nothing is stored. (Called before
+    the commit, so that a crash in between means processing twice, never not
+    at all.)
     """
     now = datetime.now(UTC)
     telemetry = [_row(e, now) for e in envelopes if e.kind is Kind.TELEMETRY]
     events = [_row(e, now) for e in envelopes if e.kind is Kind.EVENT]
-    inserted = 0
+    new_ids: set[str] = set()
     with engine.begin() as conn:
-        if telemetry:
-            result = conn.execute(_insert_ignore(engine, TelemetryRow.__table__), telemetry)
-            inserted += max(result.rowcount, 0)
-        if events:
-            result = conn.execute(_insert_ignore(engine, EventRow.__table__), events)
-            inserted += max(result.rowcount, 0)
+        for rows, table in ((telemetry, TelemetryRow.__table__), (events, EventRow.__table__)):
+            if rows:
+                statement = _insert_ignore(engine, table).returning(table.c.envelope_id)
+                new_ids.update(conn.execute(statement, rows).scalars())
         _update_state(conn, envelopes, now)
-    return inserted
+        if before_commit is not None:
+            new = [
+                e
+                for e in envelopes
+                if e.id in new_ids or e.kind not in (Kind.TELEMETRY, Kind.EVENT)
+            ]
+            if new:
+                before_commit(new)
+    return len(new_ids)
 
 
 def _update_state(conn: Any, envelopes: Iterable[Envelope], now: datetime) -> None:

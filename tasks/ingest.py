@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.exc import OperationalError
 
 import tasks.application
@@ -43,13 +44,20 @@ def ingest(batch: list[dict[str, Any]]) -> int:
     envelopes = parse_batch(batch)
     if not envelopes:
         return 0
-    stored = store_envelopes(engine(), envelopes)
-    handlers.schedule(envelopes, tasks.application.settings.handlers)
-    return stored
+    modules = tasks.application.settings.handlers
+    # Handlers only for what is new: a redelivered batch or a retransmission
+    # must not run them again (scheduled inside the storing transaction).
+    return store_envelopes(
+        engine(),
+        envelopes,
+        before_commit=(lambda new: handlers.schedule(new, modules)) if modules else None,
+    )
 
 
 _RETRY: dict[str, Any] = {
-    "autoretry_for": (OperationalError,),
+    # A database error, or the broker refusing the handler runs scheduled in
+    # the storing transaction (which then stored nothing): both are worth a retry.
+    "autoretry_for": (OperationalError, KombuOperationalError),
     "retry_backoff": True,
     "max_retries": 8,
     "ignore_result": True,
