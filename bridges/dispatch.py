@@ -143,6 +143,7 @@ class Dispatcher:
         self._handoff: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._not_durable_at_stop = 0
         self._stop_requested = threading.Event()
         self._max = settings.batch_max_messages
 
@@ -208,6 +209,7 @@ class Dispatcher:
     def _done(self, batch: _Batch, error: BaseException | None) -> None:
         """Called on the loop when the thread has made a batch durable (or given up)."""
         self._thread_busy -= 1
+        failed = 0
         for future in batch.futures:
             if future.done():
                 continue
@@ -215,6 +217,13 @@ class Dispatcher:
                 future.set_result(None)
             else:
                 future.set_exception(error)
+                # Retrieved here: a bridge whose connection is gone no longer
+                # awaits it, and asyncio would log each one as never retrieved.
+                # The failure is reported once, by `stop()` or the thread.
+                future.exception()
+                failed += 1
+        if failed and self._stopping:
+            self._not_durable_at_stop += failed
         if self._open and self._thread_busy == 0 and not self._flush_scheduled:
             self.flush_all()
 
@@ -235,6 +244,12 @@ class Dispatcher:
         # Let the thread's last call_soon_threadsafe callbacks run.
         await asyncio.sleep(0)
         self._thread = None
+        if self._not_durable_at_stop:
+            log.warning(
+                "stopped with %d messages not made durable (spool full and RabbitMQ "
+                "unreachable); they were not acknowledged, their devices send them again",
+                self._not_durable_at_stop,
+            )
 
 
 class _Confirms:
