@@ -12,6 +12,7 @@ import pytest
 from celery import Celery
 
 from hub.envelope import Envelope, Kind
+from hub.routing import HANDLER_QUEUE
 from tests.reliability.harness import (
     RECORDING_HANDLER,
     WorkerOptions,
@@ -63,5 +64,47 @@ def test_a_batch_delivered_twice_runs_its_handlers_once(
         stored = read_stored(database_url, [device])
         assert len(stored.telemetry) == 5
         assert sorted(stored.handler_runs.values()) == [1] * 5
+    finally:
+        worker.stop()
+
+
+def test_a_handler_run_delivered_twice_runs_once(rabbitmq_vhost: str, tmp_path: Path) -> None:
+    # A worker that ran a handler but whose ack was lost (RabbitMQ restarted, the
+    # connection dropped) gets the same run again, with the same task id.
+    database_url = f"sqlite:///{tmp_path / 'hub.sqlite3'}"
+    broker_url = amqp_url(rabbitmq_vhost)
+    from hub.storage import migrate
+
+    migrate(database_url)
+    worker = WorkerProcess(
+        WorkerOptions(broker_url, database_url, tmp_path / "w", handlers=(RECORDING_HANDLER,)),
+        tmp_path / "worker.log",
+    )
+    try:
+        device = f"rel-rerun-{uuid.uuid4().hex[:6]}"
+        envelope = Envelope(
+            device_id=device,
+            kind=Kind.TELEMETRY,
+            payload={"n": 1},
+            seq=1,
+            transport="tcp",
+            protocol="native",
+        ).to_dict()
+        sender = Celery("redelivery-test", broker=broker_url, set_as_current=False)
+        run_id = uuid.uuid4().hex
+        name = f"{RECORDING_HANDLER}.record"
+
+        def runs() -> int:
+            return sum(read_stored(database_url, [device]).handler_runs.values())
+
+        sender.send_task(
+            "tasks.handlers.run", args=(name, envelope), task_id=run_id, queue=HANDLER_QUEUE
+        )
+        assert wait_for(lambda: runs() >= 1, 60), "the handler never ran"
+        sender.send_task(
+            "tasks.handlers.run", args=(name, envelope), task_id=run_id, queue=HANDLER_QUEUE
+        )
+        wait_for(lambda: runs() > 1, 10)
+        assert runs() == 1
     finally:
         worker.stop()

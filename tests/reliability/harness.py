@@ -453,7 +453,7 @@ class FleetOptions:
     mqtt_port: int
     tcp: Mapping[str, str] = field(default_factory=dict)
     mqtt: Mapping[str, str] = field(default_factory=dict)
-    rate: float = 20.0  # messages per second per device
+    rate: float = 5.0  # messages per second per device
     window: int = 32
     #: A device with messages owed and no acknowledgement for this long reconnects
     #: and resends (as real firmware would); short, so that a hung hub is noticed.
