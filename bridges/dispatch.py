@@ -341,7 +341,9 @@ class _Publisher:
         connection: Connection | None = None
         try:
             connection = self._app.connection_for_write(
-                heartbeat=self._settings.broker_heartbeat_s or None
+                heartbeat=None
+                if self._settings.embedded
+                else (self._settings.broker_heartbeat_s or None)
             )
             # One quick attempt: kombu's retrying connect would sleep here and
             # stall the spool; the retry cadence is ours (broker_retry_interval_s).
@@ -349,7 +351,9 @@ class _Publisher:
             channel = connection.default_channel
             for declared in celery_queues():
                 declared(channel).declare()
-            confirms = _Confirms(connection, channel)
+            # The embedded default's local queue (SQLAlchemy) has no confirms: its
+            # publish is a committed insert, durable when it returns.
+            confirms = None if self._settings.embedded else _Confirms(connection, channel)
             self._producer = self._app.amqp.Producer(channel, auto_declare=False)
         except Exception as exc:  # boundary: any broker failure means "unreachable"
             self._connection = connection
@@ -379,7 +383,9 @@ class _Publisher:
             self._down_logged = True
 
     def _keepalive_interval(self) -> float:
-        return self._settings.broker_heartbeat_s / 2 if self._settings.broker_heartbeat_s else 0.0
+        if self._settings.embedded or not self._settings.broker_heartbeat_s:
+            return 0.0
+        return self._settings.broker_heartbeat_s / 2
 
     def _keepalive(self) -> None:
         """Read what the broker sent (its heartbeats) and send ours; notice a silent broker."""
@@ -398,7 +404,6 @@ class _Publisher:
         """Publish all, then wait once for all confirms; False (and disconnected) on failure."""
         if not messages or not self._connected():
             return False
-        assert self._confirms is not None
         timeout = self._settings.broker_confirm_timeout_s
         try:
             for message in messages:
@@ -414,8 +419,10 @@ class _Publisher:
                     argsrepr=f"[<{len(message.body)} envelopes>]",
                     kwargsrepr="{}",
                 )
-                self._confirms.published += 1
-            self._confirms.wait_all(timeout)
+                if self._confirms is not None:
+                    self._confirms.published += 1
+            if self._confirms is not None:
+                self._confirms.wait_all(timeout)
         except Exception as exc:  # boundary: connection loss, nack, confirm timeout
             self._mark_down(exc)
             return False

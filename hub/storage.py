@@ -240,13 +240,13 @@ def store_envelopes(
                 new_ids.update(conn.execute(statement, rows).scalars())
         _update_state(conn, envelopes, now)
         if before_commit is not None:
-            new = [
-                e
-                for e in envelopes
-                if e.id in new_ids or e.kind not in (Kind.TELEMETRY, Kind.EVENT)
-            ]
+            # Once per id: a retransmission can sit in the same batch as its original.
+            new: dict[str, Envelope] = {}
+            for e in envelopes:
+                if e.id in new_ids or e.kind not in (Kind.TELEMETRY, Kind.EVENT):
+                    new.setdefault(e.id, e)
             if new:
-                before_commit(new)
+                before_commit(list(new.values()))
     return len(new_ids)
 
 

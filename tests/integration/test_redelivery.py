@@ -52,8 +52,10 @@ def test_a_batch_delivered_twice_runs_its_handlers_once(
             for seq in range(1, 6)
         ]
         sender = Celery("redelivery-test", broker=broker_url, set_as_current=False)
-        for _ in range(2):
-            sender.send_task("tasks.ingest.telemetry", args=(batch,), queue="hub.telemetry")
+        # A retransmission in the same batch as its original (spooled batches are
+        # merged on replay), then the whole batch delivered again.
+        for body in (batch + batch[:2], batch):
+            sender.send_task("tasks.ingest.telemetry", args=(body,), queue="hub.telemetry")
 
         def runs() -> int:
             return sum(read_stored(database_url, [device]).handler_runs.values())
