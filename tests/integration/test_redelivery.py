@@ -5,6 +5,7 @@ for) is stored once, and its handlers run once."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,16 +21,24 @@ from tests.reliability.harness import (
     read_stored,
     wait_for,
 )
-from tests.support.services import amqp_url
+from tests.support.services import amqp_url, create_vhost, delete_vhost
 
 pytestmark = pytest.mark.integration
 
 
-def test_a_batch_delivered_twice_runs_its_handlers_once(
-    rabbitmq_vhost: str, tmp_path: Path
-) -> None:
+@pytest.fixture
+def own_vhost() -> Iterator[str]:
+    """A vhost of this test's own: the run's shared worker must not take its messages."""
+    vhost = create_vhost()
+    try:
+        yield vhost
+    finally:
+        delete_vhost(vhost)
+
+
+def test_a_batch_delivered_twice_runs_its_handlers_once(own_vhost: str, tmp_path: Path) -> None:
     database_url = f"sqlite:///{tmp_path / 'hub.sqlite3'}"
-    broker_url = amqp_url(rabbitmq_vhost)
+    broker_url = amqp_url(own_vhost)
     from hub.storage import migrate
 
     migrate(database_url)
@@ -70,11 +79,11 @@ def test_a_batch_delivered_twice_runs_its_handlers_once(
         worker.stop()
 
 
-def test_a_handler_run_delivered_twice_runs_once(rabbitmq_vhost: str, tmp_path: Path) -> None:
+def test_a_handler_run_delivered_twice_runs_once(own_vhost: str, tmp_path: Path) -> None:
     # A worker that ran a handler but whose ack was lost (RabbitMQ restarted, the
     # connection dropped) gets the same run again, with the same task id.
     database_url = f"sqlite:///{tmp_path / 'hub.sqlite3'}"
-    broker_url = amqp_url(rabbitmq_vhost)
+    broker_url = amqp_url(own_vhost)
     from hub.storage import migrate
 
     migrate(database_url)
