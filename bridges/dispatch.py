@@ -16,6 +16,14 @@ When RabbitMQ is unreachable the batch goes to the local spool instead, which
 also resolves the futures; spooled batches are replayed in order once the
 broker is back, and new batches queue behind them. When the spool is full the
 thread waits, the futures stay pending, and devices stop being acknowledged.
+
+A hung broker (a partition, a stopped process: no connection reset) counts
+as unreachable: every blocking step is bounded by `broker_confirm_timeout_s`
+and AMQP heartbeats (`broker_heartbeat_s`) notice a silent broker while idle.
+A batch whose confirm timed out may still have been delivered; it is spooled
+and delivered again (at least once; the tasks deduplicate by envelope id).
+Replay merges consecutive spooled batches into large task messages and
+publishes them with pipelined confirms (many messages, then one wait).
 """
 
 from __future__ import annotations
@@ -43,8 +51,8 @@ from hub.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: How many spooled batches are replayed before new work is looked at again.
-_REPLAY_CHUNK = 32
+#: How many spooled rows one replay round reads (merged into fewer task messages).
+_REPLAY_ROWS = 256
 
 
 @dataclass(slots=True)
@@ -65,11 +73,17 @@ def publisher_app(settings: Settings) -> Celery:
     app = Celery("hub-dispatch", set_as_current=False)
     transport_options: dict[str, Any] = {}
     if not settings.embedded:
-        transport_options["confirm_publish"] = True
+        # Confirms are ours (`_Confirms`: confirm mode on the channel, pipelined
+        # waits), not py-amqp's confirm_publish, which waits after every message.
+        # Socket timeouts bound every other read and write: a hung broker must
+        # never block the thread for longer than the confirm timeout.
+        transport_options["read_timeout"] = settings.broker_confirm_timeout_s
+        transport_options["write_timeout"] = settings.broker_confirm_timeout_s
     app.conf.update(
         broker_url=settings.effective_broker_url,
         broker_transport_options=transport_options,
-        broker_connection_timeout=2.0,
+        broker_connection_timeout=min(2.0, settings.broker_confirm_timeout_s),
+        broker_heartbeat=settings.broker_heartbeat_s or None,
         task_serializer="json",
         accept_content=["json"],
         task_queues=celery_queues(),
@@ -129,6 +143,7 @@ class Dispatcher:
         self._handoff: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._not_durable_at_stop = 0
         self._stop_requested = threading.Event()
         self._max = settings.batch_max_messages
 
@@ -194,6 +209,7 @@ class Dispatcher:
     def _done(self, batch: _Batch, error: BaseException | None) -> None:
         """Called on the loop when the thread has made a batch durable (or given up)."""
         self._thread_busy -= 1
+        failed = 0
         for future in batch.futures:
             if future.done():
                 continue
@@ -201,6 +217,13 @@ class Dispatcher:
                 future.set_result(None)
             else:
                 future.set_exception(error)
+                # Retrieved here: a bridge whose connection is gone no longer
+                # awaits it, and asyncio would log each one as never retrieved.
+                # The failure is reported once, by `stop()` or the thread.
+                future.exception()
+                failed += 1
+        if failed and self._stopping:
+            self._not_durable_at_stop += failed
         if self._open and self._thread_busy == 0 and not self._flush_scheduled:
             self.flush_all()
 
@@ -221,6 +244,66 @@ class Dispatcher:
         # Let the thread's last call_soon_threadsafe callbacks run.
         await asyncio.sleep(0)
         self._thread = None
+        if self._not_durable_at_stop:
+            log.warning(
+                "stopped with %d messages not made durable (spool full and RabbitMQ "
+                "unreachable); they were not acknowledged, their devices send them again",
+                self._not_durable_at_stop,
+            )
+
+
+class _Confirms:
+    """Publisher confirms of one channel, for publishing many messages before one wait.
+
+    The channel is put in confirm mode here; RabbitMQ then numbers every
+    publish on it from 1 (its delivery tag) and acknowledges tags, one or
+    `multiple` up to one, or refuses them (nack).
+    """
+
+    def __init__(self, connection: Connection, channel: Any) -> None:
+        self._connection = connection
+        channel.confirm_select()
+        channel.events["basic_ack"].add(self._ack)
+        channel.events["basic_nack"].add(self._nack)
+        self.published = 0
+        self._acked_upto = 0
+        self._acked: set[int] = set()
+        self._nacked = False
+
+    def _ack(self, delivery_tag: int, multiple: bool) -> None:
+        if multiple:
+            self._acked_upto = max(self._acked_upto, delivery_tag)
+        else:
+            self._acked.add(delivery_tag)
+        while self._acked_upto + 1 in self._acked:
+            self._acked_upto += 1
+            self._acked.discard(self._acked_upto)
+
+    def _nack(self, delivery_tag: int, multiple: bool) -> None:
+        self._nacked = True
+
+    def wait_all(self, timeout_s: float) -> None:
+        """Wait until everything published so far is confirmed; raise on nack or timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self._acked_upto < self.published:
+            if self._nacked:
+                raise DispatchError("RabbitMQ refused a message (negative confirm)")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DispatchError(f"no publisher confirm within {timeout_s:g} s")
+            try:
+                self._connection.drain_events(timeout=remaining)
+            except TimeoutError:
+                raise DispatchError(f"no publisher confirm within {timeout_s:g} s") from None
+        if self._nacked:
+            raise DispatchError("RabbitMQ refused a message (negative confirm)")
+
+
+@dataclass(frozen=True, slots=True)
+class _Message:
+    task_name: str
+    queue: str
+    body: Sequence[Any]
 
 
 class _Publisher:
@@ -241,7 +324,9 @@ class _Publisher:
         self._metrics = metrics
         self._connection: Connection | None = None
         self._producer: Any = None
+        self._confirms: _Confirms | None = None
         self._next_attempt = 0.0
+        self._next_keepalive = 0.0
         self._down_logged = False
 
     # -- broker connection -------------------------------------------------
@@ -253,19 +338,30 @@ class _Publisher:
         if now < self._next_attempt:
             return False
         self._next_attempt = now + self._settings.broker_retry_interval_s
+        connection: Connection | None = None
         try:
-            connection = self._app.connection_for_write()
+            connection = self._app.connection_for_write(
+                heartbeat=None
+                if self._settings.embedded
+                else (self._settings.broker_heartbeat_s or None)
+            )
             # One quick attempt: kombu's retrying connect would sleep here and
             # stall the spool; the retry cadence is ours (broker_retry_interval_s).
             connection.ensure_connection(max_retries=0)
             channel = connection.default_channel
             for declared in celery_queues():
                 declared(channel).declare()
+            # The embedded default's local queue (SQLAlchemy) has no confirms: its
+            # publish is a committed insert, durable when it returns.
+            confirms = None if self._settings.embedded else _Confirms(connection, channel)
             self._producer = self._app.amqp.Producer(channel, auto_declare=False)
         except Exception as exc:  # boundary: any broker failure means "unreachable"
+            self._connection = connection
             self._mark_down(exc)
             return False
         self._connection = connection
+        self._confirms = confirms
+        self._next_keepalive = time.monotonic() + self._keepalive_interval()
         self._metrics.broker_connected.set(1)
         if self._down_logged:
             log.info("task broker reachable again; replaying %d spooled", self._spool.messages)
@@ -274,44 +370,80 @@ class _Publisher:
 
     def _mark_down(self, exc: BaseException) -> None:
         if self._connection is not None:
+            # collect(), not release(): closing properly is a handshake, which a
+            # hung broker would never answer.
             with contextlib.suppress(Exception):  # already broken; nothing to save
-                self._connection.release()
+                self._connection.collect()
         self._connection = None
         self._producer = None
+        self._confirms = None
         self._metrics.broker_connected.set(0)
         if not self._down_logged:
             log.warning("task broker unreachable (%s); spooling locally", exc)
             self._down_logged = True
 
-    def _publish(self, task_name: str, queue_name: str, body: Sequence[Any]) -> bool:
-        """One task message, confirmed; False (and disconnected) on any failure."""
-        if not self._connected():
-            return False
+    def _keepalive_interval(self) -> float:
+        if self._settings.embedded or not self._settings.broker_heartbeat_s:
+            return 0.0
+        return self._settings.broker_heartbeat_s / 2
+
+    def _keepalive(self) -> None:
+        """Read what the broker sent (its heartbeats) and send ours; notice a silent broker."""
+        interval = self._keepalive_interval()
+        if self._connection is None or not interval or time.monotonic() < self._next_keepalive:
+            return
+        self._next_keepalive = time.monotonic() + interval
         try:
-            self._app.send_task(
-                task_name,
-                args=(body,),
-                task_id=uuid.uuid4().hex,
-                producer=self._producer,
-                queue=queue_name,
-                retry=False,
-                # Celery would otherwise saferepr() the whole batch for its headers.
-                argsrepr=f"[<{len(body)} envelopes>]",
-                kwargsrepr="{}",
-            )
+            with contextlib.suppress(TimeoutError):
+                self._connection.drain_events(timeout=0.01)
+            self._connection.heartbeat_check(rate=2)
+        except Exception as exc:  # boundary: missed heartbeats, a closed socket
+            self._mark_down(exc)
+
+    def _publish(self, messages: Sequence[_Message]) -> bool:
+        """Publish all, then wait once for all confirms; False (and disconnected) on failure."""
+        if not messages or not self._connected():
+            return False
+        timeout = self._settings.broker_confirm_timeout_s
+        try:
+            for message in messages:
+                self._app.send_task(
+                    message.task_name,
+                    args=(message.body,),
+                    task_id=uuid.uuid4().hex,
+                    producer=self._producer,
+                    queue=message.queue,
+                    retry=False,
+                    timeout=timeout,
+                    # Celery would otherwise saferepr() the whole batch for its headers.
+                    argsrepr=f"[<{len(message.body)} envelopes>]",
+                    kwargsrepr="{}",
+                )
+                if self._confirms is not None:
+                    self._confirms.published += 1
+            if self._confirms is not None:
+                self._confirms.wait_all(timeout)
         except Exception as exc:  # boundary: connection loss, nack, confirm timeout
             self._mark_down(exc)
             return False
+        self._next_keepalive = time.monotonic() + self._keepalive_interval()
         return True
 
     # -- the loop of the thread --------------------------------------------
 
+    def _wait_s(self) -> float | None:
+        waits = []
+        if self._spool.messages:
+            waits.append(self._settings.broker_retry_interval_s)
+        if self._connection is not None and self._keepalive_interval():
+            waits.append(self._keepalive_interval())
+        return min(waits) if waits else None
+
     def run(self, handoff: queue.Queue[Any], loop: asyncio.AbstractEventLoop, done: Any) -> None:
         stopping = False
         while True:
-            timeout = self._settings.broker_retry_interval_s if self._spool.messages else None
             try:
-                item = handoff.get(timeout=timeout) if not stopping else handoff.get_nowait()
+                item = handoff.get(timeout=self._wait_s()) if not stopping else handoff.get_nowait()
             except queue.Empty:
                 item = None
                 if stopping:
@@ -321,9 +453,11 @@ class _Publisher:
             elif item is not None:
                 error = self._make_durable(item)
                 loop.call_soon_threadsafe(done, item, error)
+            self._keepalive()
             self._replay()
         if self._connection is not None:
-            self._connection.release()
+            with contextlib.suppress(Exception):  # a broker gone at shutdown
+                self._connection.release()
         self._spool.close()
 
     def _make_durable(self, batch: _Batch) -> BaseException | None:
@@ -331,7 +465,7 @@ class _Publisher:
         queue_name = QUEUES[batch.kind]
         body = batch.body()
         count = len(body)
-        if self._spool.messages == 0 and self._publish(task_name, queue_name, body):
+        if self._spool.messages == 0 and self._publish([_Message(task_name, queue_name, body)]):
             self._metrics.batches_published.inc()
             self._metrics.envelopes_published.inc(count)
             return None
@@ -357,15 +491,31 @@ class _Publisher:
         return None
 
     def _replay(self) -> None:
-        """Publish spooled batches oldest first, a chunk at a time."""
+        """Publish spooled batches oldest first: merged, then confirmed together."""
         if not self._spool.messages or not self._connected():
             return
-        for spooled in self._spool.oldest(_REPLAY_CHUNK):
-            if not self._publish(spooled.task_name, spooled.queue, json.loads(spooled.body)):
-                return
-            self._spool.remove(spooled)
-            self._metrics.batches_published.inc()
-            self._metrics.envelopes_published.inc(spooled.count)
+        rows = self._spool.oldest(_REPLAY_ROWS)
+        limit = self._settings.spool_replay_batch_messages
+        messages: list[_Message] = []
+        for row in rows:
+            body = json.loads(row.body)
+            last = messages[-1] if messages else None
+            # Merge only neighbours of one task: order within a queue is kept.
+            if (
+                last is not None
+                and (last.task_name, last.queue) == (row.task_name, row.queue)
+                and len(last.body) + len(body) <= limit
+            ):
+                assert isinstance(last.body, list)
+                last.body.extend(body)
+            else:
+                messages.append(_Message(row.task_name, row.queue, body))
+        if not self._publish(messages):
+            return
+        # Only after every confirm: a crash before this line replays them again.
+        self._spool.remove_many(rows)
+        self._metrics.batches_published.inc(len(messages))
+        self._metrics.envelopes_published.inc(sum(row.count for row in rows))
         self._metrics.spool_size.set(self._spool.messages)
         if not self._spool.messages:
             log.info("spool replayed")

@@ -564,9 +564,7 @@ def status(ctx: click.Context, url: str | None, as_json: bool) -> None:
             data["hub"] = json.load(response)
     except (urllib.error.URLError, OSError) as exc:
         problems.append(f"no hub answers at {url} ({exc}); is `hub run` running?")
-    from hub.storage import sqlite_path
-
-    queue_file = sqlite_path(settings.effective_broker_url.removeprefix("sqla+"))
+    queue_file = settings.local_queue_path
     if queue_file is not None and not queue_file.exists():
         # Asking would create an empty local queue in a folder that is not the hub's.
         problems.append(

@@ -160,6 +160,14 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(default=2.0, ge=0)
     spool_max_messages: int = Field(default=100_000, ge=1)
     broker_retry_interval_s: float = Field(default=1.0, gt=0)
+    #: A publish RabbitMQ has not confirmed within this time counts as failed:
+    #: the broker is taken as away and the batch goes to the spool.
+    broker_confirm_timeout_s: float = Field(default=5.0, gt=0)
+    #: AMQP heartbeat of the hub's RabbitMQ connection (0: off); a broker silent
+    #: for two heartbeats counts as away even while nothing is published.
+    broker_heartbeat_s: float = Field(default=10.0, ge=0)
+    #: Envelopes per task message when the spool is replayed (spooled batches are merged).
+    spool_replay_batch_messages: int = Field(default=5000, ge=1, le=100_000)
     #: Start even if RabbitMQ is unreachable (messages spool until it is back).
     start_without_broker: bool = False
     #: How long a stopping hub lets its worker finish the task in hand before killing it.
@@ -229,9 +237,14 @@ class Settings(BaseSettings):
         `localqueue://` is the transport of the `localqueue` package (real
         acknowledgement over SQLite; see docs/delivery.md).
         """
-        if self.broker_url:
-            return self.broker_url
-        return f"localqueue://{(self.data_dir / 'queue.sqlite3').resolve()}"
+        if self.local_queue_path is None:
+            return str(self.broker_url)
+        return f"localqueue://{self.local_queue_path}"
+
+    @property
+    def local_queue_path(self) -> Path | None:
+        """The embedded default's local queue file; None when RabbitMQ is configured."""
+        return None if self.broker_url else (self.data_dir / "queue.sqlite3").resolve()
 
     @property
     def effective_result_backend(self) -> str:

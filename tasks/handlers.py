@@ -137,14 +137,25 @@ def dead_letter(
 @app.task(
     name=RUN_TASK,
     bind=True,
-    ignore_result=True,
+    # The result (None) is kept: it is how a redelivered run knows it already ran.
+    ignore_result=False,
     acks_late=True,
     max_retries=HANDLER_MAX_RETRIES,
 )
 def run(self: Any, name: str, envelope: dict[str, Any]) -> None:
-    """Run one handler on one envelope; retry, then dead-letter."""
+    """Run one handler on one envelope; retry, then dead-letter.
+
+    A run whose task already succeeded is not run again: a worker whose
+    acknowledgement was lost (RabbitMQ restarted, the connection dropped)
+    gets the same message, with the same task id, once more. The result is
+    written before the acknowledgement, so only a crash between the handler's
+    return and that write runs it twice.
+    """
     from tasks.application import settings
 
+    if self.request.id and self.AsyncResult(self.request.id).state == "SUCCESS":
+        log.info("handler run %s already succeeded; not running it again", self.request.id)
+        return
     load(settings.handlers)
     registration = _registry.get(name)
     try:

@@ -17,8 +17,10 @@ only those it refuses are dead-lettered. A database that is away
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
+from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.exc import OperationalError
 
 import tasks.application
@@ -76,13 +78,20 @@ def parse_batch(batch: Any, task_name: str = "tasks.ingest") -> list[Envelope]:
     return envelopes
 
 
-def store(envelopes: list[Envelope], task_name: str) -> int:
+def store(
+    envelopes: list[Envelope],
+    task_name: str,
+    before_commit: Callable[[list[Envelope]], object] | None = None,
+) -> int:
     """Store envelopes in one transaction; if the database refuses the batch for
-    its content, one by one, dead-lettering only what it refuses."""
+    its content, one by one, dead-lettering only what it refuses.
+
+    `before_commit` (the handler runs) is called inside each storing
+    transaction with what was new (`store_envelopes`)."""
     try:
-        return store_envelopes(engine(), envelopes)
-    except OperationalError:
-        raise  # the database is away: retry the task
+        return store_envelopes(engine(), envelopes, before_commit=before_commit)
+    except (OperationalError, KombuOperationalError):
+        raise  # the database or the broker is away: retry the task
     except Exception as exc:  # boundary: find the envelope the database refuses
         if len(envelopes) == 1:
             _dead_letter(
@@ -90,7 +99,7 @@ def store(envelopes: list[Envelope], task_name: str) -> int:
             )
             return 0
         log.warning("a batch of %d was refused (%s); storing one by one", len(envelopes), exc)
-    return sum(store([envelope], task_name) for envelope in envelopes)
+    return sum(store([envelope], task_name, before_commit) for envelope in envelopes)
 
 
 def ingest(batch: Any, task_name: str = "tasks.ingest") -> int:
@@ -98,18 +107,26 @@ def ingest(batch: Any, task_name: str = "tasks.ingest") -> int:
     envelopes = parse_batch(batch, task_name)
     if not envelopes:
         return 0
-    stored = store(envelopes, task_name)
+    modules = tasks.application.settings.handlers
+    # Handlers only for what is new: a redelivered batch or a retransmission
+    # must not run them again (scheduled inside the storing transaction).
+    stored = store(
+        envelopes,
+        task_name,
+        (lambda new: handlers.schedule(new, modules)) if modules else None,
+    )
     if stored:
         try:
             worker_metrics.add(engine(), worker_name(), {worker_metrics.ROWS_STORED: stored})
         except OperationalError:
             log.warning("stored %d rows but could not count them", stored)
-    handlers.schedule(envelopes, tasks.application.settings.handlers)
     return stored
 
 
 _RETRY: dict[str, Any] = {
-    "autoretry_for": (OperationalError,),
+    # A database error, or the broker refusing the handler runs scheduled in
+    # the storing transaction (which then stored nothing): both are worth a retry.
+    "autoretry_for": (OperationalError, KombuOperationalError),
     "retry_backoff": True,
     "max_retries": 8,
     "ignore_result": True,

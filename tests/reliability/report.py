@@ -16,8 +16,26 @@ from typing import Any
 
 from tests.reliability.harness import results_path
 
-COLUMNS = ("scenario", "transport", "acknowledged", "stored", "lost", "duplicates", "recovery_s")
-HEADINGS = ("scenario", "transport", "acknowledged", "stored", "lost", "duplicates", "recovery (s)")
+COLUMNS = (
+    "scenario",
+    "transport",
+    "acknowledged",
+    "stored",
+    "lost",
+    "duplicates",
+    "unprocessed",
+    "recovery_s",
+)
+HEADINGS = (
+    "scenario",
+    "transport",
+    "acknowledged",
+    "stored",
+    "lost",
+    "duplicates",
+    "handler runs missing",
+    "recovery (s)",
+)
 
 
 def load(path: Path) -> list[dict[str, Any]]:

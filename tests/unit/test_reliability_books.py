@@ -50,6 +50,6 @@ def test_results_are_json_lines_and_the_report_keeps_the_last_run(
     assert len(path.read_text().splitlines()) == 3
     assert json.loads(path.read_text().splitlines()[0])["recovery_s"] == 1.2
     table = render(load(path))
-    assert "| hub SIGKILL | tcp | 12 | 12 | 0 | 0 | 2.0 |" in table
-    assert "| hub SIGKILL | mqtt | 12 | 12 | 0 | 0 | - |" in table
+    assert "| hub SIGKILL | tcp | 12 | 12 | 0 | 0 | 0 | 2.0 |" in table
+    assert "| hub SIGKILL | mqtt | 12 | 12 | 0 | 0 | 0 | - |" in table
     assert "| 10 |" not in table

@@ -49,3 +49,13 @@ def test_batches_store_once_and_keep_the_newest_state(tmp_path: Path) -> None:
     assert b["online"] is False
     assert device_state(engine, "c") is None  # events are not state
     assert count_rows(engine) == 5 and count_rows(engine, Kind.EVENT) == 1
+
+
+def test_sqlite_commits_survive_a_power_loss(tmp_path: Path) -> None:
+    # A worker acknowledges its task message right after the commit: the commit
+    # must be synced (synchronous=FULL = 2), not only written (NORMAL = 1).
+    engine = make_engine(f"sqlite:///{tmp_path / 'hub.sqlite3'}")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    engine.dispose()
