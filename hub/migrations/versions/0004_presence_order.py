@@ -6,14 +6,14 @@ replayed late), so each device's state row keeps the stamps that decide what
 is newer (hub/presence.py), and state reports get rows keyed by envelope id,
 like telemetry, so that a retransmitted one changes nothing.
 
-Revision ID: 0003_presence_order
-Revises: 0002
+Revision ID: 0004_presence_order
+Revises: 0003_dead_letters
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003_presence_order"
+revision = "0004_presence_order"
 down_revision = "0003_dead_letters"
 branch_labels = None
 depends_on = None

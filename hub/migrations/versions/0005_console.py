@@ -1,14 +1,14 @@
 """The console: users, API tokens, login sessions, the audit log and hub heartbeats.
 
-Revision ID: 0003_console
-Revises: 0003_presence_order
+Revision ID: 0005_console
+Revises: 0004_presence_order
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003_console"
-down_revision = "0003_presence_order"
+revision = "0005_console"
+down_revision = "0004_presence_order"
 branch_labels = None
 depends_on = None
 
