@@ -259,6 +259,17 @@ def _insert_new(conn: Any, table: Any, rows: list[dict[str, Any]]) -> set[str]:
     return {row[0] for row in conn.execute(statement, rows)}
 
 
+class HandlerRunRow(Base):
+    """A handler run that ran to the end (tasks/handlers.py): a second delivery of
+    the same (envelope, handler) is skipped. Written in the run's transaction."""
+
+    __tablename__ = "handler_runs"
+
+    envelope_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    handler: Mapped[str] = mapped_column(String(255), primary_key=True)
+    ran_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
 def _iso(value: Any) -> str:
     if isinstance(value, datetime):
         return value.astimezone(UTC).isoformat()

@@ -19,7 +19,15 @@ once per envelope, each run its own task on the `hub.handlers` queue::
 A handler that raises is retried (`HANDLER_MAX_RETRIES` times, with backoff);
 after that the run becomes a dead letter in the database (`hub dead-letters
 list`, replayable), and `hub status` counts it. Other handlers and devices
-are not affected. Handlers must be idempotent: delivery is at least once.
+are not affected.
+
+A run happens once per (envelope, handler): the worker keeps a ledger of runs
+that ended (`handler_runs`) and skips a run delivered twice. What a handler
+writes through `transaction()` commits together with its ledger row, so it
+happens exactly once, even when a worker is killed mid-run. Other side
+effects (a command sent, a call to another system) are at least once: a
+worker killed between the handler's return and the ledger's commit runs it
+again, so make them idempotent.
 """
 
 from __future__ import annotations
@@ -29,15 +37,22 @@ import importlib
 import logging
 import traceback
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
+
+from sqlalchemy import Connection, insert, select
+from sqlalchemy.exc import IntegrityError
 
 from hub import worker_metrics
 from hub.dead_letters import HANDLER_FAILED, NewDeadLetter
 from hub.envelope import Envelope, Kind
 from hub.errors import ConfigError, EnvelopeError
 from hub.routing import HANDLER_QUEUE
+from hub.storage import HandlerRunRow
 from tasks.application import app, count_event
+from tasks.db import engine
 from tasks.wire import QUARANTINE_KEY
 
 log = logging.getLogger(__name__)
@@ -59,6 +74,8 @@ class Registration:
 
 
 _registry: dict[str, Registration] = {}
+#: The connection of the handler run under way (see `transaction()`).
+_transaction: ContextVar[Connection | None] = ContextVar("hub_handler_transaction", default=None)
 _loaded: tuple[str, ...] | None = None
 
 
@@ -137,31 +154,33 @@ def dead_letter(
 @app.task(
     name=RUN_TASK,
     bind=True,
-    # The result (None) is kept: it is how a redelivered run knows it already ran.
-    ignore_result=False,
+    # Whether a run already happened is the ledger's to say (handler_runs), in
+    # the same database and transaction as the run; no result is written.
+    ignore_result=True,
     acks_late=True,
     max_retries=HANDLER_MAX_RETRIES,
 )
 def run(self: Any, name: str, envelope: dict[str, Any]) -> None:
     """Run one handler on one envelope; retry, then dead-letter.
 
-    A run whose task already succeeded is not run again: a worker whose
-    acknowledgement was lost (RabbitMQ restarted, the connection dropped)
-    gets the same message, with the same task id, once more. The result is
-    written before the acknowledgement, so only a crash between the handler's
-    return and that write runs it twice.
+    The run happens inside a database transaction that ends by writing the
+    ledger row (envelope id, handler). A second delivery of the same run (a
+    worker killed after the run, before its acknowledgement; a redelivered
+    batch scheduling its runs again) finds the row and is skipped. What the
+    handler writes through `transaction()` commits with that row: exactly
+    once. Other side effects are at least once (docs/delivery.md).
     """
     from tasks.application import settings
 
-    if self.request.id and self.AsyncResult(self.request.id).state == "SUCCESS":
-        log.info("handler run %s already succeeded; not running it again", self.request.id)
-        return
     load(settings.handlers)
     registration = _registry.get(name)
     try:
         if registration is None:
             raise ConfigError(f"handler {name!r} is not registered in this worker")
-        registration.func(Envelope.from_dict(envelope))
+        parsed = Envelope.from_dict(envelope)
+        if not _run_once(registration, parsed):
+            log.info("handler %s already ran for envelope %s; not again", name, parsed.id)
+            return
     except (EnvelopeError, ConfigError) as exc:
         count_event(worker_metrics.TASK_FAILURES)
         dead_letter(name, envelope, exc)  # retrying cannot help
@@ -180,3 +199,51 @@ def run(self: Any, name: str, envelope: dict[str, Any]) -> None:
         raise self.retry(exc=exc, countdown=0.5 * 2**self.request.retries) from None
     else:
         count_event(worker_metrics.HANDLER_RUNS)
+
+
+def _run_once(registration: Registration, envelope: Envelope) -> bool:
+    """Run the handler unless the ledger says it ran; False when it had.
+
+    The ledger row is written last, in the transaction the handler sees through
+    `transaction()`: a handler that raises leaves no row (and its writes there
+    are rolled back), so the retry runs it again. Two deliveries of one run at
+    the same moment: the second insert waits for the first's commit, then
+    fails on the key and rolls back with everything it wrote.
+    """
+    key = {"envelope_id": envelope.id, "handler": registration.name}
+    try:
+        with engine().begin() as conn:
+            ran = conn.execute(select(HandlerRunRow.envelope_id).filter_by(**key).limit(1))
+            if ran.first() is not None:
+                return False
+            token = _transaction.set(conn)
+            try:
+                registration.func(envelope)
+            finally:
+                _transaction.reset(token)
+            try:
+                conn.execute(insert(HandlerRunRow).values(**key, ran_at=datetime.now(UTC)))
+            except IntegrityError:
+                # Leaving the block rolls back this delivery's writes with it.
+                raise _AlreadyRan() from None
+    except _AlreadyRan:
+        return False  # another delivery of this run committed first
+    return True
+
+
+class _AlreadyRan(Exception):
+    """The ledger row appeared while this delivery ran (a concurrent delivery)."""
+
+
+def transaction() -> Connection:
+    """The database connection of the handler run under way, inside its
+    transaction. What a handler writes through it commits together with the
+    run's ledger row, so a run delivered twice writes once; a handler that
+    raises has its writes rolled back with the attempt.
+
+    Raises RuntimeError outside a handler run.
+    """
+    conn = _transaction.get()
+    if conn is None:
+        raise RuntimeError("tasks.handlers.transaction() is only available inside a handler run")
+    return conn

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from celery import current_task
 from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.exc import OperationalError
 
@@ -108,19 +109,34 @@ def ingest(batch: Any, task_name: str = "tasks.ingest") -> int:
     if not envelopes:
         return 0
     modules = tasks.application.settings.handlers
-    # Handlers only for what is new: a redelivered batch or a retransmission
-    # must not run them again (scheduled inside the storing transaction).
+    # Handlers for what is new, scheduled inside the storing transaction. A
+    # batch delivered again after a worker died (or retried after an error)
+    # may have been stored while its handler runs never left: those go out
+    # again for the whole batch, and the ledger skips the runs that happened.
+    again = bool(modules) and _delivered_before()
     stored = store(
         envelopes,
         task_name,
-        (lambda new: handlers.schedule(new, modules)) if modules else None,
+        (lambda new: handlers.schedule(new, modules)) if modules and not again else None,
     )
+    if again:
+        handlers.schedule(list({e.id: e for e in envelopes}.values()), modules)
     if stored:
         try:
             worker_metrics.add(engine(), worker_name(), {worker_metrics.ROWS_STORED: stored})
         except OperationalError:
             log.warning("stored %d rows but could not count them", stored)
     return stored
+
+
+def _delivered_before() -> bool:
+    """True when the running task message was delivered before (a worker died
+    holding it) or this is a retry of it."""
+    request = current_task.request if current_task else None
+    if request is None:
+        return False
+    info = request.delivery_info or {}
+    return bool(info.get("redelivered")) or bool(request.retries)
 
 
 _RETRY: dict[str, Any] = {

@@ -4,6 +4,7 @@ for) is stored once, and its handlers run once."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from celery import Celery
+from kombu import Connection
 
 from hub.envelope import Envelope, Kind
 from hub.routing import HANDLER_QUEUE
@@ -115,7 +117,81 @@ def test_a_handler_run_delivered_twice_runs_once(own_vhost: str, tmp_path: Path)
         sender.send_task(
             "tasks.handlers.run", args=(name, envelope), task_id=run_id, queue=HANDLER_QUEUE
         )
+        # The same run scheduled again under another task id (a redelivered
+        # batch schedules its runs anew): the ledger still says it ran.
+        sender.send_task(
+            "tasks.handlers.run",
+            args=(name, envelope),
+            task_id=uuid.uuid4().hex,
+            queue=HANDLER_QUEUE,
+        )
         wait_for(lambda: runs() > 1, 10)
         assert runs() == 1
+    finally:
+        worker.stop()
+
+
+def test_a_batch_redelivered_after_it_was_stored_still_runs_its_handlers(
+    own_vhost: str, tmp_path: Path
+) -> None:
+    # A worker killed after the batch's commit, before its handler runs left
+    # (the local queue sends a task's publishes with its acknowledgement): the
+    # batch comes back marked redelivered, finds everything stored, and must
+    # still schedule the runs; the ledger keeps them to one each.
+    database_url = f"sqlite:///{tmp_path / 'hub.sqlite3'}"
+    broker_url = amqp_url(own_vhost)
+    from hub.storage import make_engine, migrate, store_envelopes
+
+    migrate(database_url)
+    device = f"rel-stored-{uuid.uuid4().hex[:6]}"
+    envelopes = [
+        Envelope(
+            device_id=device,
+            kind=Kind.TELEMETRY,
+            payload={"n": seq},
+            seq=seq,
+            received_at=datetime.now(UTC),
+            transport="tcp",
+            protocol="native",
+        )
+        for seq in range(1, 6)
+    ]
+    engine = make_engine(database_url)
+    try:
+        # The first delivery's commit; one of its runs had happened too.
+        assert store_envelopes(engine, envelopes) == 5
+    finally:
+        engine.dispose()
+    sender = Celery("redelivery-test", broker=broker_url, set_as_current=False)
+    sender.send_task(
+        "tasks.ingest.telemetry",
+        args=([e.to_dict() for e in envelopes],),
+        queue="hub.telemetry",
+    )
+    # A consumer takes the message and goes away without acknowledging it:
+    # RabbitMQ gives it back marked redelivered, as after a worker's SIGKILL.
+    with Connection(broker_url) as conn:
+        channel = conn.channel()
+        taken = None
+        deadline = time.monotonic() + 30
+        while taken is None and time.monotonic() < deadline:
+            taken = channel.basic_get(queue="hub.telemetry", no_ack=False)
+            if taken is None:
+                time.sleep(0.2)
+        assert taken is not None, "the ingest task never reached its queue"
+    worker = WorkerProcess(
+        WorkerOptions(broker_url, database_url, tmp_path / "w", handlers=(RECORDING_HANDLER,)),
+        tmp_path / "worker.log",
+    )
+    try:
+
+        def runs() -> int:
+            return sum(read_stored(database_url, [device]).handler_runs.values())
+
+        assert wait_for(lambda: runs() >= 5, 60), (
+            f"the handlers of a redelivered, already stored batch never ran ({runs()} of 5)"
+        )
+        wait_for(lambda: runs() > 5, 5)
+        assert sorted(read_stored(database_url, [device]).handler_runs.values()) == [1] * 5
     finally:
         worker.stop()

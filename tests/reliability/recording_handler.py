@@ -3,7 +3,8 @@
 Loaded by workers through the `handlers` setting. Its table has no unique key
 on purpose: a message processed twice leaves two rows, which `compare()`
 counts as a duplicate even though the telemetry table's key would hide it.
-It matches only devices named `rel-*`.
+It writes through `tasks.handlers.transaction()`, as a handler that wants its
+database writes exactly once does. It matches only devices named `rel-*`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import os
 from sqlalchemy import text
 
 from hub.envelope import Envelope
-from tasks.db import engine
-from tasks.handlers import handler
+from tasks.handlers import handler, transaction
 
-_created: set[int] = set()
+_created: set[str] = set()
 
 _CREATE = (
     "CREATE TABLE IF NOT EXISTS reliability_handler_runs ("
@@ -27,15 +27,15 @@ _CREATE = (
 
 @handler(kind="telemetry", devices="rel-*")
 def record(envelope: Envelope) -> None:
-    eng = engine()
-    with eng.begin() as conn:
-        if id(eng) not in _created:
-            conn.execute(text(_CREATE))
-            _created.add(id(eng))
-        conn.execute(
-            text(
-                "INSERT INTO reliability_handler_runs (envelope_id, device_id, seq, pid) "
-                "VALUES (:e, :d, :s, :p)"
-            ),
-            {"e": envelope.id, "d": envelope.device_id, "s": envelope.seq, "p": os.getpid()},
-        )
+    conn = transaction()
+    url = str(conn.engine.url)
+    if url not in _created:
+        conn.execute(text(_CREATE))
+        _created.add(url)
+    conn.execute(
+        text(
+            "INSERT INTO reliability_handler_runs (envelope_id, device_id, seq, pid) "
+            "VALUES (:e, :d, :s, :p)"
+        ),
+        {"e": envelope.id, "d": envelope.device_id, "s": envelope.seq, "p": os.getpid()},
+    )
