@@ -4,7 +4,7 @@ Layer: benchmarks; may import anything.
 
 `python -m bench.broker` starts, one after the other on 127.0.0.1, a stock
 amqtt 0.12.1 `Broker` (anonymous) and the hub's embedded broker
-(`bridges.mqtt_embedded.EmbeddedMqtt` with `mqtt_allow_anonymous`, a dispatcher
+(`bridges.mqtt.broker.EmbeddedMqtt` with `mqtt_allow_anonymous`, a dispatcher
 stand-in that resolves every future at once), each in a process of its own.
 For QoS 0 and QoS 1, four paho-mqtt publisher processes send a bounded number
 of messages each while one paho subscriber (QoS as published) counts them.
@@ -72,7 +72,7 @@ async def _serve(kind: str, ports: Any, stop: EventType) -> None:
         await broker.shutdown()
         return
 
-    from bridges.mqtt_embedded import EmbeddedMqtt
+    from bridges.mqtt.broker import EmbeddedMqtt
     from hub.envelope import Envelope
     from hub.metrics import Metrics
     from hub.registry import CredentialCache

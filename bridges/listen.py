@@ -19,12 +19,14 @@ from hub.errors import ConfigError
 @dataclass(frozen=True, slots=True)
 class PortSetting:
     """What to tell a user whose port is busy: which listener, and which setting
-    (file key and environment variable) moves it, plus an optional hint."""
+    (file key and environment variable) moves it, plus an optional hint and
+    an optional other way out."""
 
     what: str  # "MQTT", "TCP (native)", "HTTP status"
     key: str  # "mqtt_port"
     env: str  # "HUB_MQTT_PORT"
     hint: str = ""  # appended to the message, e.g. "(another broker such as Mosquitto?)"
+    alternative: str = ""  # after the setting, e.g. "or bridge from that broker with ..."
 
 
 async def bind(host: str, port: int, setting: PortSetting, *, backlog: int = 4096) -> socket.socket:
@@ -55,9 +57,10 @@ async def bind(host: str, port: int, setting: PortSetting, *, backlog: int = 409
         sock.close()
         if exc.errno == errno.EADDRINUSE:
             hint = f" {setting.hint}" if setting.hint else ""
+            alternative = f", {setting.alternative}" if setting.alternative else ""
             raise ConfigError(
                 f"{setting.what} port {port} on {host} is already in use{hint}; "
-                f"choose another with {setting.key} / {setting.env}",
+                f"choose another with {setting.key} / {setting.env}{alternative}",
                 key=setting.key,
                 env=setting.env,
             ) from None

@@ -8,7 +8,7 @@ Targets (each a module of this package with one harness):
 - `native`: the native codec, in the hub and in the device role;
 - `lines`: the lines codec, in both roles;
 - `mqtt`: the MQTT 3.1.1 rule book (`check_packet`) and the packet reader
-  that frames a client's stream (`bridges.mqtt_packets`).
+  that frames a client's stream (`hub.mqtt_rules`, `bridges.mqtt.reader`).
 
 The contract is h11's: bad input may only raise the codec's remote protocol
 error (`RemoteProtocolError`; for MQTT, `ProtocolViolation` from the rules and

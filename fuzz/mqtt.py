@@ -22,7 +22,8 @@ from collections.abc import Iterator
 from fuzz.instrument import instrumented
 
 with instrumented():
-    from bridges.mqtt_packets import PacketReader, ProtocolViolation, check_packet
+    from bridges.mqtt.reader import PacketReader
+    from hub.mqtt_rules import ProtocolViolation, check_packet
 
 from fuzz.codec_harness import Finding
 

@@ -138,11 +138,11 @@ class HubApp:
 
     async def _start_mqtt(self) -> None:
         if self.settings.mqtt_external_url:
-            from bridges.mqtt_external import ExternalMqttBridge
+            from bridges.mqtt.external import ExternalMqttBridge
 
             self.mqtt = ExternalMqttBridge(self.settings, self.dispatcher, self.metrics)
         else:
-            from bridges.mqtt_embedded import EmbeddedMqtt
+            from bridges.mqtt.broker import EmbeddedMqtt
 
             self.mqtt = EmbeddedMqtt(
                 self.settings,

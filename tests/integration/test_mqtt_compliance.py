@@ -388,8 +388,8 @@ def telemetry(seq: int) -> bytes:
 def test_amqtt_is_the_version_the_overrides_were_written_for() -> None:
     installed = importlib.metadata.version("amqtt")
     assert installed == AMQTT_VERSION, (
-        f"amqtt {installed} is installed, but bridges/mqtt_embedded.py, mqtt_bridge_plugin.py "
-        f"and mqtt_packets.py override internals of amqtt {AMQTT_VERSION}: re-check each "
+        f"amqtt {installed} is installed, but the modules of bridges/mqtt/ "
+        f"override internals of amqtt {AMQTT_VERSION}: re-check each "
         "override (docs/mqtt.md, 'How the embedded broker is built') before changing the pin"
     )
 

@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 from sqlalchemy import Engine
 
-from bridges.mqtt_embedded import EmbeddedMqtt
+from bridges.mqtt.broker import EmbeddedMqtt
 from firmware_sim.fleet import run_mqtt_fleet
 from hub.commands import PendingCommand
 from hub.envelope import Envelope, Kind

@@ -23,7 +23,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from sqlalchemy import Engine
 
-from bridges.mqtt_external import ExternalMqttBridge, parse_broker_url
+from bridges.mqtt.external import ExternalMqttBridge, parse_broker_url
 from hub.envelope import Envelope, Kind
 from hub.errors import ConfigError
 from hub.metrics import Metrics

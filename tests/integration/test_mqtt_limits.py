@@ -193,11 +193,11 @@ def test_matching_a_topic_of_65535_levels_is_not_quadratic(broker: Broker) -> No
 def _session(client_id: str) -> object:
     from amqtt.session import Session
 
-    from bridges.mqtt_auth import DEVICE_ATTRIBUTE
+    from bridges.mqtt.state import state_of
 
     session = Session()
     session.client_id = client_id
-    session.attributes[DEVICE_ATTRIBUTE] = None  # an anonymous client
+    state_of(session).authenticated = True  # an anonymous client
     return session
 
 

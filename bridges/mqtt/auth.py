@@ -1,8 +1,7 @@
 """Authentication and topic ACL of the embedded MQTT broker, as amqtt plugins.
 
 Layer: bridges; imports the `hub` core (topics, registry, metrics, envelope,
-errors, settings) and amqtt's public plugin API. Must not import `tasks`,
-`firmware_sim`, `hub.cli` or `hub.app`.
+errors, settings), `bridges.mqtt.state` and amqtt's public plugin API.
 
 `DeviceAccess` holds the rules (docs/mqtt.md, "Authentication and ACL");
 `DeviceAuthPlugin` and `DeviceTopicPlugin` are the amqtt plugins that ask it.
@@ -10,9 +9,14 @@ amqtt instantiates plugins itself from dotted paths, so the one `DeviceAccess`
 instance reaches them through their plugin configuration (`{"access": ...}`).
 
 A device connects with username = its device id and password = its registry
-credential. Its session then carries the device id in
-`session.attributes[DEVICE_ATTRIBUTE]`; the bridge trusts only that attribute,
-never the topic, to decide whose message it is.
+credential. Its session's `SessionState` (bridges.mqtt.state) then carries
+the device id; the bridge trusts only that, never the topic, to decide whose
+message it is.
+
+For a PUBLISH the ACL is asked once, by amqtt through `DeviceTopicPlugin`
+when the message is handed to the broker. A will is checked when its CONNECT
+is authenticated and again before it is published (bridges.mqtt.delivery),
+never on the PUBLISH path.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
+from bridges.mqtt.state import device_of, state_of
 from hub.envelope import validate_device_id
 from hub.errors import AuthError, EnvelopeError
 from hub.metrics import Metrics
@@ -35,11 +40,6 @@ from hub.topics import may_publish, may_subscribe
 
 log = logging.getLogger(__name__)
 
-#: Session attribute holding the authenticated device id (None: an anonymous client).
-DEVICE_ATTRIBUTE = "hub.device_id"
-#: Session attribute holding why a connect was refused (chooses the CONNACK code).
-REFUSAL_ATTRIBUTE = "hub.refusal"
-
 # Refusal reasons, the `reason` label of hub_auth_failures_total{transport="mqtt"}.
 ANONYMOUS = "anonymous"
 UNKNOWN_DEVICE = "unknown_device"
@@ -47,14 +47,6 @@ BAD_CREDENTIAL = "bad_credential"
 CLIENT_ID_IN_USE = "client_id_in_use"
 WILL_TOPIC = "will_topic"
 INTERNAL_ERROR = "internal_error"
-
-
-def device_of(session: Session | None) -> str | None:
-    """The device a session authenticated as; None for anonymous (or unknown) clients."""
-    if session is None:
-        return None
-    value = session.attributes.get(DEVICE_ATTRIBUTE)
-    return value if isinstance(value, str) else None
 
 
 class DeviceAccess:
@@ -81,7 +73,8 @@ class DeviceAccess:
         if username is None:
             if not self._allow_anonymous:
                 return self._refuse(session, None, ANONYMOUS)
-            session.attributes[DEVICE_ATTRIBUTE] = None
+            state = state_of(session)
+            state.authenticated, state.device_id = True, None
             # amqtt's own flag would discard an anonymous client's persistent
             # session; with mqtt_allow_anonymous the broker is a plain MQTT
             # broker, where clean session 0 keeps it [MQTT-3.1.2-4].
@@ -104,8 +97,8 @@ class DeviceAccess:
             # amqtt publishes a will without asking the topic ACL, so a will on
             # another device's command topic would be a forged command.
             return self._refuse(session, device_id, WILL_TOPIC)
-        session.attributes[DEVICE_ATTRIBUTE] = device_id
-        session.attributes.pop(REFUSAL_ATTRIBUTE, None)
+        state = state_of(session)
+        state.authenticated, state.device_id, state.refusal = True, device_id, None
         session.is_anonymous = False
         return True
 
@@ -120,7 +113,7 @@ class DeviceAccess:
         return self._refuse(session, device_of(session), CLIENT_ID_IN_USE)
 
     def _refuse(self, session: Session, device_id: str | None, reason: str) -> bool:
-        session.attributes[REFUSAL_ATTRIBUTE] = reason
+        state_of(session).refusal = reason
         self._metrics.auth_failures.labels("mqtt", reason).inc()
         log.warning(
             "MQTT connect refused: device=%s client_id=%s from=%s reason=%s",
@@ -133,7 +126,7 @@ class DeviceAccess:
 
     def count_internal_error(self, session: Session | None) -> None:
         if session is not None:
-            session.attributes[REFUSAL_ATTRIBUTE] = INTERNAL_ERROR
+            state_of(session).refusal = INTERNAL_ERROR
         self._metrics.auth_failures.labels("mqtt", INTERNAL_ERROR).inc()
 
     # -- publish and subscribe ---------------------------------------------------
@@ -145,7 +138,7 @@ class DeviceAccess:
         device_id = device_of(session)
         if device_id is None:
             # Only reachable with mqtt_allow_anonymous: a plain broker for them.
-            return self._allow_anonymous and DEVICE_ATTRIBUTE in session.attributes
+            return self._allow_anonymous and state_of(session).authenticated
         return may_publish(device_id, topic, self._root)
 
     def may_subscribe(self, session: Session | None, topic_filter: str) -> bool:
@@ -153,7 +146,7 @@ class DeviceAccess:
             return False
         device_id = device_of(session)
         if device_id is None:
-            return self._allow_anonymous and DEVICE_ATTRIBUTE in session.attributes
+            return self._allow_anonymous and state_of(session).authenticated
         return may_subscribe(device_id, topic_filter, self._root)
 
     def check(self, session: Session | None, topic: str, action: str) -> bool:

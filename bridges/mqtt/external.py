@@ -1,8 +1,8 @@
 """External-broker mode: bridge device messages from an MQTT broker the hub does not embed.
 
-Layer: bridges; imports the `hub` core, `bridges.mqtt_bridge_plugin` (the
-shared uplink) and paho-mqtt. Must not import `tasks`, `firmware_sim`,
-`hub.cli` or `hub.app`.
+Layer: bridges; imports the `hub` core, `bridges.transport`,
+`bridges.mqtt.tap` (the shared uplink and acknowledgement rule) and
+paho-mqtt.
 
 When `mqtt_external_url` is set (e.g. `mqtt://user:pass@127.0.0.1:1883`), the
 hub embeds no broker. `ExternalMqttBridge` subscribes at QoS 1 to every
@@ -12,7 +12,8 @@ them, each message going to one of them.
 
 Acknowledgement: paho runs with `manual_ack=True`, so a QoS 1 message is not
 acknowledged when it arrives. Its PUBACK to the broker goes out only once the
-dispatcher's future for it resolved (the envelope is durable); a message that
+dispatcher's future for it resolved (the envelope is durable, judged by
+`bridges.mqtt.tap.may_acknowledge`, as for the embedded broker); a message that
 never becomes durable is never acknowledged, and the broker delivers it again
 when this client id reconnects (clean session 0). Devices and their
 authentication and ACL are the external broker's business.
@@ -41,8 +42,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from bridges.mqtt_bridge_plugin import EnvelopeSink, MqttUplink
-from hub.errors import ConfigError, DispatchError
+from bridges.mqtt.tap import MqttUplink, may_acknowledge
+from bridges.transport import EnvelopeSink
+from hub.errors import ConfigError
 from hub.metrics import Metrics
 from hub.settings import Settings
 from hub.topics import PayloadLimits, uplink_filters
@@ -308,14 +310,8 @@ class ExternalMqttBridge:
         self, future: asyncio.Future[None], message: mqtt.MQTTMessage, connection: int
     ) -> None:
         self._pending.discard(future)
-        if future.cancelled():
-            return
-        error = future.exception()
-        if error is not None:
-            if not isinstance(error, DispatchError):
-                log.error("MQTT message on %s not acknowledged: %r", message.topic, error)
-            return
-        self._ack(message, connection, durable=True)
+        if may_acknowledge(future, f"topic={message.topic}"):
+            self._ack(message, connection, durable=True)
 
     def _ack(self, message: mqtt.MQTTMessage, connection: int, *, durable: bool) -> None:
         if message.qos == 0:

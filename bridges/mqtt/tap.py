@@ -1,69 +1,58 @@
-"""The MQTT bridge's tap: device publishes in, envelopes to the dispatcher, PUBACK once durable.
+"""The publish tap: device publishes in, envelopes to the dispatcher, PUBACK once durable.
 
-Layer: bridges; imports the `hub` core, `bridges.mqtt_auth` and amqtt. Must not
-import `tasks`, `firmware_sim`, `hub.cli` or `hub.app`.
+Layer: bridges; imports the `hub` core, `bridges.transport`, the other
+`bridges.mqtt` modules and amqtt.
 
-- `MqttUplink` turns a publish on an uplink topic into an envelope and submits
-  it; the embedded broker and the external-broker bridge share it.
-- `BridgingHandler` is amqtt's broker-side protocol handler with the tap built
-  in. Stock amqtt 0.12.1 sends the PUBACK of an incoming QoS 1 PUBLISH right
-  after queueing the message for the broker (`ProtocolHandler.
-  _handle_qos1_message_flow`), before any plugin hook has run, so no plugin can
-  hold the PUBACK back. `handle_publish` is the one method that receives each
-  PUBLISH, in a task of its own per packet; this subclass submits the envelope
-  there, waits for the dispatcher's future, and only then hands the packet to
-  the stock flow, which queues it for the broker and sends the PUBACK (QoS 1)
-  or PUBREC (QoS 2). Waiting happens in that per-packet task, so one slow
-  message holds back neither the reader of its connection nor any other client.
-  It also answers refused CONNECTs with the fitting return code.
-- The same handler replaces amqtt's QoS flows where they break MQTT 3.1.1:
-  outgoing QoS 1 and 2 messages stay in the session until acknowledged (stock
-  amqtt drops them after 5 s or when the connection closes) and are sent again,
-  with DUP, when a persistent session reconnects [MQTT-4.4.0-1]; incoming QoS 2
-  state lives in the session, so a PUBREL resent after a reconnect is answered
-  with PUBCOMP [MQTT-4.3.3-2]; and an acknowledgement of the wrong type for a
-  message's QoS closes the connection [MQTT-4.8.0-1].
-- Each connection is read through a `bridges.mqtt_packets.PacketReader`
-  (checked packets, size limit, CONNECT timeout, keep-alive); the handler
-  pauses it while the connection has too many messages waiting to become
-  durable (backpressure, `max_inflight_per_connection`).
+The rule of docs/delivery.md, in one place for both MQTT modes: a device's
+message is acknowledged only once it is durable. `MqttUplink.submit` turns a
+publish on an uplink topic into an envelope and submits it, returning the
+dispatcher's future, or None when there is nothing to bridge (not an uplink
+topic, not the sender's own, an invalid payload: counted, and acknowledged
+at once, since sending it again would fail the same way). `may_acknowledge`
+judges a future that is done: acknowledge only when it succeeded. The
+embedded broker waits for it (`wait_durable`); the external-broker bridge
+(bridges.mqtt.external) judges it in a done callback.
+
+`BridgingHandler` is amqtt's broker-side protocol handler (with the QoS
+fixes of bridges.mqtt.qos) and the tap built in. Stock amqtt 0.12.1 sends
+the PUBACK of an incoming QoS 1 PUBLISH right after queueing the message for
+the broker (`ProtocolHandler._handle_qos1_message_flow`), before any plugin
+hook has run, so no plugin can hold the PUBACK back. `handle_publish` is the
+one method that receives each PUBLISH, in a task of its own per packet; this
+subclass submits the envelope there, waits for the dispatcher's future, and
+only then hands the packet to the stock flow, which queues it for the broker
+and sends the PUBACK (QoS 1) or PUBREC (QoS 2). Waiting happens in that
+per-packet task, so one slow message holds back neither the reader of its
+connection nor any other client. It pauses the connection's reader while too
+many of its messages wait to become durable (backpressure,
+`max_inflight_per_connection`), and answers refused CONNECTs with the
+fitting return code.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
 
 from amqtt.adapters import ReaderAdapter
 from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
-from amqtt.mqtt.packet import MQTTPacket
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.mqtt.pubcomp import PubcompPacket
 from amqtt.mqtt.publish import PublishPacket
-from amqtt.mqtt.pubrec import PubrecPacket
-from amqtt.mqtt.pubrel import PubrelPacket
-from amqtt.session import OUTGOING, ApplicationMessage, OutgoingApplicationMessage, Session
+from amqtt.session import ApplicationMessage, Session
 
-from bridges.mqtt_auth import BAD_CREDENTIAL, REFUSAL_ATTRIBUTE, UNKNOWN_DEVICE, device_of
-from bridges.mqtt_packets import PUBACK, PUBCOMP, PUBREC, PacketReader
-from hub.envelope import Envelope
+from bridges.mqtt.auth import BAD_CREDENTIAL, UNKNOWN_DEVICE
+from bridges.mqtt.qos import QosFlowHandler
+from bridges.mqtt.reader import PacketReader
+from bridges.mqtt.state import device_of, state_of
+from bridges.transport import EnvelopeSink
 from hub.errors import DispatchError, EnvelopeError, HubError
 from hub.metrics import Metrics
 from hub.presence import presence_envelope
 from hub.topics import DEFAULT_LIMITS, PayloadLimits, envelope_from_payload, parse_topic
 
 log = logging.getLogger(__name__)
-
-
-class EnvelopeSink(Protocol):
-    """What the MQTT bridges need of the dispatcher (bridges.dispatch.Dispatcher)."""
-
-    def submit(self, envelope: Envelope) -> asyncio.Future[None]: ...
 
 
 def _consume(future: asyncio.Future[None]) -> None:
@@ -137,23 +126,36 @@ class MqttUplink:
         future.add_done_callback(_consume)
 
 
+def may_acknowledge(future: asyncio.Future[None], what: str) -> bool:
+    """Whether the message of a done dispatcher future may be acknowledged:
+    only when the envelope became durable. A failure is logged here, once
+    (a `DispatchError` is the hub shutting down or its spool full: the device,
+    or the external broker, sends the message again)."""
+    if future.cancelled():
+        return False
+    error = future.exception()
+    if error is None:
+        return True
+    if isinstance(error, DispatchError):
+        log.info("MQTT message not acknowledged (%s): %s", what, error)
+    else:
+        log.error("MQTT message not acknowledged (%s): the dispatcher failed", what, exc_info=error)
+    return False
+
+
 async def wait_durable(future: asyncio.Future[None], what: str) -> bool:
-    """Wait for a dispatcher future; True once durable, False when it failed.
+    """Wait for a dispatcher future; True once durable (`may_acknowledge`).
 
     The future is shielded: a connection that closes while waiting cancels its
     own wait, never the dispatcher's future (which other code resolves).
     """
     try:
         await asyncio.shield(future)
-    except DispatchError as exc:
-        log.info("MQTT message not acknowledged (%s): %s", what, exc)
-        return False
     except asyncio.CancelledError:
         raise
     except Exception:
-        log.exception("MQTT message not acknowledged (%s): the dispatcher failed", what)
-        return False
-    return True
+        pass  # judged by may_acknowledge, from the future itself
+    return may_acknowledge(future, what)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +167,7 @@ class TapConfig:
     max_inflight: int
 
 
-class BridgingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is untyped
+class BridgingHandler(QosFlowHandler):
     """amqtt's broker-side handler with the bridge tap; see the module docstring."""
 
     tap: TapConfig
@@ -183,8 +185,6 @@ class BridgingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is 
         # Set by the broker once this connection's session handling has ended
         # (a newer connection with the same client id waits for it).
         self.finished = asyncio.Event()
-        self._closed = False
-        self._resends: set[asyncio.Task[None]] = set()
         # Set when this message's PUBACK went out (or was given up); the next
         # QoS 1 message of the connection waits for it, so PUBACKs leave in
         # the order the PUBLISHes came (MQTT 3.1.1 section 4.6, message ordering).
@@ -192,7 +192,7 @@ class BridgingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is 
         self._inflight = 0
         # The message amqtt's message loop took from the session's queue and
         # has not handled yet, and one the broker passed on ahead of the loop
-        # because the connection ended (see HubBroker._handle_disconnect).
+        # because the connection ended (see bridges.mqtt.delivery, `_handle_disconnect`).
         self.taken: ApplicationMessage | None = None
         self.passed_on: ApplicationMessage | None = None
 
@@ -201,7 +201,6 @@ class BridgingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is 
         if isinstance(reader, PacketReader):
             self.framed = reader
             reader.peer = f"{session.client_id} ({device_of(session)})"
-            reader.check_ack = self._check_ack
 
     async def start(self) -> None:
         await super().start()
@@ -213,10 +212,6 @@ class BridgingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is 
             device_id = device_of(self.session)
             if device_id is not None:
                 self.tap.uplink.presence(device_id, online=True, since=self.connected_at)
-
-    async def stop(self) -> None:
-        self._closed = True
-        await super().stop()
 
     def uncount(self, session: Session) -> None:
         """Called by the broker when this connection's session ended."""
@@ -239,120 +234,6 @@ class BridgingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is 
 
     # -- acknowledgement flows -------------------------------------------------------
 
-    def _check_ack(self, packet_type: int, packet_id: int) -> str | None:
-        """Why an acknowledgement from the client does not fit the flow of the
-        message it names (None: it fits, or names no message in flight, which
-        is a late duplicate and ignored). A PUBACK for a QoS 2 message, or a
-        PUBREC or PUBCOMP for a QoS 1 one, breaks the protocol [MQTT-4.3.2-1],
-        [MQTT-4.3.3-1] and closes the connection [MQTT-4.8.0-1]."""
-        message = self.session.inflight_out.get(packet_id) if self.session is not None else None
-        if message is None:
-            return None
-        name = {PUBACK: "PUBACK", PUBREC: "PUBREC", PUBCOMP: "PUBCOMP"}[packet_type]
-        if message.qos == QOS_1 and packet_type != PUBACK:
-            return f"{name} for packet {packet_id}, a QoS 1 message"
-        if message.qos == QOS_2 and packet_type == PUBACK:
-            return f"PUBACK for packet {packet_id}, a QoS 2 message"
-        if packet_type == PUBCOMP and message.pubrec_packet is None:
-            return f"PUBCOMP for packet {packet_id} before its PUBREC"
-        return None
-
-    async def _retry_deliveries(self) -> None:
-        # Stock amqtt waits here (inside `start`) until every resent message is
-        # acknowledged, and resends PUBREC for incoming QoS 2 messages. The
-        # specification asks for unacknowledged PUBLISH (with DUP) and PUBREL
-        # packets to be sent again on reconnect, in their original order
-        # [MQTT-4.4.0-1], [MQTT-4.6.0-1]. Tasks started in order write in order
-        # (the write lock is fair); the acknowledgements are awaited there.
-        if self.session is None:
-            return
-        for message in list(self.session.inflight_out.values()):
-            self._spawn(self._send_outgoing(message))
-
-    def _spawn(self, flow: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(flow)
-        self._resends.add(task)
-        task.add_done_callback(self._resends.discard)
-
-    async def _handle_qos1_message_flow(self, app_message: ApplicationMessage) -> None:
-        if getattr(app_message, "direction", None) == OUTGOING:
-            await self._send_outgoing(app_message)
-        else:
-            await super()._handle_qos1_message_flow(app_message)
-
-    async def _handle_qos2_message_flow(self, app_message: ApplicationMessage) -> None:
-        if getattr(app_message, "direction", None) == OUTGOING:
-            await self._send_outgoing(app_message)
-            return
-        # Incoming: kept in the session (so it outlives this connection) until
-        # the PUBREL, and delivered onwards then; a resent PUBLISH with the
-        # same identifier is not delivered twice [MQTT-4.3.3-2].
-        if self.session is None or app_message.packet_id is None:
-            return
-        self.session.inflight_in.setdefault(app_message.packet_id, app_message)
-        await self._send_packet(PubrecPacket.build(app_message.packet_id))
-
-    async def handle_pubrel(self, pubrel: PubrelPacket) -> None:
-        # Answered with PUBCOMP whether or not the message is still known: after
-        # a reconnect the client resends its PUBREL, and a PUBCOMP it never got
-        # may be why [MQTT-4.3.3-2], [MQTT-4.4.0-1].
-        packet_id = pubrel.packet_id
-        message = self.session.inflight_in.pop(packet_id, None) if self.session else None
-        if message is not None and self.session is not None:
-            await self.session.delivered_message_queue.put(message)
-        await self._send_packet(PubcompPacket.build(packet_id))
-
-    async def _send_outgoing(self, message: OutgoingApplicationMessage) -> None:
-        """A QoS 1 or 2 message to the client. It stays in the session's
-        `inflight_out` until fully acknowledged, however long that takes: if the
-        connection closes first, a persistent session sends it again on the
-        next connection (with DUP), where stock amqtt gave up after 5 s."""
-        session, packet_id = self.session, message.packet_id
-        if session is None or packet_id is None:
-            return
-        session.inflight_out[packet_id] = message
-        if message.qos == QOS_1 or message.pubrec_packet is None:
-            # DUP on a resend of a PUBLISH the client may have seen [MQTT-3.3.1-1].
-            publish = message.build_publish_packet(dup=message.publish_packet is not None)
-            waiters = self._puback_waiters if message.qos == QOS_1 else self._pubrec_waiters
-            ack = await self._exchange(publish, waiters, packet_id)
-            message.publish_packet = publish
-            if ack is None:
-                return  # the connection closed; the session keeps the message
-            if message.qos == QOS_1:
-                message.puback_packet = ack
-                session.inflight_out.pop(packet_id, None)
-                return
-            message.pubrec_packet = ack
-        message.pubrel_packet = PubrelPacket.build(packet_id)
-        complete = await self._exchange(message.pubrel_packet, self._pubcomp_waiters, packet_id)
-        if complete is not None:
-            message.pubcomp_packet = complete
-            session.inflight_out.pop(packet_id, None)
-
-    async def _exchange(
-        self, packet: MQTTPacket[Any, Any, Any], waiters: dict[int, Any], packet_id: int
-    ) -> Any:
-        """Send `packet` and wait for the client's answer to it; None when the
-        connection closed first."""
-        if self._closed:
-            return None
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        waiters[packet_id] = waiter
-        try:
-            await self._send_packet(packet)
-            if self._closed:
-                return None
-            return await waiter
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if waiter.cancelled() and (task is None or not task.cancelling()):
-                return None  # amqtt cancels the waiters when the connection closes
-            raise
-        finally:
-            if waiters.get(packet_id) is waiter:
-                del waiters[packet_id]
-
     async def mqtt_connack_authorize(self, authorize: bool) -> None:
         if authorize or self.session is None:
             await super().mqtt_connack_authorize(authorize)
@@ -360,7 +241,7 @@ class BridgingHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is 
         # Stock amqtt answers every refusal with "not authorized" and may set
         # session-present; a wrong credential is "bad user name or password",
         # and a refused CONNACK never has session-present [MQTT-3.2.2-4].
-        reason = self.session.attributes.get(REFUSAL_ATTRIBUTE)
+        reason = state_of(self.session).refusal
         code = (
             BAD_USERNAME_PASSWORD if reason in (UNKNOWN_DEVICE, BAD_CREDENTIAL) else NOT_AUTHORIZED
         )

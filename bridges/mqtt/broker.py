@@ -1,0 +1,240 @@
+"""The embedded MQTT broker: amqtt running inside the hub's event loop, bridged in process.
+
+Layer: bridges; imports the `hub` core, `bridges.transport`, the other
+`bridges.mqtt` modules and amqtt.
+
+`EmbeddedMqtt` is what the hub starts: the facade the composition root uses
+(start, stop, port, serving, connected devices, publish, commands). Its
+`HubBroker` is amqtt 0.12.1's `Broker` made of one class per concern, each
+holding the overrides that concern needs (docs/mqtt.md, "What we override in
+amqtt"): `SessionBroker` (bridges.mqtt.sessions, session takeover),
+`ReachableBroker` (bridges.mqtt.reachability, command reachability),
+`DeliveringBroker` (bridges.mqtt.delivery, subscriptions, QoS and offline
+delivery) and `ListeningBroker` (bridges.mqtt.listener, the port and the
+connection limit). Only this class sets their state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+from amqtt.contexts import BrokerConfig, ListenerConfig, ListenerType
+from amqtt.session import Session
+
+from bridges.mqtt.auth import DeviceAccess, DeviceAuthPlugin, DeviceTopicPlugin
+from bridges.mqtt.delivery import DeliveringBroker
+from bridges.mqtt.listener import LIMIT_LOG_INTERVAL_S, ListeningBroker, bind_mqtt
+from bridges.mqtt.reachability import ReachableBroker
+from bridges.mqtt.sessions import SessionBroker
+from bridges.mqtt.state import device_of
+from bridges.mqtt.subscriptions import SubscriptionIndex, SubscriptionTable
+from bridges.mqtt.tap import MqttUplink, TapConfig
+from bridges.transport import ConnectionEvents, EnvelopeSink
+from hub.commands import PendingCommand
+from hub.errors import EnvelopeError
+from hub.metrics import Metrics
+from hub.registry import CredentialCache
+from hub.settings import Settings
+from hub.topics import PayloadLimits, command_message, command_topic
+
+log = logging.getLogger(__name__)
+
+_LISTENER = "default"
+
+
+def _plugin_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class HubBroker(SessionBroker, ReachableBroker, DeliveringBroker, ListeningBroker):
+    """amqtt's broker with the hub's overrides; see the module docstring."""
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        *,
+        listen_socket: socket.socket,
+        tap: TapConfig,
+        max_packet_bytes: int,
+        connect_timeout_s: float,
+        max_topic_levels: int,
+        max_connections: int,
+        max_queued_messages: int,
+        metrics: Metrics,
+        topic_root: str,
+        access: DeviceAccess,
+        events: ConnectionEvents | None = None,
+    ) -> None:
+        super().__init__(config)
+        self._access = access
+        self._topic_root = topic_root
+        self._events = events
+        self._metrics = metrics
+        self._tap = tap
+        # bridges.mqtt.listener
+        self._listen_socket = listen_socket
+        self._max_packet_bytes = max_packet_bytes
+        self._connect_timeout_s = connect_timeout_s
+        self._max_topic_levels = max_topic_levels
+        self._max_connections = max_connections
+        self._open_connections = 0
+        self._limit_refusals = metrics.connections_refused.labels("mqtt", "connection_limit")
+        self._limit_logged_at = -LIMIT_LOG_INTERVAL_S  # the first refusal is logged
+        self._limit_unlogged = 0
+        # bridges.mqtt.delivery
+        self._max_queued = max_queued_messages
+        self._subscriptions: SubscriptionTable[list[tuple[Session, int]]] = SubscriptionTable()
+        self._index = SubscriptionIndex()
+        # bridges.mqtt.reachability
+        self._reachable = {}
+        # bridges.mqtt.sessions
+        self._claims = {}
+
+    # -- for EmbeddedMqtt ---------------------------------------------------------
+
+    async def disconnect_device(self, device_id: str) -> int:
+        """Close every connection authenticated as the device; how many there were."""
+        closed = 0
+        for session, handler in list(self._sessions.values()):
+            if device_of(session) == device_id and session.transitions.is_connected():
+                await self._stop_handler(handler)
+                closed += 1
+        return closed
+
+    def connected_devices(self) -> int:
+        return sum(
+            1
+            for session, _ in list(self._sessions.values())
+            if session.transitions.is_connected() and device_of(session)
+        )
+
+
+class EmbeddedMqtt:
+    """The MQTT broker embedded in the hub, bridged to the dispatcher."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        dispatcher: EnvelopeSink,
+        credentials: CredentialCache,
+        refresh_credentials: Callable[[str], Awaitable[None]],
+        metrics: Metrics,
+        *,
+        events: ConnectionEvents | None = None,
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._events = events
+        self._background: set[asyncio.Future[None]] = set()
+        self._access = DeviceAccess(settings, credentials, refresh_credentials, metrics)
+        self._tap = TapConfig(
+            uplink=MqttUplink(
+                dispatcher,
+                metrics,
+                settings.mqtt_topic_root,
+                PayloadLimits(settings.max_payload_depth, settings.max_payload_bytes),
+            ),
+            metrics=metrics,
+            max_inflight=settings.max_inflight_per_connection,
+        )
+        self._broker: HubBroker | None = None
+
+    async def start(self) -> None:
+        """Bind `host`:`mqtt_port` (0: a free port) and start accepting devices."""
+        host, port = self._settings.host, self._settings.mqtt_port
+        sock = await bind_mqtt(host, port)
+        bound = sock.getsockname()[1]
+        shown_host = f"[{host}]" if ":" in host else host
+        plugin_config = {"access": self._access}
+        config = BrokerConfig(
+            listeners={
+                _LISTENER: ListenerConfig(type=ListenerType.TCP, bind=f"{shown_host}:{bound}")
+            },
+            plugins={
+                _plugin_path(DeviceAuthPlugin): plugin_config,
+                _plugin_path(DeviceTopicPlugin): plugin_config,
+            },
+        )
+        broker = HubBroker(
+            config,
+            listen_socket=sock,
+            tap=self._tap,
+            max_packet_bytes=self._settings.mqtt_max_packet_bytes,
+            connect_timeout_s=self._settings.mqtt_connect_timeout_s,
+            max_topic_levels=self._settings.mqtt_max_topic_levels,
+            max_connections=self._settings.mqtt_max_connections,
+            max_queued_messages=self._settings.mqtt_max_queued_messages,
+            metrics=self._metrics,
+            topic_root=self._settings.mqtt_topic_root,
+            access=self._access,
+            events=self._events,
+        )
+        try:
+            await broker.start()
+        except BaseException:
+            sock.close()
+            raise
+        self._broker = broker
+        log.info(
+            "MQTT broker listening on %s:%d (topics under %s/, anonymous %s)",
+            host,
+            bound,
+            self._settings.mqtt_topic_root,
+            "allowed" if self._settings.mqtt_allow_anonymous else "refused",
+        )
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when `mqtt_port` was 0)."""
+        if self._broker is None:
+            raise RuntimeError("the embedded MQTT broker is not started")
+        return self._broker.port
+
+    @property
+    def serving(self) -> bool:
+        """True between start and stop (for /readyz)."""
+        return self._broker is not None
+
+    @property
+    def connected_devices(self) -> int:
+        """Authenticated devices connected now."""
+        return self._broker.connected_devices() if self._broker is not None else 0
+
+    async def publish(self, topic: str, payload: bytes, qos: int) -> None:
+        """Publish to the broker's subscribers (command downlink). Returns once the
+        message is queued for delivery, not when subscribers acknowledged it."""
+        if self._broker is None:
+            raise RuntimeError("the embedded MQTT broker is not started")
+        await self._broker.internal_message_broadcast(topic, payload, qos)
+
+    def deliver_command(self, command: PendingCommand) -> bool:
+        """Publish a command to its device (QoS 1) if the device is connected here
+        and subscribed to its command topic; False otherwise (bridges.downlink
+        then leaves it pending for the device's next connect)."""
+        broker = self._broker
+        if broker is None or not broker.reachable(command.device_id):
+            return False
+        try:
+            topic = command_topic(self._settings.mqtt_topic_root, command.device_id)
+            payload = command_message(command.id, command.name, command.args)
+        except (EnvelopeError, TypeError, ValueError) as exc:
+            log.error("command %s cannot be sent over MQTT: %s", command.id, exc)
+            return False
+        task = asyncio.ensure_future(broker.internal_message_broadcast(topic, payload, 1))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return True
+
+    async def disconnect_device(self, device_id: str) -> int:
+        """Drop the device's connections (it was re-keyed or removed)."""
+        return await self._broker.disconnect_device(device_id) if self._broker is not None else 0
+
+    async def stop(self) -> None:
+        """Close every connection and the listener. Messages still waiting to be
+        durable are not acknowledged; their devices send them again."""
+        broker, self._broker = self._broker, None
+        if broker is not None:
+            await broker.shutdown()

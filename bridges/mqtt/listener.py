@@ -1,0 +1,151 @@
+"""The embedded broker's listener: binding its port, accepting and limiting connections.
+
+Layer: bridges; imports the `hub` core, `bridges.listen`, the other
+`bridges.mqtt` modules and amqtt.
+
+- `bind_mqtt` binds `host`:`mqtt_port` through `bridges.listen.bind`, so a
+  port in use is a `ConfigError` naming the setting (and the way to bridge
+  from the broker holding it), not an amqtt traceback.
+- `ListeningBroker` is amqtt's `Broker` with these overrides:
+  `_create_server_instance` serves that socket; `stream_connected` closes a
+  connection beyond `mqtt_max_connections` at once (counted), and reads the
+  others through a `PacketReader` (bridges.mqtt.reader: whole, checked
+  packets; size limit; CONNECT timeout; keep-alive at 1.5x) and always closes
+  the socket at the end (stock amqtt leaves it open when the first packet is
+  bad).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from functools import partial
+from typing import Any
+
+from amqtt.adapters import StreamWriterAdapter
+from amqtt.broker import Broker
+from amqtt.contexts import ListenerType
+from prometheus_client import Counter
+
+from bridges.listen import PortSetting, bind
+from bridges.mqtt.reader import PacketReader
+from hub.metrics import Metrics
+from hub.mqtt_rules import ProtocolViolation
+
+log = logging.getLogger(__name__)
+
+BACKLOG = 4096
+#: At most one log line per this many seconds about connections refused at the limit.
+LIMIT_LOG_INTERVAL_S = 10.0
+_PORT_SETTING = PortSetting(
+    what="MQTT",
+    key="mqtt_port",
+    env="HUB_MQTT_PORT",
+    hint="(another broker such as Mosquitto?)",
+    alternative="or bridge from that broker with mqtt_external_url / HUB_MQTT_EXTERNAL_URL",
+)
+
+
+async def bind_mqtt(host: str, port: int) -> socket.socket:
+    """Bind the broker's listening socket (0: a free port); a busy port is a ConfigError."""
+    return await bind(host, port, _PORT_SETTING, backlog=BACKLOG)
+
+
+class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
+    """amqtt's broker on a socket bound by the hub; see the module docstring.
+    `bridges.mqtt.broker.HubBroker` sets the attributes below."""
+
+    _listen_socket: socket.socket
+    _metrics: Metrics
+    _max_packet_bytes: int
+    _connect_timeout_s: float
+    _max_topic_levels: int
+    _max_connections: int
+    _open_connections: int
+    _limit_refusals: Counter
+    _limit_logged_at: float
+    _limit_unlogged: int
+
+    @property
+    def port(self) -> int:
+        return int(self._listen_socket.getsockname()[1])
+
+    async def _create_server_instance(
+        self,
+        listener_name: str,
+        listener_type: ListenerType,
+        address: str | None,
+        port: int,
+        ssl_context: Any,
+    ) -> Any:
+        if listener_type != ListenerType.TCP:
+            return await super()._create_server_instance(
+                listener_name, listener_type, address, port, ssl_context
+            )
+        return await asyncio.start_server(
+            partial(self.stream_connected, listener_name=listener_name),
+            sock=self._listen_socket,
+            ssl=ssl_context,
+            backlog=BACKLOG,
+        )
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        if self._open_connections >= self._max_connections:
+            # Closed before a byte is read: the descriptors left stay free for
+            # the clients already connected, the other listeners and /healthz.
+            self._refused_at_limit()
+            writer.transport.abort()
+            return
+        self._open_connections += 1
+        try:
+            await self._serve_stream(reader, writer, listener_name)
+        finally:
+            self._open_connections -= 1
+
+    def _refused_at_limit(self) -> None:
+        """Count a connection closed at `mqtt_max_connections`; log at most one
+        line per interval, so a flood of connections cannot flood the log."""
+        self._limit_refusals.inc()
+        self._limit_unlogged += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._limit_logged_at >= LIMIT_LOG_INTERVAL_S:
+            log.warning(
+                "MQTT: %d connection(s) refused, %d open is the limit "
+                "(mqtt_max_connections / HUB_MQTT_MAX_CONNECTIONS)",
+                self._limit_unlogged,
+                self._max_connections,
+            )
+            self._limit_logged_at = now
+            self._limit_unlogged = 0
+
+    async def _serve_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        peer = writer.get_extra_info("peername")
+        peer_text = f"{peer[0]}:{peer[1]}" if peer else "unknown peer"
+        packets = PacketReader(
+            reader,
+            max_packet_bytes=self._max_packet_bytes,
+            connect_timeout_s=self._connect_timeout_s,
+            max_topic_levels=self._max_topic_levels,
+            peer=peer_text,
+            reply=writer.write,
+            on_violation=self._violation,
+        )
+        try:
+            await self._client_connected(listener_name, packets, StreamWriterAdapter(writer))
+        except Exception:
+            # The boundary with amqtt: one connection's failure stays with it.
+            self._metrics.protocol_errors.labels("mqtt", "internal_error").inc()
+            log.exception("MQTT connection from %s failed", peer_text)
+        finally:
+            # Stock amqtt leaves the socket open when the first packet is not a
+            # CONNECT or the CONNECT is refused early; every connection ends here.
+            writer.close()
+
+    def _violation(self, violation: ProtocolViolation, peer: str) -> None:
+        self._metrics.protocol_errors.labels("mqtt", violation.reason).inc()
+        log.warning("MQTT client %s: %s; closing the connection", peer, violation)

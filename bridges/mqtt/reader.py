@@ -1,0 +1,232 @@
+"""The reader amqtt reads a client connection through: whole, checked packets only.
+
+Layer: bridges; imports the `hub` core (`hub.mqtt_rules`) and amqtt's reader
+adapter base class only.
+
+amqtt 0.12.1 parses what a client sends loosely: it accepts many packets the
+MQTT 3.1.1 specification calls malformed (where the server MUST close the
+network connection, [MQTT-4.8.0-1]), hangs on some, and never closes a
+connection whose first packet is bad. `PacketReader` reads every packet
+whole and checks it (`hub.mqtt_rules.check_packet`) *before* amqtt sees a
+byte of it. It refuses a first packet that is not a CONNECT from its first
+byte, and a CONNECT that names no MQTT protocol from its first body bytes, so
+random bytes never hold a connection; it enforces the packet size limit from
+the length field (before the body is buffered), the topic level limit, the
+CONNECT timeout, the keep-alive (1.5 times the client's keep-alive with no
+packet, [MQTT-3.1.2-24]) and backpressure between packets. A violation is
+counted and logged once, and from then on the reader reports end of stream,
+which makes amqtt end the connection the way it does for a lost client (so
+the will is published, [MQTT-3.1.2-8]).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from amqtt.adapters import ReaderAdapter
+
+from hub.mqtt_rules import (
+    CONNECT_BYTE,
+    CONNECT_TIMEOUT,
+    KEEPALIVE_TIMEOUT,
+    PROTOCOL_NAMES,
+    PROTOCOL_VIOLATION,
+    PUBACK,
+    PUBCOMP,
+    PUBREC,
+    ConnectInfo,
+    PacketTooLarge,
+    ProtocolViolation,
+    check_packet,
+)
+
+#: Asks the connection's protocol state whether an acknowledgement fits its
+#: flow: (packet type, packet identifier) -> None, or why it does not.
+AckCheck = Callable[[int, int], "str | None"]
+
+
+class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
+    """amqtt's view of a client connection: whole, checked packets only.
+
+    amqtt reads a packet a few bytes at a time; each packet is read whole,
+    checked, and then handed out from a buffer. amqtt's own keep-alive read
+    timeout must be off (the broker gives amqtt a keep-alive of 0): it would
+    cancel a read midway, and this reader enforces the keep-alive itself.
+    """
+
+    def __init__(
+        self,
+        inner: asyncio.StreamReader,
+        *,
+        max_packet_bytes: int,
+        connect_timeout_s: float,
+        peer: str,
+        max_topic_levels: int | None = None,
+        reply: Callable[[bytes], None],
+        on_violation: Callable[[ProtocolViolation, str], None],
+    ) -> None:
+        self._inner = inner
+        self._max = max_packet_bytes
+        self._max_topic_levels = max_topic_levels
+        self._connect_timeout_s = connect_timeout_s
+        self._reply = reply
+        self._on_violation = on_violation
+        self.peer = peer
+        self.packets = 0
+        self.connect: ConnectInfo | None = None
+        #: Set by the protocol handler once attached (see `AckCheck`).
+        self.check_ack: AckCheck | None = None
+        self.failed: str | None = None
+        self._buffer = bytearray()
+        self._last_packet = asyncio.get_running_loop().time()
+        self._resume = asyncio.Event()
+        self._resume.set()
+
+    # -- backpressure (bridges.mqtt.tap) --------------------------------------
+
+    def pause(self) -> None:
+        self._resume.clear()
+
+    def resume(self) -> None:
+        self._resume.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._resume.is_set()
+
+    # -- ReaderAdapter ---------------------------------------------------------------
+
+    async def read(self, n: int = -1) -> bytes:
+        if n == 0:
+            # amqtt reads a zero-length field (an empty will message or
+            # password) as read(0): with the packet's bytes all handed out, that
+            # must not wait for the next packet [MQTT-3.1.4-4].
+            return b""
+        if not self._buffer and self.failed is None:
+            self._buffer += await self._read_packet()
+        if n < 0 or n >= len(self._buffer):
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        else:
+            data = bytes(self._buffer[:n])
+            del self._buffer[:n]
+        return data
+
+    def feed_eof(self) -> None:
+        self._inner.feed_eof()
+
+    # -- one packet --------------------------------------------------------------------
+
+    async def _read_packet(self) -> bytes:
+        """The next complete, checked packet; b"" (end of stream) once the
+        client closed or broke the protocol."""
+        # Let the handler's task for the packet just handed out run first: it
+        # may pause this connection (backpressure) before the next is read.
+        await asyncio.sleep(0)
+        if self.paused:
+            await self._resume.wait()
+            # Not reading was our own doing; the client's silence counts from now.
+            self._last_packet = asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout_at(self._deadline()):
+                packet = await self._receive()
+        except TimeoutError:
+            if self.connect is None:
+                self._fail(
+                    ProtocolViolation(
+                        f"no CONNECT within {self._connect_timeout_s:.1f} s "
+                        "(mqtt_connect_timeout_s)",
+                        reason=CONNECT_TIMEOUT,
+                    )
+                )
+            else:
+                self._fail(
+                    ProtocolViolation(
+                        f"silent for 1.5 times its keep-alive of {self.connect.keep_alive_s} s",
+                        reason=KEEPALIVE_TIMEOUT,
+                    )
+                )
+            return b""
+        except ProtocolViolation as exc:
+            self._fail(exc)
+            return b""
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return b""  # the client went away, possibly mid-packet
+        self._last_packet = asyncio.get_running_loop().time()
+        self.packets += 1
+        return packet
+
+    def _deadline(self) -> float | None:
+        """When the packet being read must be complete (event loop time)."""
+        if self.connect is None:
+            return self._last_packet + self._connect_timeout_s
+        if self.connect.keep_alive_s == 0:
+            return None  # keep-alive off [MQTT-3.1.2-10]
+        # [MQTT-3.1.2-24]: disconnect after one and a half keep-alive periods.
+        return self._last_packet + 1.5 * self.connect.keep_alive_s
+
+    async def _receive(self) -> bytes:
+        header = await self._inner.readexactly(1)
+        if not header:
+            raise asyncio.IncompleteReadError(b"", 1)
+        if self.connect is None and header[0] != CONNECT_BYTE:
+            # [MQTT-3.1.0-1]: refused from its first byte, before any length
+            # it announces could keep the connection waiting for a body.
+            raise ProtocolViolation(
+                f"first packet starts with {header[0]:#04x}, not CONNECT ({CONNECT_BYTE:#04x})"
+            )
+        length_bytes = bytearray()
+        length, multiplier = 0, 1
+        while True:
+            byte = (await self._inner.readexactly(1))[0]
+            length_bytes.append(byte)
+            length += (byte & 0x7F) * multiplier
+            if not byte & 0x80:
+                break
+            multiplier *= 128
+            if len(length_bytes) == 4:
+                raise ProtocolViolation("remaining length longer than four bytes")
+        if length > self._max:
+            # Refused from the length field: the body is never buffered.
+            raise PacketTooLarge(
+                f"MQTT packet of {length} bytes exceeds mqtt_max_packet_bytes ({self._max})"
+            )
+        if self.connect is None:
+            body = await self._connect_body(length)
+        else:
+            body = await self._inner.readexactly(length) if length else b""
+        packet_type, flags = header[0] >> 4, header[0] & 0x0F
+        info = check_packet(
+            packet_type,
+            flags,
+            body,
+            first=self.connect is None,
+            max_topic_levels=self._max_topic_levels,
+        )
+        if info is not None:
+            self.connect = info
+        elif packet_type in (PUBACK, PUBREC, PUBCOMP) and self.check_ack is not None:
+            problem = self.check_ack(packet_type, int.from_bytes(body[:2], "big"))
+            if problem is not None:
+                raise ProtocolViolation(problem, reason=PROTOCOL_VIOLATION)
+        return bytes(header) + bytes(length_bytes) + body
+
+    async def _connect_body(self, length: int) -> bytes:
+        """A CONNECT's body, refused as soon as its first bytes name no MQTT
+        protocol: random bytes that begin with 0x10 and announce a long packet
+        must not hold the connection until the body or the timeout comes."""
+        shortest = min(len(name) for name in PROTOCOL_NAMES)
+        head = await self._inner.readexactly(min(length, shortest))
+        if not any(name.startswith(head) for name in PROTOCOL_NAMES):
+            raise ProtocolViolation("CONNECT: the protocol name is not MQTT")  # [MQTT-3.1.2-1]
+        rest = await self._inner.readexactly(length - len(head)) if length > len(head) else b""
+        return head + rest
+
+    def _fail(self, violation: ProtocolViolation) -> None:
+        self.failed = violation.reason
+        if violation.connack is not None:
+            with contextlib.suppress(ConnectionError, RuntimeError):  # the client is gone
+                self._reply(bytes([0x20, 0x02, 0x00, violation.connack]))
+        self._on_violation(violation, self.peer)

@@ -1,0 +1,55 @@
+"""What the hub keeps about one MQTT session, beside amqtt's own fields.
+
+Layer: bridges; imports amqtt's `Session` (for types) only.
+
+amqtt gives each session a free-form `attributes` dict. The hub keeps one
+typed `SessionState` there, under one key, instead of a string key per fact;
+`state_of` creates it on first use. It travels with the session: a resumed
+persistent session takes the new CONNECT's identity and keeps its own
+offline-queue flag (bridges.mqtt.broker, `_continue_session`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from amqtt.session import Session
+
+#: The one key of `session.attributes` the hub uses.
+_KEY = "hub"
+
+
+@dataclass(slots=True)
+class SessionState:
+    """The hub's facts about one session (mutable: they change as it lives)."""
+
+    #: The CONNECT was accepted (a device, or an anonymous client where allowed).
+    authenticated: bool = False
+    #: The device it authenticated as; None for an anonymous client. The
+    #: bridge trusts only this, never the topic, to decide whose message it is.
+    device_id: str | None = None
+    #: Why its CONNECT was refused (chooses the CONNACK return code).
+    refusal: str | None = None
+    #: Its CONNECT was just accepted; amqtt asks once more, answered yes.
+    accepted: bool = False
+    #: Connected and its offline queue sent: new messages go straight to the
+    #: connection (until then they join the queue, keeping order).
+    live: bool = False
+    #: Its offline queue overflowed (logged once per absence).
+    queue_full: bool = False
+
+
+def state_of(session: Session) -> SessionState:
+    """The session's state, created on first use."""
+    state: SessionState | None = session.attributes.get(_KEY)
+    if state is None:
+        state = session.attributes[_KEY] = SessionState()
+    return state
+
+
+def device_of(session: Session | None) -> str | None:
+    """The device a session authenticated as; None for anonymous (or unknown) clients."""
+    if session is None:
+        return None
+    state: SessionState | None = session.attributes.get(_KEY)
+    return state.device_id if state is not None else None
