@@ -26,7 +26,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from sqlalchemy import Engine
 
 from bridges.mqtt_embedded import EmbeddedMqtt
-from firmware_sim.fleet import run_mqtt_fleet
+from firmware_sim.fleet import FleetOptions, run_fleet
 from hub.commands import PendingCommand
 from hub.envelope import Envelope, Kind
 from hub.errors import ConfigError, DispatchError
@@ -690,7 +690,16 @@ def test_twenty_mqtt_devices_two_hundred_messages_each_are_stored_once(
     creds = provision([f"{device_prefix}{n}" for n in range(1, 21)])
 
     summary = asyncio.run(
-        run_mqtt_fleet("127.0.0.1", hub.mqtt_port, list(creds.items()), messages=200, qos=1)
+        run_fleet(
+            FleetOptions(
+                transport="mqtt",
+                host="127.0.0.1",
+                port=hub.mqtt_port,
+                devices=list(creds.items()),
+                messages=200,
+                qos=1,
+            )
+        )
     )
 
     assert summary.sent == 4000

@@ -7,11 +7,12 @@ import asyncio
 import struct
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine
 
-from firmware_sim.fleet import run_tcp_fleet
+from firmware_sim.fleet import FleetOptions, FleetSummary, run_fleet
 from hub.errors import ConfigError
 from hub.protocol.events import Ack, ConnectionClosed, Nak, NakReason
 from hub.storage import count_rows
@@ -27,10 +28,16 @@ StartHub = Callable[..., HubThread]
 Provision = Callable[[list[str]], dict[str, str]]
 
 
-def _fleet(hub: HubThread, creds: dict[str, str], messages: int, **kw: object) -> object:
-    return asyncio.run(
-        run_tcp_fleet("127.0.0.1", hub.tcp_port, list(creds.items()), messages=messages, **kw)
+def _fleet(hub: HubThread, creds: dict[str, str], messages: int, **kw: Any) -> FleetSummary:
+    options = FleetOptions(
+        transport="tcp",
+        host="127.0.0.1",
+        port=hub.tcp_port,
+        devices=list(creds.items()),
+        messages=messages,
+        **kw,
     )
+    return asyncio.run(run_fleet(options))
 
 
 def test_twenty_devices_two_hundred_messages_each_are_stored_once(
