@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from firmware_sim.faults import FAULT_HELP, parse_fault
 from firmware_sim.fleet import FleetOptions, FleetStats, run_fleet
 
 
@@ -95,6 +96,7 @@ async def _run(args: argparse.Namespace, credentials: dict[str, str]) -> dict[st
         linger=args.linger,
         drain_timeout_s=args.drain_timeout,
         give_up_s=args.give_up,
+        fault=parse_fault(args.fault) if args.fault else None,
         **({"qos": args.qos, "topic_root": args.topic_root} if args.transport == "mqtt" else {}),
     )
     started_wall = time.time()
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drain-timeout", type=float, default=60.0)
     parser.add_argument("--give-up", type=float, default=60.0)
     parser.add_argument("--progress-interval", type=float, default=2.0)
+    parser.add_argument("--fault", metavar="NAME[:ARG]", help=f"inject a fault: {FAULT_HELP}")
     parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
     args = parser.parse_args(argv)
     if args.messages is None and args.duration is None:

@@ -141,8 +141,8 @@ def _fleet_options(default_port: int, default_prefix: str) -> Callable[[F], F]:
                      "(hub down, nothing acknowledged)."),
         click.option("--fault", "fault_spec", metavar="NAME[:ARG]",
                      help="Inject a byte-level fault into everything the devices send, to "
-                     f"test the hub: {FAULT_HELP}. Faults other than split make the hub "
-                     "refuse or miss messages, so the run is expected to fail."),
+                     f"test the hub: {FAULT_HELP}. With flip or drop the hub refuses or misses "
+                     "messages, so such a run is expected to fail."),
         click.option("--json", "as_json", is_flag=True,
                      help="Print the summary as one JSON line on stdout."),
         click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr."),
