@@ -7,6 +7,9 @@ simulator's own modules only, never bridges or tasks.
 (one JSON line with `--json`); the exit status is 0 only if every message sent
 was acknowledged, nothing was refused and nothing failed.
 `firmware-sim provision` registers devices and saves their credentials.
+
+Somewhat over 400 lines: a third of it is the commands' help text (epilogs and
+option help), which belongs next to the options it documents.
 """
 
 from __future__ import annotations

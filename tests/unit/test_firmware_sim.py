@@ -17,6 +17,7 @@ from firmware_sim.cli import main
 from firmware_sim.commands import FIRMWARE_VERSION, CommandAnswer, SimState, answer
 from firmware_sim.faults import DelayWrites, DropEvery, Fault, SplitRandomly, chain
 from firmware_sim.fleet import FleetOptions, device_ids, run_fleet
+from firmware_sim.mqtt_device import MqttDevice
 from firmware_sim.pacing import Backoff, ConnectLimiter, RatePacer
 from firmware_sim.provision import (
     CredentialsFileError,
@@ -32,6 +33,7 @@ from firmware_sim.summary import (
     format_progress,
     format_summary,
 )
+from hub.envelope import Kind
 from hub.protocol.base import load_codec
 from hub.protocol.events import (
     NEED_DATA,
@@ -50,6 +52,7 @@ from hub.protocol.events import (
 from hub.registry import Registry, hash_credential
 from hub.settings import Settings
 from hub.storage import make_engine
+from hub.topics import command_result_topic, command_topic, data_topic
 
 # ---------------------------------------------------------------------------
 # Summary and progress
@@ -700,3 +703,18 @@ def test_tcp_fleet_with_no_messages_only_connects() -> None:
 def test_fleet_without_an_end_is_refused() -> None:
     with pytest.raises(ValueError, match="never ends"):
         asyncio.run(run_fleet(_tcp(9, [("d", "s")])))
+
+
+def test_mqtt_device_topics_are_the_hub_topic_scheme() -> None:
+    options = FleetOptions(
+        transport="mqtt", host="127.0.0.1", port=1, devices=[], topic_root="site"
+    )
+    device = MqttDevice("m-1", "s", options)
+    assert device.telemetry_topic == data_topic("site", "m-1", Kind.TELEMETRY)
+    assert device.telemetry_topic == "site/m-1/telemetry"
+    assert device.command_topic == command_topic("site", "m-1") == "site/m-1/commands"
+    device._command(b'{"id": "c-1", "name": "ping", "args": {}}')
+    device._command(b'{"id": "no spaces", "name": "ping"}')  # no topic to answer on: ignored
+    assert [topic for topic, _ in device._results.values()] == [
+        command_result_topic("site", "m-1", "c-1")
+    ]
