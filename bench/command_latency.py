@@ -59,13 +59,25 @@ class _Devices:
 
         async def main() -> None:
             self.stop_event = asyncio.Event()
+            # One long-lived device per transport: connected, answering commands.
             await asyncio.gather(
-                fleet.run_tcp_device(
-                    "127.0.0.1", tcp_port, "lat-tcp", creds["lat-tcp"], stop=self.stop_event
-                ),
-                fleet.run_mqtt_device(
-                    "127.0.0.1", mqtt_port, "lat-mqtt", creds["lat-mqtt"], stop=self.stop_event
-                ),
+                *(
+                    fleet.run_fleet(
+                        fleet.FleetOptions(
+                            transport=transport,
+                            host="127.0.0.1",
+                            port=port,
+                            devices=[(device_id, creds[device_id])],
+                            messages=0,
+                            linger=True,
+                        ),
+                        stop=self.stop_event,
+                    )
+                    for transport, port, device_id in (
+                        ("tcp", tcp_port, "lat-tcp"),
+                        ("mqtt", mqtt_port, "lat-mqtt"),
+                    )
+                )
             )
 
         self.future = asyncio.run_coroutine_threadsafe(main(), self.loop)

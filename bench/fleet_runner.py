@@ -26,11 +26,11 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from firmware_sim.fleet import FleetStats, run_mqtt_fleet, run_tcp_fleet
+from firmware_sim.faults import FAULT_HELP, parse_fault
+from firmware_sim.fleet import FleetOptions, FleetStats, run_fleet
 
 
 def _emit(record: dict[str, Any]) -> None:
@@ -83,25 +83,22 @@ async def _run(args: argparse.Namespace, credentials: dict[str, str]) -> dict[st
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     stats = FleetStats()
-    common: dict[str, Any] = {
-        "messages": args.messages,
-        "duration_s": args.duration,
-        "rate": args.rate,
-        "window": args.window,
-        "connect_rate": args.connect_rate,
-        "stop": stop,
-        "stats": stats,
-        "linger": args.linger,
-        "drain_timeout_s": args.drain_timeout,
-        "give_up_s": args.give_up,
-    }
-    runner: Callable[..., Any]
-    if args.transport == "tcp":
-        runner = run_tcp_fleet
-    else:
-        runner = run_mqtt_fleet
-        common["qos"] = args.qos
-        common["topic_root"] = args.topic_root
+    options = FleetOptions(
+        transport=args.transport,
+        host=args.host,
+        port=args.port,
+        devices=devices,
+        messages=args.messages,
+        duration_s=args.duration,
+        rate=args.rate,
+        window=args.window,
+        connect_rate=args.connect_rate,
+        linger=args.linger,
+        drain_timeout_s=args.drain_timeout,
+        give_up_s=args.give_up,
+        fault=parse_fault(args.fault) if args.fault else None,
+        **({"qos": args.qos, "topic_root": args.topic_root} if args.transport == "mqtt" else {}),
+    )
     started_wall = time.time()
     started = loop.time()
     cpu_before = _cpu_s()
@@ -110,7 +107,7 @@ async def _run(args: argparse.Namespace, credentials: dict[str, str]) -> dict[st
         _watch(stats, len(devices), started, args.progress_interval, watcher_stop)
     )
     try:
-        summary = await runner(args.host, args.port, devices, **common)
+        summary = await run_fleet(options, stop=stop, stats=stats)
     finally:
         watcher_stop.set()
         with contextlib.suppress(asyncio.CancelledError):
@@ -145,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drain-timeout", type=float, default=60.0)
     parser.add_argument("--give-up", type=float, default=60.0)
     parser.add_argument("--progress-interval", type=float, default=2.0)
+    parser.add_argument("--fault", metavar="NAME[:ARG]", help=f"inject a fault: {FAULT_HELP}")
     parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
     args = parser.parse_args(argv)
     if args.messages is None and args.duration is None:

@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from firmware_sim.fleet import FleetStats, FleetSummary, device_ids, run_mqtt_fleet, run_tcp_fleet
+from firmware_sim.fleet import FleetOptions, FleetStats, FleetSummary, device_ids, run_fleet
 from firmware_sim.provision import provision_devices
 from hub.app import HubApp, prepare_data_dir
 from hub.console_child import ConsoleChild, start_console
@@ -683,32 +683,24 @@ class Demo:
         return lines
 
     def _start_fleets(self, app: HubApp) -> None:
-        common: dict[str, Any] = {
-            "rate": self.options.rate,
-            "stop": self.stop_devices,
-            "drain_timeout_s": DRAIN_S,
-            # A demo that cannot connect should say so within the run, not after a minute.
-            "give_up_s": 20.0,
-        }
         tcp, mqtt = self.transports
         for t in self.transports:
             t.samples.append((self._started, 0))  # the first rate is then since the start
-        creds = list(tcp.credentials.items())
-        tcp.task = asyncio.create_task(
-            run_tcp_fleet(HOST, tcp.port, creds, stats=tcp.stats, **common)
-        )
-        if mqtt.available:
-            creds = list(mqtt.credentials.items())
-            mqtt.task = asyncio.create_task(
-                run_mqtt_fleet(
-                    HOST,
-                    mqtt.port,
-                    creds,
-                    stats=mqtt.stats,
-                    topic_root=app.settings.mqtt_topic_root,
-                    **common,
-                )
+        for t in self.transports:
+            if t is mqtt and not mqtt.available:
+                continue
+            options = FleetOptions(
+                transport="tcp" if t is tcp else "mqtt",
+                host=HOST,
+                port=t.port,
+                devices=list(t.credentials.items()),
+                rate=self.options.rate,
+                drain_timeout_s=DRAIN_S,
+                # A demo that cannot connect should say so within the run, not after a minute.
+                give_up_s=20.0,
+                topic_root=app.settings.mqtt_topic_root,
             )
+            t.task = asyncio.create_task(run_fleet(options, stop=self.stop_devices, stats=t.stats))
 
     async def _finish_fleets(self) -> None:
         for t in self.transports:

@@ -1,10 +1,22 @@
 """Simulated device fleets for load tests, benchmarks and demos of the hub.
 
-Layer: firmware simulator; imports the hub core (codecs, registry, settings,
-storage) only, never bridges or tasks.
+Layer: firmware simulator; imports the hub core only (codecs, topics,
+registry, settings, storage), never bridges, tasks or the composition root.
 
-The `firmware-sim` command (`firmware_sim.cli`) runs fleets over TCP or MQTT;
-the same is importable as an async API: `firmware_sim.fleet.run_tcp_fleet`,
-`run_mqtt_fleet`, `run_tcp_device`, `run_mqtt_device`, and the device classes
-`firmware_sim.tcp_device.TcpDevice` and `firmware_sim.mqtt_device.MqttDevice`.
+What lives here, from the bottom up (each module imports only those above it
+in this list, never one below):
+
+- `summary`: the fleet's counters (`FleetStats`), its `FleetSummary` and
+  progress reports; `pacing`: `RatePacer`, `Backoff`, `ConnectLimiter`;
+  `faults`: ready byte-level faults (`SplitRandomly`, `FlipByte`,
+  `DropEvery`, `DelayWrites`) and `parse_fault`; `commands`: the commands a
+  device answers; `provision`: registering devices in the hub's database.
+- `options`: `FleetOptions`, the frozen options of a fleet run.
+- `outbox`: the fault seam every device write passes through when a fault is
+  given.
+- `device`: `SimulatedDevice`, the life cycle shared by the transports.
+- `tcp_device.TcpDevice` and `mqtt_device.MqttDevice`.
+- `fleet`: `run_fleet(options)` with its table of transports `TRANSPORTS`,
+  and `run_devices` for an already built (mixed) fleet.
+- `cli`: the `firmware-sim` command.
 """

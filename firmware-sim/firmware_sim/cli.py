@@ -7,6 +7,9 @@ simulator's own modules only, never bridges or tasks.
 (one JSON line with `--json`); the exit status is 0 only if every message sent
 was acknowledged, nothing was refused and nothing failed.
 `firmware-sim provision` registers devices and saves their credentials.
+
+Somewhat over 400 lines: a third of it is the commands' help text (epilogs and
+option help), which belongs next to the options it documents.
 """
 
 from __future__ import annotations
@@ -22,14 +25,15 @@ from typing import Any, TypeVar
 
 import click
 
+from firmware_sim.faults import FAULT_HELP, Fault, parse_fault
 from firmware_sim.fleet import (
+    FleetOptions,
     FleetSummary,
     Progress,
     device_ids,
     format_progress,
     format_summary,
-    run_mqtt_fleet,
-    run_tcp_fleet,
+    run_fleet,
 )
 from firmware_sim.provision import (
     CredentialsFileError,
@@ -138,6 +142,10 @@ def _fleet_options(default_port: int, default_prefix: str) -> Callable[[F], F]:
                      show_default=True,
                      help="A device stops after this many seconds without progress "
                      "(hub down, nothing acknowledged)."),
+        click.option("--fault", "fault_spec", metavar="NAME[:ARG]",
+                     help="Inject a byte-level fault into everything the devices send, to "
+                     f"test the hub: {FAULT_HELP}. With flip or drop the hub refuses or misses "
+                     "messages, so such a run is expected to fail."),
         click.option("--json", "as_json", is_flag=True,
                      help="Print the summary as one JSON line on stdout."),
         click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr."),
@@ -236,6 +244,7 @@ def _run_fleet(
     connect_rate: float | None,
     drain_timeout: float,
     give_up: float,
+    fault_spec: str | None,
     as_json: bool,
     quiet: bool,
     verbose: bool,
@@ -243,6 +252,12 @@ def _run_fleet(
 ) -> None:
     if (messages is None) == (duration is None):
         raise click.UsageError("give exactly one of --messages or --duration")
+    fault: Fault | None = None
+    if fault_spec is not None:
+        try:
+            fault = parse_fault(fault_spec)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--fault") from None
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         stream=sys.stderr,
@@ -259,27 +274,32 @@ def _run_fleet(
     )
     devices = [(device_id, credentials[device_id]) for device_id in ids]
     progress = None if quiet else _print_progress
-    common: dict[str, Any] = {
-        "messages": messages,
-        "duration_s": duration,
-        "rate": rate,
-        "window": window,
-        "connect_rate": connect_rate,
-        "progress": progress,
-        "drain_timeout_s": drain_timeout,
-        "give_up_s": give_up,
+    options = FleetOptions(
+        transport=transport,
+        host=host,
+        port=port,
+        devices=devices,
+        messages=messages,
+        duration_s=duration,
+        rate=rate,
+        window=window,
+        connect_rate=connect_rate,
+        progress=progress,
+        drain_timeout_s=drain_timeout,
+        give_up_s=give_up,
+        fault=fault,
         **transport_opts,
-    }
-    runner = run_tcp_fleet if transport == "tcp" else run_mqtt_fleet
+    )
 
     def start(stop: asyncio.Event) -> Coroutine[Any, Any, FleetSummary]:
-        return runner(host, port, devices, stop=stop, **common)
+        return run_fleet(options, stop=stop)
 
     if not quiet:
         what = f"{messages} messages" if messages is not None else f"{duration:g} s"
         click.echo(
             f"firmware-sim: {count} {transport} devices -> {host}:{port}, {what} each"
-            + (f" at {rate:g}/s" if rate else ""),
+            + (f" at {rate:g}/s" if rate else "")
+            + (f", fault {fault_spec}" if fault_spec else ""),
             err=True,
         )
     summary = _run_async(start, loop_kind=loop_kind, quiet=quiet)

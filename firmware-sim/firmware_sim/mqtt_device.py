@@ -1,9 +1,12 @@
 """A simulated device speaking MQTT 3.1.1 to the hub's broker, thousands per event loop.
 
-Layer: firmware simulator; imports the hub core only (nothing of it here),
-never bridges or tasks.
+Over 400 lines: the paho wiring (`_Link`) and the device that drives it change
+together; apart, each would need the other's internals.
 
-Topics (fixed by the hub's MQTT bridge; `devices` is `topic_root`):
+Layer: firmware simulator; imports the hub core only (`hub.topics`, the one
+definition of the topic scheme), never bridges or tasks.
+
+Topics (built with `hub.topics`; `devices` is `topic_root`):
 
 - publishes `devices/<id>/telemetry` at the chosen QoS:
   `{"seq": 5, "boot": 123456, "ts": 1732450000000, "values": {...}}`,
@@ -24,6 +27,10 @@ acknowledgement: a message counts as acknowledged once paho has written it to
 the socket. Each connection uses a fresh client that keeps no broker state; the
 simulator itself resends unacknowledged messages (same seq, boot id and
 timestamp) after a reconnect, as for TCP.
+
+With a fault in the options, the client writes to a
+`firmware_sim.outbox.FaultySocket`, which passes every write through the
+fault; without one, paho writes to its socket directly.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -40,7 +48,15 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from firmware_sim.fleet import ConnectionEnd, SimulatedDevice
+from firmware_sim.device import AckHook, ConnectionEnd, SimulatedDevice
+from firmware_sim.faults import Fault
+from firmware_sim.options import FleetOptions
+from firmware_sim.outbox import FaultySocket
+from firmware_sim.pacing import ConnectLimiter
+from firmware_sim.summary import FleetStats
+from hub.envelope import Kind
+from hub.errors import EnvelopeError
+from hub.topics import command_result_topic, command_topic, data_topic, validate_command_id
 
 __all__ = ["PERMANENT_CONNACK_CODES", "MqttDevice"]
 
@@ -75,7 +91,8 @@ class _Link:
         self.pending: dict[int, _Sent] = {}
         self.early: set[int] = set()
 
-        client = mqtt.Client(
+        client_class = mqtt.Client if device.fault is None else _FaultyClient
+        client = client_class(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=device.device_id,
             protocol=MQTTProtocolVersion.MQTTv311,
@@ -93,6 +110,9 @@ class _Link:
         client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        if isinstance(client, _FaultyClient) and device.fault is not None:
+            client.fault = device.fault
+            client.event_loop = loop
         self.client = client
 
     # -- event loop wiring ---------------------------------------------------
@@ -253,44 +273,65 @@ class _Link:
             self.pending[info.mid] = sent
 
 
+class _FaultyClient(mqtt.Client):
+    """A paho client whose socket is a `firmware_sim.outbox.FaultySocket`."""
+
+    fault: Fault
+    event_loop: asyncio.AbstractEventLoop
+
+    # paho's own factory of the connection's socket (2.x, called by connect());
+    # overriding it is the one place to wrap the socket every write goes through.
+    def _create_socket(self) -> Any:
+        return FaultySocket(super()._create_socket(), self.fault, self.event_loop)
+
+
 class MqttDevice(SimulatedDevice[bytes]):
     """A device on the hub's MQTT broker; `await device.run()` runs its whole life cycle.
 
-    Keyword arguments besides `qos`, `topic_root` and `keepalive_s` are
-    `SimulatedDevice`'s (messages, duration_s, rate, window, linger, stats,
-    stop, ...).
+    It connects to `options.host:options.port` and publishes at `options.qos`
+    under `options.topic_root`; the other arguments are `SimulatedDevice`'s.
     """
 
     transport = "mqtt"
 
     def __init__(
         self,
-        host: str,
-        port: int,
         device_id: str,
         credential: str,
+        options: FleetOptions,
         *,
-        qos: int = 1,
-        topic_root: str = "devices",
-        keepalive_s: int = 30,
-        **kwargs: Any,
+        stats: FleetStats | None = None,
+        stop: asyncio.Event | None = None,
+        connect_limiter: ConnectLimiter | None = None,
+        on_acknowledged: AckHook | None = None,
     ) -> None:
-        if qos not in (0, 1):
-            raise ValueError("qos must be 0 or 1")
-        super().__init__(device_id, credential, **kwargs)
-        self.host = host
-        self.port = port
-        self.qos = qos
-        self.keepalive_s = keepalive_s
-        base = f"{topic_root}/{device_id}"
-        self.telemetry_topic = f"{base}/telemetry"
-        self.command_topic = f"{base}/commands"
-        self._result_prefix = f"{base}/commands/"
+        super().__init__(
+            device_id,
+            credential,
+            options,
+            stats=stats,
+            stop=stop,
+            connect_limiter=connect_limiter,
+            on_acknowledged=on_acknowledged,
+        )
+        self.host = options.host
+        self.port = options.port
+        self.qos = options.qos
+        # paho's keepalive is whole seconds.
+        self.keepalive_s = max(1, math.ceil(options.keepalive_s))
+        self.fault = options.fault
+        self.topic_root = options.topic_root
+        self.telemetry_topic = data_topic(options.topic_root, device_id, Kind.TELEMETRY)
+        self.command_topic = command_topic(options.topic_root, device_id)
         # Command results awaiting their PUBACK: command id -> (topic, payload).
         self._results: dict[str, tuple[str, bytes]] = {}
         self._link: _Link | None = None
 
     # -- SimulatedDevice ---------------------------------------------------
+
+    @classmethod
+    def summary_qos(cls, options: FleetOptions) -> int | None:
+        return options.qos
 
     def _make_message(self, seq: int, values: dict[str, float]) -> bytes:
         body = {"seq": seq, "boot": self.boot_id, "ts": int(time.time() * 1000), "values": values}
@@ -372,8 +413,10 @@ class MqttDevice(SimulatedDevice[bytes]):
             command = json.loads(raw)
         except ValueError:
             command = None
-        command_id = command.get("id") if isinstance(command, dict) else None
-        if not isinstance(command_id, str) or not command_id or any(c in command_id for c in "/+#"):
+        raw_id = command.get("id") if isinstance(command, dict) else None
+        try:
+            command_id = validate_command_id(raw_id)
+        except EnvelopeError:
             # Without a usable id there is no topic to answer on.
             log.warning("%s: ignored a command without a usable id: %r", self.device_id, raw[:200])
             return
@@ -387,7 +430,7 @@ class MqttDevice(SimulatedDevice[bytes]):
         self._send_result(command_id, outcome.to_json_object())
 
     def _send_result(self, command_id: str, body: dict[str, Any]) -> None:
-        topic = f"{self._result_prefix}{command_id}/result"
+        topic = command_result_topic(self.topic_root, self.device_id, command_id)
         try:
             payload = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
         except (TypeError, ValueError) as exc:

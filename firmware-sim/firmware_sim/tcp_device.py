@@ -10,7 +10,8 @@ or NAK. PINGs are answered with PONG; the device PINGs after `keepalive_s` of
 silence so the hub's idle timeout does not drop it; COMMANDs are answered with
 COMMAND_RESULT (see `firmware_sim.commands`). On a lost connection everything
 unacknowledged is resent with the same seq and boot id (see
-`firmware_sim.fleet` for the life cycle).
+`firmware_sim.device` for the life cycle). With a fault in the options, every
+write goes through `firmware_sim.outbox.Outbox`.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ import asyncio
 import contextlib
 import functools
 import time
-from typing import Any
 
-from firmware_sim.fleet import ConnectionEnd, SimulatedDevice
+from firmware_sim.device import AckHook, ConnectionEnd, SimulatedDevice
+from firmware_sim.options import FleetOptions
+from firmware_sim.outbox import Outbox
+from firmware_sim.pacing import ConnectLimiter
+from firmware_sim.summary import FleetStats
 from hub.errors import RemoteProtocolError
-from hub.protocol.base import DEFAULT_MAX_FRAME_BYTES, Codec, CodecFactory, load_codec
+from hub.protocol.base import Codec, CodecFactory, load_codec
 from hub.protocol.events import (
     Ack,
     Command,
@@ -59,11 +63,17 @@ class _Link:
     """One TCP connection: its streams, its codec and what happened on it."""
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, codec: Codec
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        codec: Codec,
+        outbox: Outbox | None = None,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.codec = codec
+        #: Set when the fleet injects a fault: writes then pass through it.
+        self.outbox = outbox
         self.accepted = False
         self.refusal: NakReason | None = None
         self.closed = False
@@ -75,7 +85,11 @@ class _Link:
         """Encode and write `event`; False if the connection is already gone."""
         if self.closed or self.writer.is_closing():
             return False
-        self.writer.write(self.codec.send(event))
+        data = self.codec.send(event)
+        if self.outbox is None:
+            self.writer.write(data)
+        else:
+            self.outbox.send(data)
         self.last_tx = asyncio.get_running_loop().time()
         return True
 
@@ -83,32 +97,38 @@ class _Link:
 class TcpDevice(SimulatedDevice[Telemetry]):
     """A device on a hub TCP listener; `await device.run()` runs its whole life cycle.
 
-    Keyword arguments besides `codec`, `keepalive_s` and `max_frame_bytes` are
-    `SimulatedDevice`'s (messages, duration_s, rate, window, linger, stats,
-    stop, ...).
+    It connects to `options.host:options.port` and speaks `options.codec`;
+    the other arguments are `SimulatedDevice`'s.
     """
 
     transport = "tcp"
 
     def __init__(
         self,
-        host: str,
-        port: int,
         device_id: str,
         credential: str,
+        options: FleetOptions,
         *,
-        codec: str = "native",
-        keepalive_s: float = 30.0,
-        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-        **kwargs: Any,
+        stats: FleetStats | None = None,
+        stop: asyncio.Event | None = None,
+        connect_limiter: ConnectLimiter | None = None,
+        on_acknowledged: AckHook | None = None,
     ) -> None:
-        super().__init__(device_id, credential, **kwargs)
-        self.host = host
-        self.port = port
-        self.codec_name = codec
-        self._codec_factory = _codec(codec)
-        self.keepalive_s = keepalive_s
-        self.max_frame_bytes = max_frame_bytes
+        super().__init__(
+            device_id,
+            credential,
+            options,
+            stats=stats,
+            stop=stop,
+            connect_limiter=connect_limiter,
+            on_acknowledged=on_acknowledged,
+        )
+        self.host = options.host
+        self.port = options.port
+        self.codec_name = options.codec
+        self._codec_factory = _codec(options.codec)
+        self.keepalive_s = options.keepalive_s
+        self.max_frame_bytes = options.max_frame_bytes
         # Command results awaiting their ACK, resent on reconnect like telemetry.
         self._results: dict[int, CommandResult] = {}
         self._ping_seq = 0
@@ -136,7 +156,9 @@ class TcpDevice(SimulatedDevice[Telemetry]):
             self._note_error(f"connect to {self.host}:{self.port} failed: {str(exc) or 'timeout'}")
             return ConnectionEnd.RETRY
         codec = self._codec_factory(Role.DEVICE, max_frame_bytes=self.max_frame_bytes)
-        link = _Link(reader, writer, codec)
+        fault = self.options.fault
+        outbox = None if fault is None else Outbox(writer.write, fault, asyncio.get_running_loop())
+        link = _Link(reader, writer, codec, outbox)
         self._link = link
         reader_task = asyncio.create_task(self._read_loop(link))
         keepalive_task: asyncio.Task[None] | None = None
@@ -172,6 +194,8 @@ class TcpDevice(SimulatedDevice[Telemetry]):
             return end
         finally:
             link.closed = True
+            if link.outbox is not None:
+                link.outbox.close()
             if keepalive_task is not None:
                 keepalive_task.cancel()
             reader_task.cancel()

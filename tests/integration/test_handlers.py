@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import Engine
 
-from firmware_sim.fleet import run_tcp_fleet
+from firmware_sim.fleet import FleetOptions, run_fleet
 from hub import dead_letters
 from hub.commands import SUCCEEDED
 from hub.protocol.events import Ack, Command, CommandResult
@@ -88,7 +88,15 @@ def test_a_raising_handler_is_retried_then_dead_lettered_while_the_rest_flows(
     assert device.acks_until(1) == {1}
 
     summary = asyncio.run(
-        run_tcp_fleet("127.0.0.1", hub.tcp_port, [(d, creds[d]) for d in healthy], messages=100)
+        run_fleet(
+            FleetOptions(
+                transport="tcp",
+                host="127.0.0.1",
+                port=hub.tcp_port,
+                devices=[(d, creds[d]) for d in healthy],
+                messages=100,
+            )
+        )
     )
     assert summary.acknowledged == 500
     assert wait_until(lambda: count_rows(engine, device_prefix=f"{device_prefix}ok-") == 500)

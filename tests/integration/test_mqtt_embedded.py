@@ -26,7 +26,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from sqlalchemy import Engine
 
 from bridges.mqtt.broker import EmbeddedMqtt
-from firmware_sim.fleet import run_mqtt_fleet
+from firmware_sim.faults import DelayWrites, SplitRandomly, chain
+from firmware_sim.fleet import FleetOptions, run_fleet
 from hub.commands import PendingCommand
 from hub.envelope import Envelope, Kind
 from hub.errors import ConfigError, DispatchError
@@ -690,7 +691,16 @@ def test_twenty_mqtt_devices_two_hundred_messages_each_are_stored_once(
     creds = provision([f"{device_prefix}{n}" for n in range(1, 21)])
 
     summary = asyncio.run(
-        run_mqtt_fleet("127.0.0.1", hub.mqtt_port, list(creds.items()), messages=200, qos=1)
+        run_fleet(
+            FleetOptions(
+                transport="mqtt",
+                host="127.0.0.1",
+                port=hub.mqtt_port,
+                devices=list(creds.items()),
+                messages=200,
+                qos=1,
+            )
+        )
     )
 
     assert summary.sent == 4000
@@ -700,6 +710,38 @@ def test_twenty_mqtt_devices_two_hundred_messages_each_are_stored_once(
     time.sleep(1)  # anything more would be a duplicate
     assert count_rows(engine, device_prefix=device_prefix) == 4000
     assert hub.counter("hub_messages_acked_total", transport="mqtt") == 4000
+
+
+@pytest.mark.integration
+def test_mqtt_packets_split_into_random_pieces_and_delayed_are_all_acknowledged(
+    worker: Worker,
+    running_hub: StartHub,
+    provision: Provision,
+    engine: Engine,
+    device_prefix: str,
+) -> None:
+    hub = running_hub(mqtt_enabled=True)
+    creds = provision([f"{device_prefix}{n}" for n in range(1, 4)])
+    fault = chain(SplitRandomly(6, seed=5), DelayWrites(0.002))
+
+    summary = asyncio.run(
+        run_fleet(
+            FleetOptions(
+                transport="mqtt",
+                host="127.0.0.1",
+                port=hub.mqtt_port,
+                devices=list(creds.items()),
+                messages=50,
+                qos=1,
+                fault=fault,
+            )
+        )
+    )
+
+    assert summary.sent == summary.acknowledged == 150
+    assert summary.refused == 0 and summary.errors == 0
+    assert wait_until(lambda: count_rows(engine, device_prefix=device_prefix) >= 150)
+    assert count_rows(engine, device_prefix=device_prefix) == 150
 
 
 @pytest.mark.integration

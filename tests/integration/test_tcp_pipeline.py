@@ -7,11 +7,13 @@ import asyncio
 import struct
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine
 
-from firmware_sim.fleet import run_tcp_fleet
+from firmware_sim.faults import FlipByte, SplitRandomly
+from firmware_sim.fleet import FleetOptions, FleetSummary, run_fleet
 from hub.errors import ConfigError
 from hub.protocol.events import Ack, ConnectionClosed, Nak, NakReason
 from hub.storage import count_rows
@@ -27,10 +29,16 @@ StartHub = Callable[..., HubThread]
 Provision = Callable[[list[str]], dict[str, str]]
 
 
-def _fleet(hub: HubThread, creds: dict[str, str], messages: int, **kw: object) -> object:
-    return asyncio.run(
-        run_tcp_fleet("127.0.0.1", hub.tcp_port, list(creds.items()), messages=messages, **kw)
+def _fleet(hub: HubThread, creds: dict[str, str], messages: int, **kw: Any) -> FleetSummary:
+    options = FleetOptions(
+        transport="tcp",
+        host="127.0.0.1",
+        port=hub.tcp_port,
+        devices=list(creds.items()),
+        messages=messages,
+        **kw,
     )
+    return asyncio.run(run_fleet(options))
 
 
 def test_twenty_devices_two_hundred_messages_each_are_stored_once(
@@ -51,6 +59,58 @@ def test_twenty_devices_two_hundred_messages_each_are_stored_once(
     assert wait_until(lambda: count_rows(engine, device_prefix=device_prefix) >= 4000)
     assert count_rows(engine, device_prefix=device_prefix) == 4000
     assert hub.counter("hub_messages_acked_total", transport="tcp") == 4000
+
+
+def _protocol_errors(hub: HubThread, transport: str) -> float:
+    """hub_protocol_errors_total of `transport`, summed over every reason."""
+    return sum(
+        sample.value
+        for metric in hub.app.metrics.registry.collect()
+        if metric.name == "hub_protocol_errors"
+        for sample in metric.samples
+        if sample.name == "hub_protocol_errors_total" and sample.labels["transport"] == transport
+    )
+
+
+def test_writes_split_into_random_pieces_are_all_acknowledged_and_stored_once(
+    worker: Worker,
+    running_hub: StartHub,
+    provision: Provision,
+    engine: Engine,
+    device_prefix: str,
+) -> None:
+    creds = provision([f"{device_prefix}{n}" for n in range(1, 6)])
+    hub = running_hub()
+
+    summary = _fleet(hub, creds, messages=100, fault=SplitRandomly(8, seed=7))
+
+    assert summary.sent == summary.acknowledged == 500
+    assert summary.refused == 0 and summary.errors == 0
+    assert wait_until(lambda: count_rows(engine, device_prefix=device_prefix) >= 500)
+    assert count_rows(engine, device_prefix=device_prefix) == 500
+    assert _protocol_errors(hub, "tcp") == 0
+
+
+def test_corrupted_writes_are_counted_as_protocol_errors_by_the_hub(
+    running_hub: StartHub, provision: Provision, device_prefix: str
+) -> None:
+    creds = provision([f"{device_prefix}{n}" for n in range(1, 3)])
+    # A flipped length byte leaves the hub waiting for the rest of the frame:
+    # a short HELLO timeout counts that as a protocol error too.
+    hub = running_hub(hello_timeout_s=1.0)
+
+    summary = _fleet(
+        hub,
+        creds,
+        messages=5,
+        fault=FlipByte(every=1, seed=3),
+        connect_timeout_s=2.0,
+        give_up_s=4.0,
+    )
+
+    assert not summary.ok
+    assert summary.acknowledged == 0  # every HELLO was corrupted
+    assert wait_until(lambda: _protocol_errors(hub, "tcp") >= 2, timeout=10)
 
 
 def test_acknowledged_messages_survive_a_broker_outage(

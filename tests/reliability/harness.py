@@ -54,7 +54,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +62,10 @@ import psutil
 import pytest
 from sqlalchemy import text
 
-from firmware_sim.fleet import FleetStats, SimulatedDevice, run_fleet
+from firmware_sim.device import SimulatedDevice
+from firmware_sim.fleet import FleetStats, run_devices
 from firmware_sim.mqtt_device import MqttDevice
+from firmware_sim.options import FleetOptions as SimOptions
 from firmware_sim.tcp_device import TcpDevice
 from hub.envelope import envelope_id
 from hub.registry import Registry
@@ -496,25 +498,34 @@ class Fleet:
         async def main() -> Any:
             self._stop_event = asyncio.Event()
             o = self.options
-            common: dict[str, Any] = {
-                "rate": o.rate,
-                "window": o.window,
-                "stats": self.stats,
-                "stop": self._stop_event,
-                "give_up_s": None,
-                "ack_timeout_s": o.ack_timeout_s,
-                "drain_timeout_s": o.drain_timeout_s,
-                "on_acknowledged": self._on_ack,
-            }
-            for device_id, credential in o.tcp.items():
+            tcp = SimOptions(
+                transport="tcp",
+                host="127.0.0.1",
+                port=o.tcp_port,
+                devices=list(o.tcp.items()),
+                rate=o.rate,
+                window=o.window,
+                give_up_s=None,
+                ack_timeout_s=o.ack_timeout_s,
+                drain_timeout_s=o.drain_timeout_s,
+            )
+            mqtt = replace(
+                tcp, transport="mqtt", port=o.mqtt_port, devices=list(o.mqtt.items()), qos=1
+            )
+            stop, stats, on_ack = self._stop_event, self.stats, self._on_ack
+            for device_id, credential in tcp.devices:
                 self.devices.append(
-                    TcpDevice("127.0.0.1", o.tcp_port, device_id, credential, **common)
+                    TcpDevice(
+                        device_id, credential, tcp, stats=stats, stop=stop, on_acknowledged=on_ack
+                    )
                 )
-            for device_id, credential in o.mqtt.items():
+            for device_id, credential in mqtt.devices:
                 self.devices.append(
-                    MqttDevice("127.0.0.1", o.mqtt_port, device_id, credential, qos=1, **common)
+                    MqttDevice(
+                        device_id, credential, mqtt, stats=stats, stop=stop, on_acknowledged=on_ack
+                    )
                 )
-            return await run_fleet(self.devices, transport="mixed", stats=self.stats)
+            return await run_devices(self.devices, transport="mixed", stats=self.stats)
 
         self._future = asyncio.run_coroutine_threadsafe(main(), self.loop)
 

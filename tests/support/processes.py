@@ -247,19 +247,19 @@ class SimulatedDevice:
 
         self.loop = asyncio.new_event_loop()
         self._stop_event: asyncio.Event | None = None
-        run = fleet.run_tcp_device if transport == "tcp" else fleet.run_mqtt_device
+        options = fleet.FleetOptions(
+            transport=transport,
+            host="127.0.0.1",
+            port=port,
+            devices=[(device_id, credential)],
+            messages=messages,
+            rate=rate,
+            linger=True,
+        )
 
         async def main() -> Any:
             self._stop_event = asyncio.Event()
-            return await run(
-                "127.0.0.1",
-                port,
-                device_id,
-                credential,
-                stop=self._stop_event,
-                messages=messages,
-                rate=rate,
-            )
+            return await fleet.run_fleet(options, stop=self._stop_event)
 
         self._future = asyncio.run_coroutine_threadsafe(main(), self.loop)
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)

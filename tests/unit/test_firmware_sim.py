@@ -15,26 +15,25 @@ from click.testing import CliRunner
 
 from firmware_sim.cli import main
 from firmware_sim.commands import FIRMWARE_VERSION, CommandAnswer, SimState, answer
-from firmware_sim.fleet import (
-    SUMMARY_KEYS,
-    Backoff,
-    ConnectLimiter,
-    FleetStats,
-    FleetSummary,
-    Progress,
-    RatePacer,
-    device_ids,
-    format_progress,
-    format_summary,
-    run_tcp_device,
-    run_tcp_fleet,
-)
+from firmware_sim.faults import DelayWrites, DropEvery, Fault, SplitRandomly, chain
+from firmware_sim.fleet import FleetOptions, device_ids, run_fleet
+from firmware_sim.mqtt_device import MqttDevice
+from firmware_sim.pacing import Backoff, ConnectLimiter, RatePacer
 from firmware_sim.provision import (
     CredentialsFileError,
     load_credentials_file,
     provision_devices,
     save_credentials_file,
 )
+from firmware_sim.summary import (
+    SUMMARY_KEYS,
+    FleetStats,
+    FleetSummary,
+    Progress,
+    format_progress,
+    format_summary,
+)
+from hub.envelope import Kind
 from hub.protocol.base import load_codec
 from hub.protocol.events import (
     NEED_DATA,
@@ -53,6 +52,7 @@ from hub.protocol.events import (
 from hub.registry import Registry, hash_credential
 from hub.settings import Settings
 from hub.storage import make_engine
+from hub.topics import command_result_topic, command_topic, data_topic
 
 # ---------------------------------------------------------------------------
 # Summary and progress
@@ -507,6 +507,11 @@ async def _until(condition: Callable[[], bool], within_s: float = 10.0) -> None:
     raise AssertionError("condition not met in time")
 
 
+def _tcp(port: int, devices: list[tuple[str, str]], **options: Any) -> FleetOptions:
+    """Options for a TCP fleet against the stand-in hub on `port`."""
+    return FleetOptions(transport="tcp", host="127.0.0.1", port=port, devices=devices, **options)
+
+
 def _with_hub(
     codec: str,
     credentials: dict[str, str],
@@ -533,9 +538,7 @@ def test_tcp_fleet_delivers_every_message_once_in_order(codec: str) -> None:
     summaries: list[FleetSummary] = []
 
     async def body(hub: _StandInHub, port: int) -> None:
-        summaries.append(
-            await run_tcp_fleet("127.0.0.1", port, devices, messages=50, window=8, codec=codec)
-        )
+        summaries.append(await run_fleet(_tcp(port, devices, messages=50, window=8, codec=codec)))
 
     hub = _with_hub(codec, dict(devices), body)
     (summary,) = summaries
@@ -546,14 +549,65 @@ def test_tcp_fleet_delivers_every_message_once_in_order(codec: str) -> None:
         assert seqs == list(range(1, 51))
 
 
+@pytest.mark.parametrize(
+    "fault",
+    [
+        SplitRandomly(6, seed=11),
+        DelayWrites(0.01),
+        chain(SplitRandomly(3, seed=4), DelayWrites(0.001)),
+    ],
+    ids=["split", "delay", "split+delay"],
+)
+def test_tcp_fleet_through_a_harmless_fault_delivers_every_message(fault: Fault) -> None:
+    devices = [(f"d-{n}", f"secret-{n}") for n in range(1, 4)]
+    summaries: list[FleetSummary] = []
+
+    async def body(hub: _StandInHub, port: int) -> None:
+        summaries.append(await run_fleet(_tcp(port, devices, messages=30, window=4, fault=fault)))
+
+    hub = _with_hub("native", dict(devices), body)
+    (summary,) = summaries
+    assert summary.ok, summary
+    for seqs in hub.received.values():
+        assert seqs == list(range(1, 31))
+
+
+def test_tcp_fleet_recovers_from_dropped_writes_by_resending() -> None:
+    summaries: list[FleetSummary] = []
+
+    async def body(hub: _StandInHub, port: int) -> None:
+        options = _tcp(
+            port,
+            [("d-1", "s")],
+            messages=30,
+            window=4,
+            fault=DropEvery(7),
+            connect_timeout_s=0.3,
+            ack_timeout_s=0.3,
+            drain_timeout_s=1.0,
+        )
+        summaries.append(await run_fleet(options))
+
+    hub = _with_hub("native", {"d-1": "s"}, body)
+    (summary,) = summaries
+    assert summary.sent == 30
+    # A stall with a full window reconnects and resends; only a write lost in
+    # the final drain (at most one of its four) stays unacknowledged, since
+    # the device resends on a reconnect and a drain does not reconnect.
+    assert summary.acknowledged >= 29
+    assert summary.errors >= 1  # each stall is a lost connection
+    ((_, seqs),) = hub.received.items()
+    # A dropped message came later, resent with its original seq.
+    assert seqs != sorted(seqs)
+    assert len(set(seqs)) >= summary.acknowledged
+
+
 def test_tcp_device_resends_unacknowledged_messages_after_a_drop() -> None:
     summaries: list[FleetSummary] = []
 
     async def body(hub: _StandInHub, port: int) -> None:
         hub.drop_after["d-1"] = 10
-        summaries.append(
-            await run_tcp_fleet("127.0.0.1", port, [("d-1", "s")], messages=40, window=4)
-        )
+        summaries.append(await run_fleet(_tcp(port, [("d-1", "s")], messages=40, window=4)))
 
     hub = _with_hub("native", {"d-1": "s"}, body)
     (summary,) = summaries
@@ -569,7 +623,7 @@ def test_tcp_refusals_are_counted_and_not_retried() -> None:
 
     async def body(hub: _StandInHub, port: int) -> None:
         devices = [("ok", "s"), ("known", "wrong"), ("stranger", "s")]
-        summaries.append(await run_tcp_fleet("127.0.0.1", port, devices, messages=3))
+        summaries.append(await run_fleet(_tcp(port, devices, messages=3)))
 
     _with_hub("native", {"ok": "s", "known": "s"}, body)
     (summary,) = summaries
@@ -586,7 +640,11 @@ def test_tcp_device_answers_commands_and_keeps_alive() -> None:
         stop = asyncio.Event()
         stats = FleetStats()
         task = asyncio.create_task(
-            run_tcp_device("127.0.0.1", port, "d-1", "s", stop=stop, stats=stats, keepalive_s=0.1)
+            run_fleet(
+                _tcp(port, [("d-1", "s")], messages=0, linger=True, keepalive_s=0.1),
+                stop=stop,
+                stats=stats,
+            )
         )
         await _until(lambda: stats.online == 1)
         hub.command("d-1", "c1", "ping", {})
@@ -617,7 +675,7 @@ def test_tcp_fleet_stops_when_asked() -> None:
     async def body(hub: _StandInHub, port: int) -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(
-            run_tcp_fleet("127.0.0.1", port, [("d-1", "s"), ("d-2", "s")], rate=50, stop=stop)
+            run_fleet(_tcp(port, [("d-1", "s"), ("d-2", "s")], rate=50), stop=stop)
         )
         await asyncio.sleep(0.5)
         stop.set()
@@ -634,7 +692,7 @@ def test_tcp_fleet_with_no_messages_only_connects() -> None:
 
     async def body(hub: _StandInHub, port: int) -> None:
         devices = [(f"d-{n}", "s") for n in range(1, 21)]
-        summaries.append(await run_tcp_fleet("127.0.0.1", port, devices, messages=0))
+        summaries.append(await run_fleet(_tcp(port, devices, messages=0)))
 
     hub = _with_hub("native", {f"d-{n}": "s" for n in range(1, 21)}, body)
     (summary,) = summaries
@@ -644,4 +702,19 @@ def test_tcp_fleet_with_no_messages_only_connects() -> None:
 
 def test_fleet_without_an_end_is_refused() -> None:
     with pytest.raises(ValueError, match="never ends"):
-        asyncio.run(run_tcp_fleet("127.0.0.1", 9, [("d", "s")]))
+        asyncio.run(run_fleet(_tcp(9, [("d", "s")])))
+
+
+def test_mqtt_device_topics_are_the_hub_topic_scheme() -> None:
+    options = FleetOptions(
+        transport="mqtt", host="127.0.0.1", port=1, devices=[], topic_root="site"
+    )
+    device = MqttDevice("m-1", "s", options)
+    assert device.telemetry_topic == data_topic("site", "m-1", Kind.TELEMETRY)
+    assert device.telemetry_topic == "site/m-1/telemetry"
+    assert device.command_topic == command_topic("site", "m-1") == "site/m-1/commands"
+    device._command(b'{"id": "c-1", "name": "ping", "args": {}}')
+    device._command(b'{"id": "no spaces", "name": "ping"}')  # no topic to answer on: ignored
+    assert [topic for topic, _ in device._results.values()] == [
+        command_result_topic("site", "m-1", "c-1")
+    ]
