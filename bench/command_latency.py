@@ -103,7 +103,7 @@ def run(commands: int) -> dict[str, Any]:
             [
                 sys.executable,
                 "-m",
-                "hub.cli",
+                "hubapp.cli",
                 "run",
                 "--no-worker",
                 "--tcp-port",

@@ -87,7 +87,7 @@ class _Console:
         )
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "hub.cli", "console"],
+            [sys.executable, "-m", "hubapp.cli", "console"],
             cwd=ROOT,
             env=env,
             stdout=self._log,
@@ -345,7 +345,7 @@ def run_sse(clients: int = 50, devices: int = 20, duration: float = 20.0) -> dic
             [
                 sys.executable,
                 "-m",
-                "hub.cli",
+                "hubapp.cli",
                 "run",
                 "--no-worker",
                 "--no-mqtt",

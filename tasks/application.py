@@ -12,15 +12,24 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import task_failure, task_retry, worker_init, worker_process_init, worker_ready
+from kombu import Exchange, Queue
 
 import localqueue  # noqa: F401  (registers the embedded default's queue with kombu)
 from hub import worker_metrics
-from hub.routing import celery_queues, task_routes
+from hub.routing import EXCHANGE, all_queues, task_routes
 from hub.settings import Settings, load_settings
 from hub.storage import migrate
 from tasks import wire
 
 log = logging.getLogger(__name__)
+
+
+def celery_queues() -> list[Queue]:
+    """Durable queue declarations of every hub queue (`hub.routing`), declared by
+    the worker as by the publishers (`bridges.queues.celery_queues`)."""
+    exchange = Exchange(EXCHANGE, type="direct", durable=True)
+    return [Queue(name, exchange, routing_key=name, durable=True) for name in all_queues()]
+
 
 settings: Settings = load_settings()
 

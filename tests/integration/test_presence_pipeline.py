@@ -115,7 +115,7 @@ def test_telemetry_stored_after_the_disconnect_leaves_the_device_offline(
         ), "the telemetry was not stored"
 
         shown = subprocess.run(
-            [sys.executable, "-m", "hub.cli", "state", "walker-1", "--json"],
+            [sys.executable, "-m", "hubapp.cli", "state", "walker-1", "--json"],
             cwd=ROOT,
             env=settings_env(settings),
             capture_output=True,

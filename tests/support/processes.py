@@ -14,8 +14,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hub.app import HubApp
 from hub.settings import Settings, load_settings
+from hubapp.app import HubApp
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")

@@ -121,7 +121,7 @@ def run(ctx: click.Context, /, no_mqtt: bool, worker: bool | None, **options: An
         options["mqtt_enabled"] = False
     settings = _settings(ctx, **options)
     try:
-        from hub.app import serve
+        from hubapp.app import serve
 
         run_loop(serve(settings, run_worker=worker), settings.event_loop)
     except KeyboardInterrupt:
@@ -655,8 +655,8 @@ def demo(
     as_json: bool,
 ) -> None:
     """Run a hub and simulated TCP and MQTT devices, with a live view and a summary."""
-    from hub.demo import DemoOptions
-    from hub.demo import run as run_demo
+    from hubapp.demo import DemoOptions
+    from hubapp.demo import run as run_demo
 
     options = DemoOptions(duration, devices, rate, data_dir, as_json, bool(ctx.obj["verbose"]))
     sys.exit(run_demo(lambda overrides: _settings(ctx, **overrides), options))

@@ -1,6 +1,6 @@
 """`hub demo`: a whole hub and a simulated fleet of both transports, with a live view.
 
-Layer: composition root, like `hub.app` and `hub.cli`: it imports the hub core,
+Layer: composition root, like `hub.app` and `hubapp.cli`: it imports the hub core,
 `hub.app` (and through it `bridges`), `tasks` and `firmware_sim`, which no
 other layer may combine.
 
@@ -45,11 +45,11 @@ from typing import Any, TextIO
 
 from firmware_sim.fleet import FleetStats, FleetSummary, device_ids, run_mqtt_fleet, run_tcp_fleet
 from firmware_sim.provision import provision_devices
-from hub.app import HubApp, prepare_data_dir
-from hub.console_child import ConsoleChild, start_console
 from hub.errors import CommandExpired, ConfigError
 from hub.settings import Settings
 from hub.storage import count_rows, device_state
+from hubapp.app import HubApp, prepare_data_dir
+from hubapp.console_child import ConsoleChild, start_console
 
 __all__ = [
     "DemoOptions",
