@@ -1,6 +1,8 @@
 """The `hub` command: run the hub, manage devices, read what they sent.
 
-Layer: composition root (imports `hub.app`, which imports `bridges`).
+Layer: composition root (`hubapp`); imports anything. The command groups live in
+`hubapp.cli_devices`, `hubapp.cli_accounts` and `hubapp.cli_dead_letters`;
+what they share is in `hubapp.cli_common`.
 
 Every error the user can cause (a port in use, a bad setting, an unwritable
 data folder, an unreachable broker) is one readable line and a non-zero exit
@@ -16,55 +18,15 @@ import logging
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable
-from datetime import datetime
-from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from hub import __version__
-from hub.errors import ConfigError, HubError
-from hub.settings import Settings, load_settings
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, default=_json_default))
-
-
-def friendly_errors(func: F) -> F:
-    """Turn HubErrors into one line on stderr and an exit status (2 for configuration)."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        ctx = click.get_current_context()
-        try:
-            return func(*args, **kwargs)
-        except ConfigError as exc:
-            if ctx.obj and ctx.obj.get("verbose"):
-                raise
-            click.echo(f"hub: configuration error: {exc}", err=True)
-            sys.exit(2)
-        except HubError as exc:
-            if ctx.obj and ctx.obj.get("verbose"):
-                raise
-            click.echo(f"hub: error: {exc}", err=True)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _settings(ctx: click.Context, **overrides: Any) -> Settings:
-    return load_settings(ctx.obj.get("config"), **overrides)
+from hub.errors import ConfigError
+from hubapp import cli_accounts, cli_dead_letters, cli_devices
+from hubapp.cli_common import emit_json, friendly_errors, settings_from
 
 
 @click.group(
@@ -119,7 +81,7 @@ def run(ctx: click.Context, /, no_mqtt: bool, worker: bool | None, **options: An
     """Serve devices: TCP listeners, MQTT broker, dispatch to tasks."""
     if no_mqtt:
         options["mqtt_enabled"] = False
-    settings = _settings(ctx, **options)
+    settings = settings_from(ctx, **options)
     try:
         from hubapp.app import serve
 
@@ -147,213 +109,6 @@ def run_loop(main_coro: Any, choice: str) -> None:
     asyncio.run(main_coro)
 
 
-@main.group()
-def devices() -> None:
-    """Register, list and remove devices."""
-
-
-def _registry(ctx: click.Context, *, create: bool = False) -> Any:
-    from hub.registry import Registry
-
-    return Registry(_engine(ctx, create=create))
-
-
-def _audit(registry: Any, action: str, device_id: str) -> None:
-    """Changes made from the command line go into the console's audit log too."""
-    from hub import audit
-
-    audit.record(registry.engine, "cli", action, device_id)
-
-
-@devices.command("add")
-@click.argument("device_id")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.pass_context
-@friendly_errors
-def devices_add(ctx: click.Context, device_id: str, as_json: bool) -> None:
-    """Register DEVICE_ID and print its new credential (shown only once)."""
-    registry = _registry(ctx, create=True)
-    credential = registry.add(device_id)
-    _audit(registry, "device.add", device_id)
-    if as_json:
-        _emit_json({"device_id": device_id, "credential": credential})
-    else:
-        click.echo(f"device {device_id} added; its credential (shown only once):")
-        click.echo(credential)
-
-
-@devices.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.pass_context
-@friendly_errors
-def devices_list(ctx: click.Context, as_json: bool) -> None:
-    """List registered devices."""
-    records = _registry(ctx).devices()
-    if as_json:
-        _emit_json([{"device_id": r.id, "created_at": r.created_at} for r in records])
-        return
-    for r in records:
-        click.echo(f"{r.id}\t{r.created_at:%Y-%m-%d %H:%M:%S}")
-    if not records:
-        click.echo("no devices; add one with `hub devices add ID`", err=True)
-
-
-@devices.command("remove")
-@click.argument("device_id")
-@click.pass_context
-@friendly_errors
-def devices_remove(ctx: click.Context, device_id: str) -> None:
-    """Remove DEVICE_ID from the registry (its data stays)."""
-    registry = _registry(ctx)
-    if not registry.remove(device_id):
-        raise HubError(f"no device {device_id!r}")
-    _audit(registry, "device.remove", device_id)
-    click.echo(f"device {device_id} removed")
-
-
-def _engine(ctx: click.Context, *, create: bool = False) -> Any:
-    """The hub's database, brought to the newest schema. Only a command that
-    writes (`create`) may make a new one: a read command run in the wrong
-    folder must not answer from an empty database it just created."""
-    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-
-    from hub.storage import make_engine, migrate, sqlite_path
-
-    settings = _settings(ctx)
-    url = settings.effective_database_url
-    path = sqlite_path(url)
-    if not create and path is not None and not path.exists():
-        if settings.database_url:
-            raise HubError(
-                f"no database at {path}; point database_url / HUB_DATABASE_URL at the "
-                "hub's database (or --config <hub.toml>)"
-            )
-        raise HubError(
-            f"no hub data in {settings.data_dir.resolve()} (looked for {path.name}); run "
-            "this where the hub keeps its data, or point at it with "
-            "HUB_DATA_DIR=<data folder> or --config <hub.toml>"
-        )
-    try:
-        migrate(url)
-    except SQLAlchemyError as exc:
-        cause = exc.orig if isinstance(exc, DBAPIError) else exc
-        reason = str(cause).splitlines()[0]
-        raise HubError(f"cannot open the database ({reason}); check HUB_DATABASE_URL") from None
-    return make_engine(url)
-
-
-@main.command()
-@click.argument("device_id")
-@click.option("--last", default=10, show_default=True, help="How many messages.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.pass_context
-@friendly_errors
-def telemetry(ctx: click.Context, device_id: str, last: int, as_json: bool) -> None:
-    """Show the newest telemetry stored for DEVICE_ID."""
-    from hub.storage import recent_telemetry
-
-    rows = recent_telemetry(_engine(ctx), device_id, last)
-    if as_json:
-        _emit_json(rows)
-        return
-    if not rows:
-        click.echo(f"no telemetry stored for {device_id}", err=True)
-    for row in rows:
-        values = json.dumps(row["payload"], separators=(",", ":"))
-        click.echo(f"{row['received_at']:%Y-%m-%d %H:%M:%S.%f}  seq={row['seq']}  {values}")
-
-
-@main.command()
-@click.argument("device_id")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.pass_context
-@friendly_errors
-def state(ctx: click.Context, device_id: str, as_json: bool) -> None:
-    """Show DEVICE_ID's last known state and whether it is online."""
-    from hub.storage import device_state
-
-    row = device_state(_engine(ctx), device_id)
-    if row is None:
-        raise HubError(f"nothing stored yet for device {device_id!r}")
-    if as_json:
-        _emit_json(row)
-        return
-    click.echo(f"device      {device_id}")
-    click.echo(f"online      {'yes' if row['online'] else 'no'} (via {row['transport']})")
-    click.echo(f"last seen   {row['last_seen_at']}")
-    click.echo(f"last values {json.dumps(row['last_values'])}")
-    click.echo(f"state       {json.dumps(row['state'])}")
-
-
-@main.command(
-    epilog="Examples:\n\n\b\n  hub send tcp-1 ping\n"
-    "  hub send thermo-7 set_interval --args '{\"seconds\": 5}' --ttl 300 --wait 10"
-)
-@click.argument("device_id")
-@click.argument("command")
-@click.option("--args", "args_json", default="{}", help="Arguments as a JSON object.")
-@click.option("--ttl", default=60.0, show_default=True, help="Seconds the command may wait.")
-@click.option(
-    "--wait",
-    default=None,
-    type=float,
-    help="Seconds to wait for the reply (default: the ttl); 0 prints the command id and returns.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.pass_context
-@friendly_errors
-def send(
-    ctx: click.Context,
-    device_id: str,
-    command: str,
-    args_json: str,
-    ttl: float,
-    wait: float | None,
-    as_json: bool,
-) -> None:
-    """Send COMMAND to DEVICE_ID and print its reply (or the error, exit status 1)."""
-    try:
-        args = json.loads(args_json)
-    except ValueError as exc:
-        raise HubError(f"--args is not JSON: {exc}") from None
-    if not isinstance(args, dict):
-        raise HubError("--args must be a JSON object")
-    from celery.exceptions import TimeoutError as ResultTimeout
-
-    import tasks.application
-    from hub.errors import CommandError
-
-    settings = _settings(ctx)
-    _engine(ctx).dispose()  # an existing database, at the newest schema
-    tasks.application.configure(settings)
-    from tasks import send_command
-
-    try:
-        result = send_command(device_id, command, args, ttl=ttl)
-    except HubError:
-        raise
-    except Exception as exc:  # boundary: the broker is unreachable or refuses us
-        raise HubError(f"could not send the command: {exc}") from None
-    if wait == 0:
-        if as_json:
-            _emit_json({"command_id": result.id})
-        else:
-            click.echo(result.id)
-        return
-    try:
-        reply = result.get(timeout=wait if wait is not None else ttl + 5)
-    except CommandError as exc:
-        if as_json:
-            _emit_json({"command_id": result.id, "ok": False, "error": str(exc)})
-        raise HubError(str(exc)) from None
-    except ResultTimeout:
-        raise HubError(f"no reply within {wait} s (command {result.id} still pending)") from None
-    if as_json:
-        _emit_json({"command_id": result.id, "ok": True, "result": reply})
-    else:
-        click.echo(json.dumps(reply, default=_json_default))
-
-
 @main.command(
     epilog="Examples:\n\n\b\n  hub console\n  HUB_CONSOLE_PORT=9000 hub console\n"
     "  hub users add alice --role admin   # then log in at http://127.0.0.1:8081/"
@@ -364,186 +119,11 @@ def send(
 @friendly_errors
 def console(ctx: click.Context, /, **options: Any) -> None:
     """Serve the web console and HTTP API (a process of its own, beside `hub run`)."""
-    settings = _settings(ctx, **options)
+    settings = settings_from(ctx, **options)
     from console.server import serve
 
     with contextlib.suppress(KeyboardInterrupt):
         serve(settings)
-
-
-def _accounts_engine(ctx: click.Context) -> Any:
-    return _engine(ctx)
-
-
-def _account_group(kind: str, secret_name: str) -> click.Group:
-    plural = f"{kind}s"
-
-    @click.group(
-        name=plural, help=f"Console {plural}: add (prints the {secret_name} once), list, remove."
-    )
-    def group() -> None:
-        pass
-
-    @group.command(
-        "add", help=f"Add a {kind} NAME with a role; prints its {secret_name} (shown only once)."
-    )
-    @click.argument("name")
-    @click.option(
-        "--role",
-        type=click.Choice(["viewer", "operator", "admin"]),
-        required=True,
-        help="viewer reads; operator also sends commands and replays dead letters; "
-        "admin also changes devices, users and tokens.",
-    )
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-    @click.pass_context
-    @friendly_errors
-    def add(ctx: click.Context, name: str, role: str, as_json: bool) -> None:
-        from hub import accounts, audit
-
-        engine = _accounts_engine(ctx)
-        secret = (accounts.add_user if kind == "user" else accounts.add_token)(engine, name, role)
-        audit.record(engine, "cli", f"{kind}.add", name, {"role": role})
-        if as_json:
-            _emit_json({"name": name, "role": role, secret_name: secret})
-        else:
-            click.echo(f"{kind} {name} ({role}) added; its {secret_name} (shown only once):")
-            click.echo(secret)
-
-    @group.command("list", help=f"List console {plural}.")
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-    @click.pass_context
-    @friendly_errors
-    def list_(ctx: click.Context, as_json: bool) -> None:
-        from hub import accounts
-
-        engine = _accounts_engine(ctx)
-        found = accounts.users(engine) if kind == "user" else accounts.tokens(engine)
-        if as_json:
-            _emit_json(
-                [{"name": a.name, "role": a.role, "created_at": a.created_at} for a in found]
-            )
-            return
-        for a in found:
-            click.echo(f"{a.name}\t{a.role}\t{a.created_at:%Y-%m-%d %H:%M:%S}")
-        if not found:
-            click.echo(f"no {plural}; add one with `hub {plural} add NAME --role ...`", err=True)
-
-    @group.command("remove", help=f"Remove a {kind}; it can no longer log in or call the API.")
-    @click.argument("name")
-    @click.pass_context
-    @friendly_errors
-    def remove(ctx: click.Context, name: str) -> None:
-        from hub import accounts, audit
-
-        engine = _accounts_engine(ctx)
-        removed = (accounts.remove_user if kind == "user" else accounts.remove_token)(engine, name)
-        if not removed:
-            raise HubError(f"no {kind} {name!r}")
-        audit.record(engine, "cli", f"{kind}.remove", name)
-        click.echo(f"{kind} {name} removed")
-
-    return group
-
-
-main.add_command(_account_group("user", "password"))
-main.add_command(_account_group("token", "token"))
-
-
-@main.group("dead-letters")
-def dead_letters_group() -> None:
-    """What workers could not process: list, show, replay or discard it."""
-
-
-@dead_letters_group.command("list")
-@click.option(
-    "--status",
-    type=click.Choice(["dead", "replayed", "discarded", "all"]),
-    default="dead",
-    show_default=True,
-    help="Which dead letters.",
-)
-@click.option("--limit", default=100, show_default=True, help="How many, newest first.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.pass_context
-@friendly_errors
-def dead_letters_list(ctx: click.Context, status: str, limit: int, as_json: bool) -> None:
-    """List dead letters, newest first."""
-    from hub.dead_letters import list_dead_letters
-
-    rows = list_dead_letters(_engine(ctx), status=None if status == "all" else status, limit=limit)
-    if as_json:
-        _emit_json(rows)
-        return
-    if not rows:
-        click.echo(f"no dead letters ({status})", err=True)
-    for row in rows:
-        who = row["device_id"] or "-"
-        # The last line of a traceback is the error itself.
-        error = (row["error"].strip().splitlines() or [""])[-1][:80]
-        click.echo(
-            f"{row['id']}  {row['created_at']:%Y-%m-%d %H:%M:%S}  {row['status']:<9} "
-            f"{row['reason']:<16} {who:<24} {row['source']}  {error}"
-        )
-
-
-@dead_letters_group.command("show")
-@click.argument("letter_id")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.pass_context
-@friendly_errors
-def dead_letters_show(ctx: click.Context, letter_id: str, as_json: bool) -> None:
-    """Show one dead letter with its error and payload."""
-    from hub.dead_letters import get_dead_letter
-
-    row = get_dead_letter(_engine(ctx), letter_id)
-    if as_json:
-        _emit_json(row)
-        return
-    for key in ("id", "status", "reason", "source", "device_id", "envelope_id", "attempts"):
-        click.echo(f"{key:<12} {row[key]}")
-    click.echo(f"{'created_at':<12} {row['created_at']}")
-    click.echo(f"{'updated_at':<12} {row['updated_at']}")
-    click.echo(f"{'replayable':<12} {'yes' if row['replayable'] else 'no'}")
-    click.echo("error:")
-    click.echo(row["error"])
-    click.echo("payload:")
-    click.echo(row["payload"])
-
-
-@dead_letters_group.command("replay")
-@click.argument("letter_id")
-@click.pass_context
-@friendly_errors
-def dead_letters_replay(ctx: click.Context, letter_id: str) -> None:
-    """Send a dead letter's task again (it becomes `replayed`)."""
-    import tasks.application
-    from hub.storage import migrate
-
-    settings = _settings(ctx)
-    migrate(settings.effective_database_url)
-    tasks.application.configure(settings)
-    from tasks.dead_letters import replay
-
-    try:
-        task_id = replay(letter_id)
-    except HubError:
-        raise
-    except Exception as exc:  # boundary: the broker is unreachable or refuses us
-        raise HubError(f"could not replay {letter_id}: {exc}") from None
-    click.echo(f"dead letter {letter_id} replayed as task {task_id}")
-
-
-@dead_letters_group.command("discard")
-@click.argument("letter_id")
-@click.pass_context
-@friendly_errors
-def dead_letters_discard(ctx: click.Context, letter_id: str) -> None:
-    """Mark a dead letter as dealt with; it is kept, as `discarded`."""
-    from hub.dead_letters import mark_discarded
-
-    mark_discarded(_engine(ctx), letter_id)
-    click.echo(f"dead letter {letter_id} discarded")
 
 
 @main.command()
@@ -555,7 +135,7 @@ def status(ctx: click.Context, url: str | None, as_json: bool) -> None:
     """Show the hub's listeners, connected devices and spool, and the queue depths."""
     from bridges.queues import queue_depths
 
-    settings = _settings(ctx)
+    settings = settings_from(ctx)
     url = url or f"http://127.0.0.1:{settings.http_port}/status"
     data: dict[str, Any] = {"hub": None, "queues": None}
     problems = []
@@ -578,7 +158,7 @@ def status(ctx: click.Context, url: str | None, as_json: bool) -> None:
             problems.append(f"task broker unreachable: {exc}")
     if as_json:
         data["problems"] = problems
-        _emit_json(data)
+        emit_json(data)
     else:
         hub = data["hub"]
         if hub is not None:
@@ -659,8 +239,16 @@ def demo(
     from hubapp.demo import run as run_demo
 
     options = DemoOptions(duration, devices, rate, data_dir, as_json, bool(ctx.obj["verbose"]))
-    sys.exit(run_demo(lambda overrides: _settings(ctx, **overrides), options))
+    sys.exit(run_demo(lambda overrides: settings_from(ctx, **overrides), options))
 
+
+main.add_command(cli_devices.devices)
+main.add_command(cli_devices.telemetry)
+main.add_command(cli_devices.state)
+main.add_command(cli_devices.send)
+main.add_command(cli_accounts.users)
+main.add_command(cli_accounts.tokens)
+main.add_command(cli_dead_letters.dead_letters_group)
 
 if __name__ == "__main__":
     main()
