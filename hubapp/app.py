@@ -1,6 +1,12 @@
 """The composition root: builds and runs a whole hub from its settings.
 
-Layer: composition root. The one core module allowed to import `bridges`.
+Layer: composition root (`hubapp`); imports the core, `bridges` and `tasks`.
+
+Every transport is held through the Protocols of `bridges.transport`: the
+TCP listeners and the embedded broker are `CommandTransport`s (they deliver
+commands and drop devices), the external-broker bridge is only a `Transport`,
+and which is which is fixed by their types where they are built, not looked
+up at run time.
 
 `HubApp` starts, on one asyncio loop: the dispatcher (RabbitMQ or the
 embedded local queue), one TCP server per configured listener, the MQTT side
@@ -22,16 +28,17 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from bridges.dispatch import Dispatcher, check_broker
 from bridges.downlink import Downlink
 from bridges.http_status import HttpStatusServer, Readiness
 from bridges.tcp import TcpServer
+from bridges.transport import CommandTransport, ListeningTransport, Transport
 from bridges.worker_stats import poll as poll_worker_stats
 from hub import __version__, hubs
 from hub.commands import PendingCommand, mark_delivered
@@ -66,7 +73,12 @@ class HubApp:
         self.dispatcher = Dispatcher(settings, self.metrics)
         self.downlink = Downlink(settings, self.engine)
         self.tcp_servers: list[TcpServer] = []
-        self.mqtt: Any = None
+        #: The MQTT side: the embedded broker or the external-broker bridge.
+        self.mqtt: Transport | None = None
+        #: The embedded broker's listener, when the MQTT side is the embedded broker.
+        self.mqtt_listener: ListeningTransport | None = None
+        #: The transports that deliver commands and drop devices on request.
+        self.command_transports: list[CommandTransport] = []
         self.http: HttpStatusServer | None = None
         self._worker: subprocess.Popen[bytes] | None = None
         self._supervisor: asyncio.Future[None] | None = None
@@ -114,8 +126,8 @@ class HubApp:
                     self.downlink,
                 )
                 await server.start()
-                self.downlink.add_transport(self._noting_delivery(server.deliver_command))
                 self.tcp_servers.append(server)
+                self._add_command_transport(server)
             if self.settings.mqtt_enabled:
                 await self._start_mqtt()
             self.http = HttpStatusServer(
@@ -140,26 +152,35 @@ class HubApp:
         if self.settings.mqtt_external_url:
             from bridges.mqtt_external import ExternalMqttBridge
 
-            self.mqtt = ExternalMqttBridge(self.settings, self.dispatcher, self.metrics)
-        else:
-            from bridges.mqtt_embedded import EmbeddedMqtt
+            bridge = ExternalMqttBridge(self.settings, self.dispatcher, self.metrics)
+            self.mqtt = bridge
+            await bridge.start()
+            # Not a CommandTransport: passing it to _add_command_transport is a type error.
+            log.warning("MQTT devices get no commands: %s", bridge.commands_unsupported_reason)
+            return
+        from bridges.mqtt_embedded import EmbeddedMqtt
 
-            self.mqtt = EmbeddedMqtt(
-                self.settings,
-                self.dispatcher,
-                self.credentials,
-                self.refresh_credentials,
-                self.metrics,
-                events=self.downlink,
-            )
-        await self.mqtt.start()
-        deliver = getattr(self.mqtt, "deliver_command", None)
-        if deliver is not None:
-            self.downlink.add_transport(self._noting_delivery(deliver))
+        broker = EmbeddedMqtt(
+            self.settings,
+            self.dispatcher,
+            self.credentials,
+            self.refresh_credentials,
+            self.metrics,
+            events=self.downlink,
+        )
+        self.mqtt = broker
+        await broker.start()
+        self.mqtt_listener = broker
+        self._add_command_transport(broker)
+
+    def _add_command_transport(self, transport: CommandTransport) -> None:
+        """Commands from the downlink go to `transport`, which may also drop devices."""
+        self.command_transports.append(transport)
+        self.downlink.add_transport(self._noting_delivery(transport.deliver_command))
 
     # -- commands, control messages and the heartbeat (what the console sees) ----
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -197,10 +218,9 @@ class HubApp:
         except Exception:  # boundary: the registry is away; still drop the connection
             log.exception("could not reload the credential of %r", device_id)
             self.credentials.forget(device_id)
-        closed = sum(server.disconnect_device(device_id) for server in self.tcp_servers)
-        disconnect_mqtt = getattr(self.mqtt, "disconnect_device", None)
-        if disconnect_mqtt is not None:
-            closed += await disconnect_mqtt(device_id)
+        closed = 0
+        for transport in self.command_transports:
+            closed += await transport.disconnect_device(device_id)
         if closed:
             log.info("device %r disconnected (%s)", device_id, reason or "control message")
 
@@ -320,9 +340,11 @@ class HubApp:
         for server in self.tcp_servers:
             await server.stop()
         self.tcp_servers.clear()
+        self.command_transports.clear()
         if self.mqtt is not None:
             await self.mqtt.stop()
             self.mqtt = None
+            self.mqtt_listener = None
         await self.dispatcher.stop()
         await self.downlink.stop()
         if self.http is not None:
@@ -348,8 +370,9 @@ class HubApp:
             Listener(f"tcp/{s.codec_name}", s.host, s.port, f"devices speaking {s.codec_name}")
             for s in self.tcp_servers
         ]
-        if self.mqtt is not None and hasattr(self.mqtt, "port"):
-            found.append(Listener("mqtt", self.settings.host, self.mqtt.port, "embedded broker"))
+        if self.mqtt_listener is not None:
+            port = self.mqtt_listener.port
+            found.append(Listener("mqtt", self.settings.host, port, "embedded broker"))
         if self.http is not None:
             found.append(
                 Listener(
@@ -389,8 +412,8 @@ class HubApp:
         return Readiness(tuple(reasons))
 
     def status(self) -> dict[str, Any]:
-        connections = sum(len(s.devices) for s in self.tcp_servers)
-        mqtt_clients = getattr(self.mqtt, "connected_devices", None)
+        connections = sum(s.connected_devices for s in self.tcp_servers)
+        mqtt_clients = self.mqtt.connected_devices if self.mqtt is not None else None
         return {
             "version": __version__,
             "mode": self.mode(),
@@ -530,7 +553,9 @@ def _redact(url: str) -> str:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-async def serve(settings: Settings, *, run_worker: bool | None = None, out: Any = None) -> None:
+async def serve(
+    settings: Settings, *, run_worker: bool | None = None, out: TextIO | None = None
+) -> None:
     """Run a hub until SIGINT, SIGTERM or SIGHUP; print where everything listens.
 
     A stop closes the listeners, makes every accepted message durable, and

@@ -324,8 +324,8 @@ class Demo:
         )
         tcp, mqtt = self.transports
         tcp.port = app.tcp_servers[0].port
-        if mqtt.available:
-            mqtt.port = int(app.mqtt.port)
+        if mqtt.available and app.mqtt_listener is not None:
+            mqtt.port = app.mqtt_listener.port
 
     async def _baselines(self, app: HubApp) -> None:
         # A reused --data-dir holds earlier runs' rows under the same device ids.
@@ -556,7 +556,8 @@ class Demo:
             if app is not None and t.name == "tcp" and app.tcp_servers:
                 online = sum(len(s.devices) for s in app.tcp_servers)  # the hub's own count
             elif app is not None and t.name == "mqtt" and app.mqtt is not None:
-                online = int(getattr(app.mqtt, "connected_devices", online))
+                counted = app.mqtt.connected_devices  # None only for an external broker
+                online = online if counted is None else counted
             rows.append(
                 TransportRow(
                     name=t.name,
