@@ -12,7 +12,7 @@ up at run time.
 embedded local queue), one TCP server per configured listener, the MQTT side
 (embedded amqtt broker, or a bridge from an external broker) and the HTTP
 status endpoint. In the embedded default (no RabbitMQ configured) it also
-runs a worker for the local queue: a child process (`python -m tasks.worker`)
+runs a worker for the local queue: a child process (`tasks.worker.worker_command`)
 that gets the hub's validated settings in its environment, is checked before
 the hub serves, is restarted when it dies (but not when its configuration is
 wrong: then the hub stops with that error), and is stopped warmly, after the
@@ -48,6 +48,7 @@ from hub.metrics import Metrics
 from hub.registry import CredentialCache, Registry
 from hub.settings import Settings
 from hub.storage import make_engine, migrate
+from tasks.worker import worker_command, worker_environment
 
 log = logging.getLogger(__name__)
 
@@ -442,23 +443,6 @@ def prepare_data_dir(settings: Settings) -> Path:
             env="HUB_DATA_DIR",
         ) from None
     return data_dir.resolve()
-
-
-def worker_command(*options: str) -> list[str]:
-    """The in-hub worker's command line (its Celery options live in `tasks.worker`)."""
-    return [sys.executable, "-m", "tasks.worker", *options]
-
-
-def worker_environment(settings: Settings) -> dict[str, str]:
-    """The worker's environment: ours without any `HUB_*`, then every validated setting.
-
-    So the worker sees exactly the hub's settings, whether they came from the
-    file, the variables or command-line options, and nothing a stale variable says.
-    """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
-    env.update(settings.to_environment())
-    env["PYTHONUNBUFFERED"] = "1"  # worker.log as it happens
-    return env
 
 
 def check_worker(settings: Settings) -> None:

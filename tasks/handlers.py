@@ -151,12 +151,12 @@ def run(self: Any, name: str, envelope: dict[str, Any]) -> None:
     written before the acknowledgement, so only a crash between the handler's
     return and that write runs it twice.
     """
-    from tasks.application import settings
+    from tasks.application import context
 
     if self.request.id and self.AsyncResult(self.request.id).state == "SUCCESS":
         log.info("handler run %s already succeeded; not running it again", self.request.id)
         return
-    load(settings.handlers)
+    load(context().settings.handlers)
     registration = _registry.get(name)
     try:
         if registration is None:

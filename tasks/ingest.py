@@ -107,7 +107,7 @@ def ingest(batch: Any, task_name: str = "tasks.ingest") -> int:
     envelopes = parse_batch(batch, task_name)
     if not envelopes:
         return 0
-    modules = tasks.application.settings.handlers
+    modules = tasks.application.context().settings.handlers
     # Handlers only for what is new: a redelivered batch or a retransmission
     # must not run them again (scheduled inside the storing transaction).
     stored = store(
