@@ -6,7 +6,8 @@ and the simulator in `firmware_sim` into running processes, so it may import
 all of them; no other package may import it.
 
 - `hubapp.app`: `HubApp`, one hub process (dispatcher, listeners, MQTT side,
-  status endpoint, the in-hub worker child) and `serve`.
+  status endpoint); `hubapp.serve`: `hub run` until a stop signal;
+  `hubapp.worker_child`: the in-hub worker child.
 - `hubapp.cli` (with `cli_common`, `cli_devices`, `cli_accounts`,
   `cli_dead_letters`): the `hub` command.
 - `hubapp.console_child`: the console as a child process of the demo.

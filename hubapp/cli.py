@@ -83,7 +83,7 @@ def run(ctx: click.Context, /, no_mqtt: bool, worker: bool | None, **options: An
         options["mqtt_enabled"] = False
     settings = settings_from(ctx, **options)
     try:
-        from hubapp.app import serve
+        from hubapp.serve import serve
 
         run_loop(serve(settings, run_worker=worker), settings.event_loop)
     except KeyboardInterrupt:
