@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ["hub", "hubapp", "bridges", "tasks", "console", "localqueue"]
 
-LAYERS = "layers: the root above the console above the transports and tasks above the core"
+LAYERS = "layers: hubapp > console > bridges | tasks | firmware_sim > hub | localqueue"
 PURE_CORE = "the hub core is pure: no event loop, sockets, Celery, kombu or MQTT libraries"
 CONSOLE = "the console never imports bridges or the simulator"
 
