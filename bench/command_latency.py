@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.services import Vhost, free_port, log
+from tasks.worker import celery_worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +116,7 @@ def run(commands: int) -> dict[str, Any]:
             [
                 sys.executable,
                 "-m",
-                "hub.cli",
+                "hubapp.cli",
                 "run",
                 "--no-worker",
                 "--tcp-port",
@@ -131,19 +132,7 @@ def run(commands: int) -> dict[str, Any]:
             stderr=subprocess.STDOUT,
         )
         worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "tasks",
-                "worker",
-                "-c",
-                "1",
-                "--loglevel=WARNING",
-                "--without-gossip",
-                "--without-mingle",
-            ],
+            celery_worker_command(concurrency=1),
             cwd=ROOT,
             env=_env(settings),
             stdout=worker_log,

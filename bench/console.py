@@ -37,6 +37,7 @@ from typing import Any
 import httpx
 
 from bench.services import Vhost, free_port, log
+from tasks.worker import celery_worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
@@ -87,7 +88,7 @@ class _Console:
         )
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "hub.cli", "console"],
+            [sys.executable, "-m", "hubapp.cli", "console"],
             cwd=ROOT,
             env=env,
             stdout=self._log,
@@ -345,7 +346,7 @@ def run_sse(clients: int = 50, devices: int = 20, duration: float = 20.0) -> dic
             [
                 sys.executable,
                 "-m",
-                "hub.cli",
+                "hubapp.cli",
                 "run",
                 "--no-worker",
                 "--no-mqtt",
@@ -360,19 +361,7 @@ def run_sse(clients: int = 50, devices: int = 20, duration: float = 20.0) -> dic
             stderr=subprocess.STDOUT,
         )
         worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "tasks",
-                "worker",
-                "-c",
-                "1",
-                "--loglevel=WARNING",
-                "--without-gossip",
-                "--without-mingle",
-            ],
+            celery_worker_command(concurrency=1),
             cwd=ROOT,
             env=_env(settings),
             stdout=worker_log,

@@ -87,7 +87,7 @@ def run_tree(tree: Path, devices: int, messages: int, folder: Path) -> dict[str,
     port = _free_port()
     log = (folder / "hub.log").open("w+")
     hub = subprocess.Popen(
-        [sys.executable, "-m", "hub.cli", "run", "--no-mqtt", "--tcp-port", str(port),
+        [sys.executable, "-m", "hubapp.cli", "run", "--no-mqtt", "--tcp-port", str(port),
          "--http-port", str(_free_port())],
         cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip

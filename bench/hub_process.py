@@ -3,7 +3,7 @@
 Layer: benchmarks; may import anything.
 
 `python -m bench.hub_process [--loop asyncio|uvloop] run ...` sets the event
-loop policy and then runs `hub.cli` unchanged with the remaining arguments.
+loop policy and then runs `hubapp.cli` unchanged with the remaining arguments.
 With `--loop asyncio` (the default) it is exactly `hub run`.
 """
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     elif loop != "asyncio":
         raise SystemExit(f"unknown loop {loop!r}: asyncio or uvloop")
 
-    from hub.cli import main as hub_main
+    from hubapp.cli import main as hub_main
 
     hub_main(args, prog_name="hub")
 

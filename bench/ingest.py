@@ -186,12 +186,16 @@ def start_worker(
     probe: QueueProbe,
 ) -> Child:
     """One `celery -A <app> worker`, returned once it consumes `queue`."""
-    argv = [
-        sys.executable, "-m", "celery", "-A", app, "worker",
-        f"--concurrency={cfg.worker_concurrency}", f"--pool={cfg.worker_pool}",
-        "--loglevel=WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
-        f"--hostname=bench-{label}-{uuid.uuid4().hex[:8]}@%h", "-Q", queue,
-    ]  # fmt: skip
+    from tasks.worker import celery_worker_command
+
+    argv = celery_worker_command(
+        app=app,
+        concurrency=cfg.worker_concurrency,
+        pool=cfg.worker_pool,
+        queues=[queue],
+        heartbeat=False,
+        hostname=f"bench-{label}-{uuid.uuid4().hex[:8]}@%h",
+    )
     worker = Child(f"{label} worker", argv, env=child_env(env), log_path=folder / "worker.log")
     try:
 

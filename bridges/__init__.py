@@ -1,7 +1,7 @@
 """Adapters between one transport and envelopes.
 
 Layer: bridges. May import the `hub` core and `localqueue`; never `tasks`,
-`firmware_sim`, or the composition root (`hub.app`, `hub.cli`).
+`firmware_sim`, `console` or the composition root (`hubapp`).
 """
 
 # The dispatcher, the downlink and `hub status` reach the embedded default's

@@ -43,10 +43,11 @@ from typing import Any
 from celery import Celery
 from kombu import Connection
 
+from bridges.queues import celery_queues
 from hub.envelope import Envelope, Kind
 from hub.errors import ConfigError, DispatchError
 from hub.metrics import Metrics
-from hub.routing import INGEST_TASKS, QUEUES, celery_queues, task_routes
+from hub.routing import INGEST_TASKS, QUEUES, task_routes
 from hub.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -1,13 +1,14 @@
-"""Queue depths of the hub's queues on the task broker, for `hub status`.
+"""The hub's queues on the task broker: their declarations for the dispatcher,
+their depths for `hub status`.
 
 Layer: bridges; imports the `hub` core only.
 """
 
 from __future__ import annotations
 
-from kombu import Connection
+from kombu import Connection, Exchange, Queue
 
-from hub.routing import all_queues
+from hub.routing import EXCHANGE, all_queues
 
 
 def queue_depths(broker_url: str, timeout_s: float = 3.0) -> dict[str, int | None]:
@@ -30,3 +31,13 @@ def queue_depths(broker_url: str, timeout_s: float = 3.0) -> dict[str, int | Non
                 except conn.connection_errors + conn.channel_errors:
                     pass
     return depths
+
+
+def celery_queues() -> list[Queue]:
+    """Durable queue declarations of every hub queue (`hub.routing`).
+
+    Publishers declare them too: a confirm from RabbitMQ means "stored" only if
+    a durable queue was there to take the message.
+    """
+    exchange = Exchange(EXCHANGE, type="direct", durable=True)
+    return [Queue(name, exchange, routing_key=name, durable=True) for name in all_queues()]

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
+from hub.commands import PendingCommand
 from hub.envelope import Envelope, Kind, envelope_id
 from hub.errors import AuthError, ConfigError, DispatchError, RemoteProtocolError
 from hub.metrics import Metrics
@@ -436,7 +437,11 @@ class DeviceConnection(asyncio.Protocol):
 
 
 class TcpServer:
-    """One listener: a port and the codec it speaks."""
+    """One listener: a port and the codec it speaks (a `bridges.transport.CommandTransport`
+    and `ListeningTransport`)."""
+
+    #: The transport's name in logs, metrics and status.
+    name = "tcp"
 
     def __init__(
         self,
@@ -530,20 +535,26 @@ class TcpServer:
                 env="HUB_HOST",
             ) from None
 
-    def deliver_command(self, command: Any) -> bool:
-        """Hand a `hub.commands.PendingCommand` to the device if it is connected here."""
+    @property
+    def connected_devices(self) -> int:
+        """Authenticated devices connected to this listener now."""
+        return len(self.devices)
+
+    def deliver_command(self, command: PendingCommand) -> bool:
+        """Hand the command to its device if the device is connected here."""
         connection = self.devices.get(command.device_id)
         if connection is None:
             return False
         return connection.send_command(command.id, command.name, command.args)
 
-    def disconnect_device(self, device_id: str) -> bool:
-        """Close the device's connection if it is held here (re-keyed or removed)."""
+    async def disconnect_device(self, device_id: str) -> int:
+        """Close the device's connection if it is held here (re-keyed or removed);
+        how many were closed (0 or 1)."""
         connection = self.devices.get(device_id)
         if connection is None:
-            return False
+            return 0
         connection._close()
-        return True
+        return 1
 
     def presence(self, device_id: str, *, online: bool, since: datetime) -> None:
         """Record a connect or disconnect of the connection accepted at `since` as a

@@ -4,9 +4,10 @@ Layer: bridges; imports the `hub` core only (types). Every transport (the TCP
 codec listeners, the embedded MQTT broker, the external-broker bridge) is
 used by the root through these Protocols, never through `Any`, `getattr` or
 `hasattr`. What a transport can do is a type-checked fact: a transport that
-can deliver commands implements `CommandTransport`; the root asks
-`isinstance(transport, CommandTransport)` once, at wiring, and a transport
-that cannot says so with `commands_unsupported_reason`.
+can deliver commands implements `CommandTransport`, and the root holds it as
+one where it builds it (`hubapp.app`), so handing commands to one that cannot
+is a mypy error; such a transport says why with `commands_unsupported_reason`
+(`bridges.mqtt.external.ExternalMqttBridge`).
 """
 
 from __future__ import annotations

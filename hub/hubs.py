@@ -1,6 +1,6 @@
 """The heartbeat of each running hub process, and which hubs count as alive.
 
-Layer: core; imports `hub.storage`. The hub (hub/app.py) writes its row every
+Layer: core; imports `hub.storage`. The hub (hubapp/app.py) writes its row every
 `hub_heartbeat_s` and deletes it when it stops; the console reads the table
 for its hubs page and for presence: a device is online while a live hub holds
 its connection (`device_connections`). A hub that died without cleaning up

@@ -1,14 +1,14 @@
 """Where each kind of envelope goes: task names and queues.
 
-Layer: core; imports only `hub.envelope` (and kombu's declarative queue types).
+Layer: core; imports only `hub.envelope` (no kombu: the queue declarations are
+built from this table by `tasks.application.celery_queues` for workers and
+`bridges.queues.celery_queues` for publishers).
 
 Bridges send tasks by name (they never import `tasks`), and the worker's
 `task_routes` come from the same table, so the two cannot drift apart.
 """
 
 from __future__ import annotations
-
-from kombu import Exchange, Queue
 
 from hub.envelope import Kind
 
@@ -38,18 +38,9 @@ HANDLER_QUEUE = "hub.handlers"
 # process, become dead letters in the database (hub.dead_letters), not a queue.
 
 
-#: The direct exchange every hub queue is bound to (routing key = queue name).
+#: The direct exchange every hub queue is bound to (routing key = queue name);
+#: it and every queue are durable.
 EXCHANGE = "hub"
-
-
-def celery_queues() -> list[Queue]:
-    """Durable queue declarations shared by publishers and workers.
-
-    Publishers declare them too: a confirm from RabbitMQ means "stored" only if
-    a durable queue was there to take the message.
-    """
-    exchange = Exchange(EXCHANGE, type="direct", durable=True)
-    return [Queue(name, exchange, routing_key=name, durable=True) for name in all_queues()]
 
 
 def task_routes() -> dict[str, dict[str, str]]:
@@ -60,4 +51,5 @@ def task_routes() -> dict[str, dict[str, str]]:
 
 
 def all_queues() -> list[str]:
+    """Every hub queue's name (each bound to `EXCHANGE` under its own name)."""
     return [*QUEUES.values(), HANDLER_QUEUE]

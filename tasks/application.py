@@ -1,6 +1,13 @@
-"""The Celery application object and its configuration.
+"""The Celery application object, its configuration and the worker's context.
 
-Layer: tasks; imports the `hub` core only.
+Layer: tasks; imports the `hub` core and `localqueue` only.
+
+What a task needs to know of its process (the settings, the worker's name)
+is one frozen `WorkerContext`, built at import from the environment (as
+`celery -A tasks worker` and `python -m tasks.worker` start) and replaced as a
+whole, never edited: by `configure` in a process that builds its settings
+otherwise, and once at worker start with the worker's node name. Tasks read it
+with `context()`.
 """
 
 from __future__ import annotations
@@ -8,32 +15,55 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from dataclasses import dataclass, replace
 from typing import Any
 
 from celery import Celery
 from celery.signals import task_failure, task_retry, worker_init, worker_process_init, worker_ready
+from kombu import Exchange, Queue
 
 import localqueue  # noqa: F401  (registers the embedded default's queue with kombu)
 from hub import worker_metrics
-from hub.routing import celery_queues, task_routes
+from hub.routing import EXCHANGE, all_queues, task_routes
 from hub.settings import Settings, load_settings
 from hub.storage import migrate
 from tasks import wire
 
 log = logging.getLogger(__name__)
 
-settings: Settings = load_settings()
+
+def celery_queues() -> list[Queue]:
+    """Durable queue declarations of every hub queue (`hub.routing`), declared by
+    the worker as by the publishers (`bridges.queues.celery_queues`)."""
+    exchange = Exchange(EXCHANGE, type="direct", durable=True)
+    return [Queue(name, exchange, routing_key=name, durable=True) for name in all_queues()]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerContext:
+    """What this process's tasks run with."""
+
+    settings: Settings
+    #: This worker's node name (`celery@host`), under which it counts (hub.worker_metrics).
+    name: str
+
+
+_context = WorkerContext(settings=load_settings(), name=socket.gethostname())
+
+
+def context() -> WorkerContext:
+    """This process's worker context (settings and worker name)."""
+    return _context
+
 
 # Task bodies are decoded with a bounded depth, so that no message can make a
 # prefork worker fail to pickle it and exit (tasks/wire.py).
 wire.install()
 
-_worker_name = socket.gethostname()
-
 
 def worker_name() -> str:
     """This worker's node name (`celery@host`), under which it counts (hub.worker_metrics)."""
-    return _worker_name
+    return _context.name
 
 
 app = Celery("tasks", include=["tasks.ingest", "tasks.commands", "tasks.handlers"])
@@ -69,21 +99,21 @@ def configure(new_settings: Settings) -> None:
     builds its settings otherwise (the `hub` command, tests) calls this before
     it sends anything.
     """
-    global settings
-    settings = new_settings
+    global _context
+    _context = replace(_context, settings=new_settings)
     app.conf.update(
-        broker_url=settings.effective_broker_url,
-        result_backend=settings.effective_result_backend,
+        broker_url=new_settings.effective_broker_url,
+        result_backend=new_settings.effective_result_backend,
     )
 
 
-configure(settings)
+configure(_context.settings)
 
 
 @worker_init.connect
 def _migrate_on_start(**_: Any) -> None:
     """Bring the database schema up to date before the first task runs."""
-    url = settings.effective_database_url
+    url = _context.settings.effective_database_url
     for attempt in range(3):
         try:
             migrate(url)
@@ -103,17 +133,18 @@ def count_event(name: str) -> None:
     from tasks.db import engine  # tasks.db imports this module
 
     try:
-        worker_metrics.add(engine(), _worker_name, {name: 1})
+        worker_metrics.add(engine(), _context.name, {name: 1})
     except Exception:  # boundary: the database may be away; the task's own error says so
         log.debug("could not count %s", name, exc_info=True)
 
 
 @worker_init.connect
 def _name_worker(sender: Any = None, **_: Any) -> None:
-    global _worker_name
+    global _context
+    # Celery's WorkController is untyped; its node name is known only at start.
     hostname = getattr(sender, "hostname", None)
     if isinstance(hostname, str) and hostname:
-        _worker_name = hostname
+        _context = replace(_context, name=hostname)
 
 
 @worker_ready.connect

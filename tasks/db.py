@@ -19,7 +19,7 @@ _engine_key: tuple[int, str] = (0, "")
 def engine() -> Engine:
     """One engine per process and database URL (created after a fork, never inherited)."""
     global _engine, _engine_key
-    key = (os.getpid(), tasks.application.settings.effective_database_url)
+    key = (os.getpid(), tasks.application.context().settings.effective_database_url)
     if _engine is None or _engine_key != key:
         _engine = make_engine(key[1])
         _engine_key = key

@@ -170,9 +170,9 @@ def run(self: Any, name: str, envelope: dict[str, Any]) -> None:
     handler writes through `transaction()` commits with that row: exactly
     once. Other side effects are at least once (docs/delivery.md).
     """
-    from tasks.application import settings
+    from tasks.application import context
 
-    load(settings.handlers)
+    load(context().settings.handlers)
     registration = _registry.get(name)
     try:
         if registration is None:

@@ -108,7 +108,7 @@ def ingest(batch: Any, task_name: str = "tasks.ingest") -> int:
     envelopes = parse_batch(batch, task_name)
     if not envelopes:
         return 0
-    modules = tasks.application.settings.handlers
+    modules = tasks.application.context().settings.handlers
     # Handlers for what is new, scheduled inside the storing transaction. A
     # batch delivered again after a worker died (or retried after an error)
     # may have been stored while its handler runs never left: those go out

@@ -156,7 +156,7 @@ def command_api(hub_settings_factory: Callable[..., Settings]) -> Iterator[Any]:
     """The `tasks` API (send_command, AsyncResult) pointed at this run's broker and database."""
     import tasks.application
 
-    previous = tasks.application.settings
+    previous = tasks.application.context().settings
     tasks.application.configure(hub_settings_factory())
     yield tasks
     tasks.application.configure(previous)

@@ -113,7 +113,11 @@ class HubBroker(SessionBroker, ReachableBroker, DeliveringBroker, ListeningBroke
 
 
 class EmbeddedMqtt:
-    """The MQTT broker embedded in the hub, bridged to the dispatcher."""
+    """The MQTT broker embedded in the hub, bridged to the dispatcher (a
+    `bridges.transport.CommandTransport` and `ListeningTransport`)."""
+
+    #: The transport's name in logs, metrics and status.
+    name = "mqtt"
 
     def __init__(
         self,

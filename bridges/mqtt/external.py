@@ -100,7 +100,19 @@ def default_client_id(settings: Settings) -> str:
 
 
 class ExternalMqttBridge:
-    """Bridges device messages from an external MQTT broker to the dispatcher."""
+    """Bridges device messages from an external MQTT broker to the dispatcher.
+
+    A `bridges.transport.Transport` but not a `CommandTransport`: it has no
+    `deliver_command`, so the root cannot hand it commands (mypy says so).
+    """
+
+    #: The transport's name in logs, metrics and status.
+    name = "mqtt"
+    #: Why commands do not reach devices through this bridge (the root logs it).
+    commands_unsupported_reason = (
+        "command downlink over an external broker is not provided yet; commands "
+        "reach devices on the TCP listeners only (docs/mqtt.md, External-broker mode)"
+    )
 
     def __init__(
         self,

@@ -24,7 +24,7 @@ def hub_cli(
     environ["HUB_DATA_DIR"] = str(tmp_path / "data")
     environ.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "hub.cli", *args],
+        [sys.executable, "-m", "hubapp.cli", *args],
         cwd=ROOT,
         env=environ,
         capture_output=True,

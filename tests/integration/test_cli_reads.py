@@ -34,7 +34,7 @@ def hub(
     environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "firmware-sim")])
     environ.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "hub.cli", *args],
+        [sys.executable, "-m", "hubapp.cli", *args],
         cwd=cwd,
         env=environ,
         capture_output=True,

@@ -151,7 +151,7 @@ def test_hub_send_prints_the_reply_or_the_error(
 
     def hub_send(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "hub.cli", "send", device_id, *args],
+            [sys.executable, "-m", "hubapp.cli", "send", device_id, *args],
             cwd=ROOT,
             env=env,
             capture_output=True,

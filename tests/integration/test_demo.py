@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from hub.demo import (
+from hub.storage import count_rows, make_engine
+from hubapp.demo import (
     CommandOutcome,
     DeviceRow,
     Snapshot,
@@ -23,7 +24,6 @@ from hub.demo import (
     render_status_line,
     render_summary,
 )
-from hub.storage import count_rows, make_engine
 from tests.support.processes import ROOT
 
 pytestmark = pytest.mark.integration
@@ -40,7 +40,7 @@ def _demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env["HUB_DATA_DIR"] = str(tmp_path / "user-data")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "firmware-sim")])
     return subprocess.run(
-        [sys.executable, "-m", "hub.cli", "demo", *args],
+        [sys.executable, "-m", "hubapp.cli", "demo", *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -111,7 +111,7 @@ def test_ctrl_c_ends_the_demo_early_with_the_summary(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "firmware-sim")])
     process = subprocess.Popen(
-        [sys.executable, "-m", "hub.cli", "demo", "--duration", "300", "--devices", "1"],
+        [sys.executable, "-m", "hubapp.cli", "demo", "--duration", "300", "--devices", "1"],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -201,7 +201,7 @@ def test_demo_starts_the_console_and_its_printed_login_works(tmp_path: Path) -> 
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "firmware-sim")])
     demo = subprocess.Popen(
-        [sys.executable, "-m", "hub.cli", "demo", "--duration", "60", "--devices", "1"],
+        [sys.executable, "-m", "hubapp.cli", "demo", "--duration", "60", "--devices", "1"],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,

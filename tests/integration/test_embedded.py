@@ -43,7 +43,7 @@ class HubProcess:
             [
                 sys.executable,
                 "-m",
-                "hub.cli",
+                "hubapp.cli",
                 "run",
                 "--no-mqtt",
                 "--tcp-port",
@@ -131,7 +131,7 @@ def test_embedded_hub_stores_telemetry_and_answers_a_command(data_dir: Path) -> 
 
         device = SimulatedDevice("tcp", hub.tcp_port, "emb-1", creds["emb-1"])
         sent = subprocess.run(
-            [sys.executable, "-m", "hub.cli", "send", "emb-1", "ping", "--wait", "30", "--json"],
+            [sys.executable, "-m", "hubapp.cli", "send", "emb-1", "ping", "--wait", "30", "--json"],
             cwd=ROOT,
             env=_env(data_dir),
             capture_output=True,
@@ -212,7 +212,7 @@ def _hub_run(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProc
         [
             sys.executable,
             "-m",
-            "hub.cli",
+            "hubapp.cli",
             "run",
             "--no-mqtt",
             "--tcp-port",
@@ -272,7 +272,7 @@ def test_an_unwritable_data_folder_is_one_clear_line(tmp_path: Path) -> None:
 
 def test_verbose_shows_the_traceback(data_dir: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "hub.cli", "-v", "run"],
+        [sys.executable, "-m", "hubapp.cli", "-v", "run"],
         cwd=ROOT,
         env=_env(data_dir, HUB_TCP_PORT="70000"),
         capture_output=True,

@@ -46,7 +46,7 @@ class EmbeddedHub:
             [
                 sys.executable,
                 "-m",
-                "hub.cli",
+                "hubapp.cli",
                 "run",
                 "--no-mqtt",
                 "--tcp-port",
@@ -284,7 +284,7 @@ _FREE_PORTS = ("--tcp-port", "0", "--http-port", "0")
 
 def _hub_run(data_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "hub.cli", "run", "--no-mqtt", *_FREE_PORTS],
+        [sys.executable, "-m", "hubapp.cli", "run", "--no-mqtt", *_FREE_PORTS],
         cwd=ROOT,
         env=_env(data_dir, **env),
         capture_output=True,

@@ -112,7 +112,7 @@ def test_a_raising_handler_is_retried_then_dead_lettered_while_the_rest_flows(
         [
             sys.executable,
             "-m",
-            "hub.cli",
+            "hubapp.cli",
             "status",
             "--json",
             "--url",

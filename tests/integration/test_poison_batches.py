@@ -27,8 +27,9 @@ from sqlalchemy import Engine
 
 from hub import dead_letters
 from hub.envelope import Envelope, Kind
-from hub.routing import QUEUES, celery_queues, task_routes
+from hub.routing import QUEUES, task_routes
 from hub.storage import count_rows, make_engine, migrate
+from tasks.application import celery_queues
 from tests.support.processes import ROOT, Worker, make_test_settings, settings_env, wait_until
 from tests.support.services import amqp_url, create_vhost, delete_vhost
 
@@ -218,7 +219,7 @@ def test_a_message_for_an_unknown_task_becomes_a_dead_letter(setup: Setup) -> No
 
 def hub_cli(setup: Setup, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "hub.cli", "dead-letters", *args],
+        [sys.executable, "-m", "hubapp.cli", "dead-letters", *args],
         cwd=ROOT,
         env=settings_env(setup.settings),
         capture_output=True,

@@ -24,6 +24,7 @@ from hub.protocol.events import Ack
 from hub.registry import Registry
 from hub.settings import Settings
 from hub.storage import device_state, make_engine, migrate
+from tasks.worker import celery_worker_command, worker_environment
 from tests.support.processes import ROOT, HubThread, make_test_settings, settings_env, wait_until
 from tests.support.raw_device import RawDevice
 from tests.support.services import amqp_url, create_vhost, delete_vhost
@@ -48,24 +49,15 @@ class QueueWorker:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "tasks",
-                "worker",
-                "-Q",
-                queue,
-                "--pool=solo",
-                "--loglevel=INFO",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                f"--hostname={queue}-{time.monotonic_ns()}@%h",
-            ],
+            celery_worker_command(
+                queues=[queue],
+                pool="solo",
+                loglevel="INFO",
+                heartbeat=False,
+                hostname=f"{queue}-{time.monotonic_ns()}@%h",
+            ),
             cwd=ROOT,
-            env=settings_env(settings),
+            env=worker_environment(settings, python_path=[str(ROOT), str(ROOT / "firmware-sim")]),
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -115,7 +107,7 @@ def test_telemetry_stored_after_the_disconnect_leaves_the_device_offline(
         ), "the telemetry was not stored"
 
         shown = subprocess.run(
-            [sys.executable, "-m", "hub.cli", "state", "walker-1", "--json"],
+            [sys.executable, "-m", "hubapp.cli", "state", "walker-1", "--json"],
             cwd=ROOT,
             env=settings_env(settings),
             capture_output=True,

@@ -158,7 +158,7 @@ def test_the_hub_raises_its_open_file_limit_to_the_hard_limit() -> None:
         "import resource\n"
         "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
-        "from hub.app import raise_open_file_limit\n"
+        "from hubapp.serve import raise_open_file_limit\n"
         "print(raise_open_file_limit(), *resource.getrlimit(resource.RLIMIT_NOFILE), hard)\n"
     )
     out = subprocess.run(

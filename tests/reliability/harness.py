@@ -1,6 +1,6 @@
 """The reliability harness: real processes, faults injected from outside, and the books kept.
 
-Everything here is real: a private RabbitMQ node, `python -m hub.cli run`
+Everything here is real: a private RabbitMQ node, `python -m hubapp.cli run`
 subprocesses, `celery -A tasks worker` processes, simulated devices
 (`firmware_sim`) on real sockets of 127.0.0.1. Nothing is mocked.
 
@@ -10,7 +10,7 @@ The API (kept stable; scenarios build on it):
   (waits until AMQP answers), `stop()`, `start()` again on the same mnesia
   folder, `sigstop()` / `sigcont()`, `sigkill()`, `url` (amqp URL of its
   default vhost), `close()` (always stops it; the `rabbit_node` fixture calls it).
-- `HubOptions` + `HubProcess(options)`: `python -m hub.cli run` on fixed free
+- `HubOptions` + `HubProcess(options)`: `python -m hubapp.cli run` on fixed free
   ports (they survive restarts), `broker_url=None` is the embedded default.
   `start()`, `kill()` (SIGKILL), `terminate()` (SIGTERM, waits), `start()` again
   on the same data folder, `children()` (its live child pids), `log_text()`,
@@ -301,7 +301,7 @@ def hub_env(options: HubOptions) -> dict[str, str]:
 
 
 class HubProcess:
-    """`python -m hub.cli run` as a child process; restartable on the same data folder."""
+    """`python -m hubapp.cli run` as a child process; restartable on the same data folder."""
 
     def __init__(self, options: HubOptions) -> None:
         self.options = options
@@ -322,7 +322,7 @@ class HubProcess:
         with self.log_path.open("ab") as log:
             log.write(f"\n=== start {self.starts} ===\n".encode())
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "hub.cli", "run"],
+                [sys.executable, "-m", "hubapp.cli", "run"],
                 cwd=ROOT,
                 env=hub_env(self.options),
                 stdout=log,

@@ -27,7 +27,7 @@ def hub_command() -> list[str]:
     script = Path(sys.executable).with_name("hub")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-c", "from hub.cli import main; main()"]
+    return [sys.executable, "-c", "from hubapp.cli import main; main()"]
 
 
 class ConsoleProcess:

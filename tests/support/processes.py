@@ -7,15 +7,15 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hub.app import HubApp
 from hub.settings import Settings, load_settings
+from hubapp.app import HubApp
+from tasks.worker import celery_worker_command, worker_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -42,22 +42,14 @@ class Worker:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "tasks",
-                "worker",
-                f"--concurrency={concurrency}",
-                "--loglevel=INFO",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                f"--hostname=test-{os.getpid()}-{time.monotonic_ns()}@%h",
-            ],
+            celery_worker_command(
+                concurrency=concurrency,
+                loglevel="INFO",
+                heartbeat=False,
+                hostname=f"test-{os.getpid()}-{time.monotonic_ns()}@%h",
+            ),
             cwd=ROOT,
-            env=settings_env(settings),
+            env=worker_environment(settings, python_path=[str(ROOT), str(ROOT / "firmware-sim")]),
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

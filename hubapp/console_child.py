@@ -81,7 +81,7 @@ def start_console(settings: Settings, *, ready_timeout_s: float = 30.0) -> Conso
     log_path = settings.data_dir / "console.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-c", "from hub.cli import main; main()", "console"],
+            [sys.executable, "-c", "from hubapp.cli import main; main()", "console"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -1,16 +1,23 @@
 """The composition root: builds and runs a whole hub from its settings.
 
-Layer: composition root. The one core module allowed to import `bridges`.
+Layer: composition root (`hubapp`); imports the core, `bridges` and (for the
+in-hub worker's command line) `tasks.worker`.
+
+Every transport is held through the Protocols of `bridges.transport`: the
+TCP listeners and the embedded broker are `CommandTransport`s (they deliver
+commands and drop devices), the external-broker bridge is only a `Transport`,
+and which is which is fixed by their types where they are built, not looked
+up at run time.
 
 `HubApp` starts, on one asyncio loop: the dispatcher (RabbitMQ or the
 embedded local queue), one TCP server per configured listener, the MQTT side
 (embedded amqtt broker, or a bridge from an external broker) and the HTTP
 status endpoint. In the embedded default (no RabbitMQ configured) it also
-runs a worker for the local queue: a child process (`python -m tasks.worker`)
-that gets the hub's validated settings in its environment, is checked before
-the hub serves, is restarted when it dies (but not when its configuration is
-wrong: then the hub stops with that error), and is stopped warmly, after the
-listeners and the dispatcher, so that it finishes the task in hand.
+runs a worker for the local queue (`hubapp.worker_child`): a child process
+that is checked before the hub serves, restarted when it dies (but not when
+its configuration is wrong: then the hub stops with that error), and stopped
+warmly, after the listeners and the dispatcher, so that it finishes the task
+in hand.
 """
 
 from __future__ import annotations
@@ -18,11 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import socket
-import subprocess
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,15 +36,17 @@ from bridges.dispatch import Dispatcher, check_broker
 from bridges.downlink import Downlink
 from bridges.http_status import HttpStatusServer, Readiness
 from bridges.tcp import TcpServer
+from bridges.transport import CommandTransport, ListeningTransport, Transport
 from bridges.worker_stats import poll as poll_worker_stats
 from hub import __version__, hubs
 from hub.commands import PendingCommand, mark_delivered
 from hub.control import parse_control
-from hub.errors import EXIT_CONFIG, ConfigError, HubError
+from hub.errors import ConfigError, HubError
 from hub.metrics import Metrics
 from hub.registry import CredentialCache, Registry
 from hub.settings import Settings
 from hub.storage import make_engine, migrate
+from hubapp.worker_child import WorkerChild, check_worker
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +72,14 @@ class HubApp:
         self.dispatcher = Dispatcher(settings, self.metrics)
         self.downlink = Downlink(settings, self.engine)
         self.tcp_servers: list[TcpServer] = []
-        self.mqtt: Any = None
+        #: The MQTT side: the embedded broker or the external-broker bridge.
+        self.mqtt: Transport | None = None
+        #: The embedded broker's listener, when the MQTT side is the embedded broker.
+        self.mqtt_listener: ListeningTransport | None = None
+        #: The transports that deliver commands and drop devices on request.
+        self.command_transports: list[CommandTransport] = []
         self.http: HttpStatusServer | None = None
-        self._worker: subprocess.Popen[bytes] | None = None
-        self._supervisor: asyncio.Future[None] | None = None
+        self._worker: WorkerChild | None = None
         self._heartbeat: asyncio.Future[None] | None = None
         self._beat_write: asyncio.Future[None] | None = None
         self._background: set[asyncio.Future[Any]] = set()
@@ -114,8 +124,8 @@ class HubApp:
                     self.downlink,
                 )
                 await server.start()
-                self.downlink.add_transport(self._noting_delivery(server.deliver_command))
                 self.tcp_servers.append(server)
+                self._add_command_transport(server)
             if self.settings.mqtt_enabled:
                 await self._start_mqtt()
             self.http = HttpStatusServer(
@@ -130,8 +140,8 @@ class HubApp:
             self._heartbeat = asyncio.ensure_future(self._beat())
             self._worker_stats = asyncio.ensure_future(poll_worker_stats(self.engine, self.metrics))
             if self._run_worker:
-                self._start_worker()
-                self._supervisor = asyncio.ensure_future(self._supervise_worker())
+                self._worker = WorkerChild(self.settings, self.data_path, self._worker_unusable)
+                self._worker.start()
         except BaseException:
             await self.stop()
             raise
@@ -140,26 +150,35 @@ class HubApp:
         if self.settings.mqtt_external_url:
             from bridges.mqtt.external import ExternalMqttBridge
 
-            self.mqtt = ExternalMqttBridge(self.settings, self.dispatcher, self.metrics)
-        else:
-            from bridges.mqtt.broker import EmbeddedMqtt
+            bridge = ExternalMqttBridge(self.settings, self.dispatcher, self.metrics)
+            self.mqtt = bridge
+            await bridge.start()
+            # Not a CommandTransport: passing it to _add_command_transport is a type error.
+            log.warning("MQTT devices get no commands: %s", bridge.commands_unsupported_reason)
+            return
+        from bridges.mqtt.broker import EmbeddedMqtt
 
-            self.mqtt = EmbeddedMqtt(
-                self.settings,
-                self.dispatcher,
-                self.credentials,
-                self.refresh_credentials,
-                self.metrics,
-                events=self.downlink,
-            )
-        await self.mqtt.start()
-        deliver = getattr(self.mqtt, "deliver_command", None)
-        if deliver is not None:
-            self.downlink.add_transport(self._noting_delivery(deliver))
+        broker = EmbeddedMqtt(
+            self.settings,
+            self.dispatcher,
+            self.credentials,
+            self.refresh_credentials,
+            self.metrics,
+            events=self.downlink,
+        )
+        self.mqtt = broker
+        await broker.start()
+        self.mqtt_listener = broker
+        self._add_command_transport(broker)
+
+    def _add_command_transport(self, transport: CommandTransport) -> None:
+        """Commands from the downlink go to `transport`, which may also drop devices."""
+        self.command_transports.append(transport)
+        self.downlink.add_transport(self._noting_delivery(transport.deliver_command))
 
     # -- commands, control messages and the heartbeat (what the console sees) ----
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -197,10 +216,9 @@ class HubApp:
         except Exception:  # boundary: the registry is away; still drop the connection
             log.exception("could not reload the credential of %r", device_id)
             self.credentials.forget(device_id)
-        closed = sum(server.disconnect_device(device_id) for server in self.tcp_servers)
-        disconnect_mqtt = getattr(self.mqtt, "disconnect_device", None)
-        if disconnect_mqtt is not None:
-            closed += await disconnect_mqtt(device_id)
+        closed = 0
+        for transport in self.command_transports:
+            closed += await transport.disconnect_device(device_id)
         if closed:
             log.info("device %r disconnected (%s)", device_id, reason or "control message")
 
@@ -237,77 +255,17 @@ class HubApp:
                 log.exception("could not write the hub's heartbeat")
             await asyncio.sleep(self.settings.hub_heartbeat_s)
 
-    def _start_worker(self) -> None:
-        log_file = (self.data_path / "worker.log").open("ab")
-        self._worker = subprocess.Popen(
-            worker_command(),
-            env=worker_environment(self.settings),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            # Its own session: a Ctrl+C meant for the hub must not reach the
-            # worker directly; the hub stops it in order after the listeners.
-            start_new_session=True,
-            preexec_fn=_DIE_WITH_PARENT,
-        )
-        log_file.close()
-
-    async def _supervise_worker(self) -> None:
-        """Restart the in-hub worker if it dies; say so, with where its log is.
-
-        A worker that exits with `EXIT_CONFIG` would fail the same way again:
-        the hub stops instead, with the worker's one line as its error.
-        """
-        delay = 1.0
-        while True:
-            await asyncio.sleep(delay)
-            worker = self._worker
-            if worker is None or worker.poll() is None:
-                delay = 1.0
-                continue
-            if worker.returncode == EXIT_CONFIG:
-                self.fatal = ConfigError(
-                    _config_error_line(self.data_path / "worker.log")
-                    or f"the task worker's configuration is invalid (log: "
-                    f"{self.data_path / 'worker.log'})"
-                )
-                self._worker = None
-                self.stop_requested.set()
-                return
-            log.error(
-                "the task worker exited with status %s; restarting it (log: %s)",
-                worker.returncode,
-                self.data_path / "worker.log",
-            )
-            self._start_worker()
-            delay = min(delay * 2, 30.0)
-
-    async def _stop_worker(self) -> None:
-        """SIGTERM (a warm shutdown: the task in hand finishes), then, after
-        `worker_stop_timeout_s`, SIGKILL; what it held returns to the queue."""
-        worker, self._worker = self._worker, None
-        if worker is None or worker.poll() is not None:
-            return
-        worker.send_signal(signal.SIGTERM)
-        timeout = self.settings.worker_stop_timeout_s
-        try:
-            status = await asyncio.to_thread(worker.wait, timeout)
-        except subprocess.TimeoutExpired:
-            log.warning(
-                "the task worker did not stop within %.0f s (worker_stop_timeout_s / "
-                "HUB_WORKER_STOP_TIMEOUT_S); killing it, its unfinished messages stay queued",
-                timeout,
-            )
-            worker.kill()
-            status = await asyncio.to_thread(worker.wait)
-        log.info("task worker stopped (status %s)", status)
+    def _worker_unusable(self, error: ConfigError) -> None:
+        """The in-hub worker's configuration is invalid: stop the hub with its error."""
+        self.fatal = error
+        self.stop_requested.set()
 
     async def stop(self) -> None:
         if self._worker_stats is not None:
             self._worker_stats.cancel()
             self._worker_stats = None
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            self._supervisor = None
+        if self._worker is not None:
+            self._worker.stop_supervising()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             self._heartbeat = None
@@ -320,15 +278,19 @@ class HubApp:
         for server in self.tcp_servers:
             await server.stop()
         self.tcp_servers.clear()
+        self.command_transports.clear()
         if self.mqtt is not None:
             await self.mqtt.stop()
             self.mqtt = None
+            self.mqtt_listener = None
         await self.dispatcher.stop()
         await self.downlink.stop()
         if self.http is not None:
             await self.http.stop()
             self.http = None
-        await self._stop_worker()
+        if self._worker is not None:
+            await self._worker.stop()
+            self._worker = None
         self.engine.dispose()
 
     # -- services for the bridges ------------------------------------------------
@@ -348,8 +310,9 @@ class HubApp:
             Listener(f"tcp/{s.codec_name}", s.host, s.port, f"devices speaking {s.codec_name}")
             for s in self.tcp_servers
         ]
-        if self.mqtt is not None and hasattr(self.mqtt, "port"):
-            found.append(Listener("mqtt", self.settings.host, self.mqtt.port, "embedded broker"))
+        if self.mqtt_listener is not None:
+            port = self.mqtt_listener.port
+            found.append(Listener("mqtt", self.settings.host, port, "embedded broker"))
         if self.http is not None:
             found.append(
                 Listener(
@@ -389,8 +352,8 @@ class HubApp:
         return Readiness(tuple(reasons))
 
     def status(self) -> dict[str, Any]:
-        connections = sum(len(s.devices) for s in self.tcp_servers)
-        mqtt_clients = getattr(self.mqtt, "connected_devices", None)
+        connections = sum(s.connected_devices for s in self.tcp_servers)
+        mqtt_clients = self.mqtt.connected_devices if self.mqtt is not None else None
         return {
             "version": __version__,
             "mode": self.mode(),
@@ -421,150 +384,8 @@ def prepare_data_dir(settings: Settings) -> Path:
     return data_dir.resolve()
 
 
-def worker_command(*options: str) -> list[str]:
-    """The in-hub worker's command line (its Celery options live in `tasks.worker`)."""
-    return [sys.executable, "-m", "tasks.worker", *options]
-
-
-def worker_environment(settings: Settings) -> dict[str, str]:
-    """The worker's environment: ours without any `HUB_*`, then every validated setting.
-
-    So the worker sees exactly the hub's settings, whether they came from the
-    file, the variables or command-line options, and nothing a stale variable says.
-    """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
-    env.update(settings.to_environment())
-    env["PYTHONUNBUFFERED"] = "1"  # worker.log as it happens
-    return env
-
-
-def check_worker(settings: Settings) -> None:
-    """Run the worker's own configuration check; a ConfigError with its one line if it fails."""
-    try:
-        result = subprocess.run(
-            worker_command("--check"),
-            env=worker_environment(settings),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    except subprocess.TimeoutExpired:
-        raise HubError("the task worker's configuration check did not finish") from None
-    if result.returncode == 0:
-        return
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    last = lines[-1] if lines else f"exit status {result.returncode}"
-    if result.returncode == EXIT_CONFIG:
-        raise ConfigError(last.removeprefix("configuration error: "))
-    raise HubError(f"the task worker cannot start: {last}")
-
-
-def _config_error_line(log_path: Path) -> str | None:
-    """The worker's last configuration error in its log, without the prefix."""
-    try:
-        with log_path.open("rb") as fh:
-            fh.seek(max(0, log_path.stat().st_size - 16384))
-            tail = fh.read().decode("utf-8", "replace")
-    except OSError:
-        return None
-    found = [x for x in tail.splitlines() if x.startswith("configuration error: ")]
-    return found[-1].removeprefix("configuration error: ") if found else None
-
-
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A function for the worker child that makes it get SIGTERM when the hub dies,
-    even by SIGKILL (Linux `prctl(PR_SET_PDEATHSIG)`); None elsewhere.
-
-    The worker then shuts down warmly and returns unfinished messages to the
-    local queue, where the next hub's worker finds them. libc is loaded here,
-    before any fork, so that the child only makes the one system call.
-    """
-    if sys.platform != "linux":
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    pr_set_pdeathsig = 1
-
-    def set_signal() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-    return set_signal
-
-
-_DIE_WITH_PARENT = _parent_death_signal()
-
-
-def raise_open_file_limit() -> int | None:
-    """Raise this process's soft limit of open descriptors to its hard limit.
-
-    Every device connection holds one descriptor, and the common soft limit of
-    1,024 is reached by a modest fleet (or by a peer opening silent sockets),
-    after which no device and not even /healthz can connect. Returns the limit
-    now in force, or None where the platform has no such limit.
-    """
-    try:
-        import resource
-    except ImportError:  # not on POSIX
-        return None
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft >= hard:
-        return soft
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ValueError, OSError) as exc:
-        # macOS refuses RLIM_INFINITY as a soft limit: keep what there is.
-        log.warning("could not raise the open file limit from %d to %s: %s", soft, hard, exc)
-        return soft
-    return hard
-
-
 def _redact(url: str) -> str:
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
-
-
-#: Each ends with the same clean stop. SIGHUP is a stop for now (a reload later).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-async def serve(settings: Settings, *, run_worker: bool | None = None, out: Any = None) -> None:
-    """Run a hub until SIGINT, SIGTERM or SIGHUP; print where everything listens.
-
-    A stop closes the listeners, makes every accepted message durable, and
-    lets the in-hub worker finish its task (docs/delivery.md, "Stopping").
-    """
-    out = out or sys.stdout
-    open_files = raise_open_file_limit()
-    wanted = settings.tcp_max_connections * len(settings.listeners)
-    if settings.mqtt_enabled and not settings.mqtt_external_url:
-        wanted += settings.mqtt_max_connections
-    if open_files is not None and wanted >= open_files:
-        log.warning(
-            "tcp_max_connections (%d per listener) and mqtt_max_connections (%d) add up to "
-            "more than the open file limit (%d): lower them, or raise the hard limit "
-            "(ulimit -Hn, LimitNOFILE=)",
-            settings.tcp_max_connections,
-            settings.mqtt_max_connections,
-            open_files,
-        )
-    app = HubApp(settings, run_worker=run_worker)
-    await app.start()
-    print(f"hub {__version__} running, mode: {app.mode()}", file=out)
-    for listener in app.listeners():
-        print(f"  {listener.name:<12} {listener.host}:{listener.port}  {listener.detail}", file=out)
-    print(f"  data         {app.data_path}", file=out)
-    print("Press Ctrl+C to stop.", file=out, flush=True)
-    loop = asyncio.get_running_loop()
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, app.stop_requested.set)
-    try:
-        await app.stop_requested.wait()
-    finally:
-        print("stopping: making accepted messages durable...", file=out, flush=True)
-        await app.stop()
-        print("stopped", file=out, flush=True)
-    if app.fatal is not None:
-        raise app.fatal
