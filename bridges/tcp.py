@@ -35,7 +35,8 @@ from hub.envelope import Envelope, Kind, envelope_id
 from hub.errors import AuthError, ConfigError, DispatchError, RemoteProtocolError
 from hub.metrics import Metrics
 from hub.presence import presence_envelope
-from hub.protocol.base import CodecFactory, load_codec
+from hub.protocol.base import CodecFactory
+from hub.protocol.discovery import load_codec
 from hub.protocol.events import (
     NEED_DATA,
     Ack,

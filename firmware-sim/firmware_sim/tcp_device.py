@@ -23,7 +23,8 @@ from typing import Any
 
 from firmware_sim.fleet import ConnectionEnd, SimulatedDevice
 from hub.errors import RemoteProtocolError
-from hub.protocol.base import DEFAULT_MAX_FRAME_BYTES, Codec, CodecFactory, load_codec
+from hub.protocol.base import DEFAULT_MAX_FRAME_BYTES, Codec, CodecFactory
+from hub.protocol.discovery import load_codec
 from hub.protocol.events import (
     Ack,
     Command,

@@ -35,7 +35,7 @@ from firmware_sim.provision import (
     provision_devices,
     save_credentials_file,
 )
-from hub.protocol.base import load_codec
+from hub.protocol.discovery import load_codec
 from hub.protocol.events import (
     NEED_DATA,
     Ack,
