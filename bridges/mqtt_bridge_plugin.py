@@ -54,8 +54,8 @@ from bridges.mqtt_packets import PUBACK, PUBCOMP, PUBREC, PacketReader
 from hub.envelope import Envelope
 from hub.errors import DispatchError, EnvelopeError, HubError
 from hub.metrics import Metrics
-from hub.presence import presence_envelope
-from hub.topics import DEFAULT_LIMITS, PayloadLimits, envelope_from_payload, parse_topic
+from hub.topics import DEFAULT_LIMITS, PayloadLimits, parse_topic
+from hub.uplink import envelope_from_payload, presence_envelope
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,6 @@ from typing import Any, Protocol, cast
 from hub.envelope import Envelope, Kind, envelope_id
 from hub.errors import AuthError, ConfigError, DispatchError, RemoteProtocolError
 from hub.metrics import Metrics
-from hub.presence import presence_envelope
 from hub.protocol.base import CodecFactory
 from hub.protocol.discovery import load_codec
 from hub.protocol.events import (
@@ -55,6 +54,7 @@ from hub.protocol.events import (
 )
 from hub.registry import CredentialCache
 from hub.settings import Settings, TcpListener
+from hub.uplink import presence_envelope
 
 log = logging.getLogger(__name__)
 
