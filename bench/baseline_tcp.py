@@ -27,7 +27,7 @@ from typing import Any, cast
 
 from bench.baseline_tasks import store_reading
 from hub.errors import RemoteProtocolError
-from hub.protocol.base import load_codec
+from hub.protocol.discovery import load_codec
 from hub.protocol.events import (
     NEED_DATA,
     Ack,

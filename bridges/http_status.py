@@ -1,6 +1,6 @@
 """Health, status and Prometheus metrics over HTTP for the hub process.
 
-Layer: bridges; imports the `hub` core only.
+Layer: bridges; imports the `hub` core and `bridges.listen` only.
 
 A deliberately tiny HTTP/1.0 responder on asyncio (GET and HEAD): liveness
 (`/healthz`, `/livez`: the event loop answers), readiness (`/readyz`: 503 with
@@ -12,14 +12,13 @@ It shares the event loop with the device listeners and does no blocking work.
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from hub.errors import ConfigError
+from bridges.listen import PortSetting, bind
 from hub.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -61,18 +60,17 @@ class HttpStatusServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
+        # asyncio.start_server's default backlog: a status endpoint needs no more.
+        sock = await bind(
+            self._host,
+            self._requested_port,
+            PortSetting("HTTP", "http_port", "HUB_HTTP_PORT"),
+            backlog=100,
+        )
         try:
-            self._server = await asyncio.start_server(
-                self._serve, self._host, self._requested_port, reuse_address=True
-            )
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(
-                    f"HTTP port {self._requested_port} on {self._host} is already in use; "
-                    "choose another with http_port / HUB_HTTP_PORT",
-                    key="http_port",
-                    env="HUB_HTTP_PORT",
-                ) from None
+            self._server = await asyncio.start_server(self._serve, sock=sock)
+        except BaseException:
+            sock.close()
             raise
 
     async def stop(self) -> None:

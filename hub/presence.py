@@ -1,6 +1,7 @@
-"""Presence envelopes and the order in which device messages and presence apply.
+"""The order in which device messages and presence apply.
 
-Layer: core; imports only `hub.envelope`.
+Layer: core; imports only `hub.envelope`. Presence envelopes are made by
+`hub.uplink.presence_envelope`.
 
 Workers store batches in any order: presence, telemetry and state travel on
 separate queues, several workers take batches in parallel, and a spool replays
@@ -28,35 +29,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from hub.envelope import Envelope, Kind
+from hub.envelope import Envelope
 
 #: A sortable text stamp: the order of a message, comparable as a string.
 Stamp = str
-
-
-def presence_envelope(
-    device_id: str,
-    *,
-    online: bool,
-    since: datetime,
-    transport: str,
-    protocol: str,
-    at: datetime | None = None,
-) -> Envelope:
-    """The envelope of a device's connect (`online`) or disconnect.
-
-    `since` is when the connection this concerns was accepted; `at` when the
-    connect or disconnect happened (now by default; `since` for a connect).
-    """
-    when = at or (since if online else datetime.now(UTC))
-    return Envelope(
-        device_id=device_id,
-        kind=Kind.PRESENCE,
-        payload={"online": online, "since": since.astimezone(UTC).isoformat()},
-        transport=transport,
-        protocol=protocol,
-        received_at=when,
-    )
 
 
 def presence_since(envelope: Envelope) -> datetime:

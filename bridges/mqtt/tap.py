@@ -49,8 +49,8 @@ from bridges.mqtt.state import device_of, state_of
 from bridges.transport import EnvelopeSink
 from hub.errors import DispatchError, EnvelopeError, HubError
 from hub.metrics import Metrics
-from hub.presence import presence_envelope
-from hub.topics import DEFAULT_LIMITS, PayloadLimits, envelope_from_payload, parse_topic
+from hub.topics import DEFAULT_LIMITS, PayloadLimits, parse_topic
+from hub.uplink import envelope_from_payload, presence_envelope
 
 log = logging.getLogger(__name__)
 

@@ -171,7 +171,7 @@ def _fleet_options(default_port: int, default_prefix: str) -> Callable[[F], F]:
 @click.pass_context
 def tcp(ctx: click.Context, /, codec: str, **opts: Any) -> None:
     """Run devices over a hub TCP protocol (native binary frames or text lines)."""
-    from hub.protocol.base import load_codec
+    from hub.protocol.discovery import load_codec
 
     try:
         load_codec(codec)

@@ -27,7 +27,8 @@ from firmware_sim.outbox import Outbox
 from firmware_sim.pacing import ConnectLimiter
 from firmware_sim.summary import FleetStats
 from hub.errors import RemoteProtocolError
-from hub.protocol.base import Codec, CodecFactory, load_codec
+from hub.protocol.base import Codec, CodecFactory
+from hub.protocol.discovery import load_codec
 from hub.protocol.events import (
     Ack,
     Command,
@@ -37,11 +38,11 @@ from hub.protocol.events import (
     Hello,
     Nak,
     NakReason,
+    NeedData,
     Ping,
     Pong,
     Role,
     Telemetry,
-    _NeedData,
 )
 
 __all__ = ["PERMANENT_REFUSALS", "TcpDevice"]
@@ -226,7 +227,7 @@ class TcpDevice(SimulatedDevice[Telemetry]):
                 link.codec.receive_data(data)
                 while True:
                     event = link.codec.next_event()
-                    if isinstance(event, _NeedData | ConnectionClosed):
+                    if isinstance(event, NeedData | ConnectionClosed):
                         break
                     self._handle(link, event)
                 if not data:

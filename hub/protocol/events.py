@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 
 class Role(enum.Enum):
@@ -38,12 +38,17 @@ class NakReason(enum.IntEnum):
     UNKNOWN_TYPE = 11
 
 
-class _NeedData:
-    """Sentinel type: the codec needs more bytes before it can return an event."""
+class NeedData:
+    """The type of `NEED_DATA`: the codec needs more bytes before it can return an event.
 
-    _instance: _NeedData | None = None
+    h11's pattern: `next_event()` returns the one instance, `NEED_DATA`, and the
+    caller tests `event is NEED_DATA` (or `isinstance(event, NeedData)` where a
+    type checker must narrow the union), then feeds more bytes.
+    """
 
-    def __new__(cls) -> _NeedData:
+    _instance: NeedData | None = None
+
+    def __new__(cls) -> NeedData:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance
@@ -52,7 +57,8 @@ class _NeedData:
         return "NEED_DATA"
 
 
-NEED_DATA = _NeedData()
+#: The one `NeedData` instance, returned by `next_event()` when a frame is incomplete.
+NEED_DATA: Final = NeedData()
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,8 +5,9 @@ must not import sockets or asyncio.
 
 It carries the same events as the native protocol under different framing,
 one message per line, which is what proves the codec plug-in interface. The
-role rules, NAK reason codes and JSON conventions are the native codec's
-(`hub.protocol.native`); the format is specified in docs/protocol.md, "The
+role rules, NAK reason codes and JSON conventions are those of
+`hub.protocol.rules`, shared with the native codec, and the receive buffer is
+`hub.protocol.buffer`'s; the format is specified in docs/protocol.md, "The
 lines protocol".
 """
 
@@ -17,7 +18,7 @@ from typing import ClassVar, Final
 
 from hub.errors import LocalProtocolError, RemoteProtocolError
 from hub.payloads import DEFAULT_MAX_PAYLOAD_DEPTH
-from hub.protocol.base import DEFAULT_MAX_FRAME_BYTES
+from hub.protocol.buffer import ReceiveBuffer
 from hub.protocol.events import (
     NEED_DATA,
     Ack,
@@ -29,14 +30,15 @@ from hub.protocol.events import (
     Hello,
     Nak,
     NakReason,
+    NeedData,
     Ping,
     Pong,
     Role,
     StateReport,
     Telemetry,
-    _NeedData,
 )
-from hub.protocol.native import (
+from hub.protocol.rules import (
+    DEFAULT_MAX_FRAME_BYTES,
     MAX_CREDENTIAL_BYTES,
     MAX_DEVICE_ID_BYTES,
     MAX_UINT32,
@@ -58,7 +60,6 @@ from hub.protocol.native import (
 
 __all__ = ["LinesCodec"]
 
-_COMPACT_AT: Final = 64 * 1024
 # Longest decimal a field may have: 2**64 - 1 has 20 digits.
 _MAX_DIGITS: Final = 20
 
@@ -173,7 +174,7 @@ def _token(value: object, what: str, max_bytes: int) -> str:
     return text
 
 
-class LinesCodec:
+class LinesCodec(ReceiveBuffer):
     """The lines protocol for one connection, in the hub or the device role.
 
     `max_frame_bytes` bounds a line, its `\\n` (and `\\r`) included; a longer
@@ -184,16 +185,7 @@ class LinesCodec:
 
     name: ClassVar[str] = "lines"
 
-    __slots__ = (
-        "_buf",
-        "_eof",
-        "_error",
-        "_pos",
-        "_scan",
-        "_state",
-        "max_frame_bytes",
-        "max_payload_depth",
-    )
+    __slots__ = ("_state", "max_payload_depth")
 
     def __init__(
         self,
@@ -208,52 +200,17 @@ class LinesCodec:
             raise ValueError(f"max_frame_bytes must be at least {MIN_FRAME_BYTES}")
         if max_payload_depth < 1:
             raise ValueError("max_payload_depth must be at least 1")
-        self.max_frame_bytes = max_frame_bytes
+        super().__init__(max_frame_bytes)
         self.max_payload_depth = max_payload_depth
         self._state = ConnectionState(role)
-        self._buf = bytearray()
-        self._pos = 0  # everything before it has been consumed
-        self._scan = 0  # no newline before it: a line fed byte by byte is searched once
-        self._eof = False
-        self._error: RemoteProtocolError | None = None
 
     @property
     def role(self) -> Role:
         return self._state.role
 
-    # -- receiving ---------------------------------------------------------
+    # -- receiving (receive_data and next_event: ReceiveBuffer) -------------
 
-    def receive_data(self, data: bytes) -> None:
-        """Feed received bytes; `b""` signals end of stream. As `NativeCodec.receive_data`."""
-        if self._error is not None:
-            return
-        if self._eof:
-            if data:
-                raise LocalProtocolError(
-                    "data received after end of stream", code=NakReason.INTERNAL
-                )
-            return
-        if not data:
-            self._eof = True
-            return
-        pos = self._pos
-        if pos and (pos == len(self._buf) or pos >= _COMPACT_AT):
-            del self._buf[:pos]
-            self._scan = max(0, self._scan - pos)
-            self._pos = 0
-        self._buf += data
-
-    def next_event(self) -> Event | _NeedData:
-        """The next event, `NEED_DATA`, or `ConnectionClosed()`; errors are sticky."""
-        if self._error is not None:
-            raise self._error
-        try:
-            return self._next_event()
-        except RemoteProtocolError as exc:
-            self._error = exc
-            raise
-
-    def _next_event(self) -> Event | _NeedData:
+    def _next_event(self) -> Event | NeedData:
         buf = self._buf
         limit = self.max_frame_bytes
         while True:

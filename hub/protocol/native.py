@@ -6,23 +6,22 @@ events come out of `next_event()`, and `send()` turns events into bytes; the
 caller owns the connection.
 
 The wire format is specified in docs/protocol.md; comments below name its
-sections. The rules both built-in codecs share (who may send what, and when;
-the JSON conventions; integer ranges) live here too, public, so that
-`hub.protocol.lines` applies exactly the same ones.
+sections. This module owns the framing only: the rules both built-in codecs
+share (who may send what, and when; the JSON conventions; integer ranges) are
+in `hub.protocol.rules`, the receive buffer in `hub.protocol.buffer`.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import struct
 import zlib
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Final
+from collections.abc import Callable
+from typing import ClassVar, Final
 
 from hub.errors import LocalProtocolError, RemoteProtocolError
-from hub.payloads import DEFAULT_MAX_PAYLOAD_DEPTH, exceeds_depth, text_exceeds_depth
-from hub.protocol.base import DEFAULT_MAX_FRAME_BYTES
+from hub.payloads import DEFAULT_MAX_PAYLOAD_DEPTH
+from hub.protocol.buffer import ReceiveBuffer
 from hub.protocol.events import (
     NEED_DATA,
     Ack,
@@ -34,12 +33,32 @@ from hub.protocol.events import (
     Hello,
     Nak,
     NakReason,
+    NeedData,
     Ping,
     Pong,
     Role,
     StateReport,
     Telemetry,
-    _NeedData,
+)
+from hub.protocol.rules import (
+    DEFAULT_MAX_FRAME_BYTES,
+    MAX_CREDENTIAL_BYTES,
+    MAX_DEVICE_ID_BYTES,
+    MAX_UINT32,
+    MAX_UINT64,
+    MIN_FRAME_BYTES,
+    ConnectionState,
+    check_event_depth,
+    check_uint,
+    command_from_json,
+    command_result_from_json,
+    command_result_to_json,
+    command_to_json,
+    decode_json_object,
+    encode_json_object,
+    encode_text,
+    nak_reason_from_wire,
+    nak_reason_to_wire,
 )
 
 __all__ = [
@@ -48,21 +67,8 @@ __all__ = [
     "HEADER",
     "MAGIC",
     "VERSION",
-    "ConnectionState",
     "FrameType",
     "NativeCodec",
-    "check_event_depth",
-    "check_uint",
-    "command_from_json",
-    "command_result_from_json",
-    "command_result_to_json",
-    "command_to_json",
-    "decode_json_object",
-    "encode_json",
-    "encode_json_object",
-    "encode_text",
-    "nak_reason_from_wire",
-    "nak_reason_to_wire",
 ]
 
 # docs/protocol.md, "Frame layout".
@@ -74,20 +80,9 @@ HEADER_SIZE: Final = HEADER.size
 CRC_SIZE: Final = CRC.size
 FRAME_OVERHEAD: Final = HEADER_SIZE + CRC_SIZE
 
-#: The smallest `max_frame_bytes` a codec accepts; below it not even a HELLO fits.
-MIN_FRAME_BYTES: Final = 64
-MAX_DEVICE_ID_BYTES: Final = 128
-MAX_CREDENTIAL_BYTES: Final = 255
-MAX_UINT32: Final = 0xFFFF_FFFF
-MAX_UINT64: Final = 0xFFFF_FFFF_FFFF_FFFF
-
 _HELLO_HEAD: Final = struct.Struct(">IB")  # boot_id, id_len
 _U64: Final = struct.Struct(">Q")
 _NAK_HEAD: Final = struct.Struct(">B")
-
-# Consumed bytes are dropped from the front of the receive buffer only once
-# this many have piled up, so that a burst of small frames costs no copying.
-_COMPACT_AT: Final = 64 * 1024
 
 
 class FrameType(enum.IntEnum):
@@ -103,289 +98,6 @@ class FrameType(enum.IntEnum):
     PONG = 0x08
     COMMAND = 0x09
     COMMAND_RESULT = 0x0A
-
-
-# ---------------------------------------------------------------------------
-# Rules shared by every built-in codec
-# ---------------------------------------------------------------------------
-
-_DEVICE_DATA: Final[frozenset[type[Event]]] = frozenset(
-    {Telemetry, DeviceEvent, StateReport, CommandResult}
-)
-_EITHER_WAY: Final[frozenset[type[Event]]] = frozenset({Ack, Nak, Ping, Pong})
-_HUB_RECEIVES: Final = _DEVICE_DATA | _EITHER_WAY
-_HUB_SENDS: Final = _EITHER_WAY | {Command}
-_DEVICE_RECEIVES: Final = _EITHER_WAY | {Command}
-_DEVICE_SENDS: Final = _DEVICE_DATA | _EITHER_WAY
-
-
-class ConnectionState:
-    """Who may send what, and when: the one place that owns the handshake.
-
-    docs/protocol.md, "Handshake and state machine". The only state is whether
-    the HELLO has gone by: a hub must receive it first and once, a device must
-    send it first and once. Whether the credential was right is not the
-    codec's business; the caller answers the HELLO with ACK or NAK.
-    """
-
-    __slots__ = ("_hello_done", "role")
-
-    def __init__(self, role: Role) -> None:
-        self.role = role
-        self._hello_done = False
-
-    @property
-    def hello_done(self) -> bool:
-        """True once the HELLO was received (hub role) or sent (device role)."""
-        return self._hello_done
-
-    def received(self, kind: type[Event], seq: int) -> None:
-        """Check that the peer may send `kind` now, and record it; RemoteProtocolError if not."""
-        if self.role is Role.HUB:
-            if not self._hello_done:
-                if kind is not Hello:
-                    raise RemoteProtocolError(
-                        f"{kind.__name__} before HELLO", code=NakReason.NOT_AUTHENTICATED, seq=seq
-                    )
-                self._hello_done = True
-            elif kind not in _HUB_RECEIVES:
-                what = "a second HELLO" if kind is Hello else f"{kind.__name__} sent to the hub"
-                raise RemoteProtocolError(what, code=NakReason.MALFORMED, seq=seq)
-        elif kind not in _DEVICE_RECEIVES:
-            raise RemoteProtocolError(
-                f"{kind.__name__} sent to a device", code=NakReason.MALFORMED, seq=seq
-            )
-
-    def may_send(self, kind: type[Event], seq: int) -> None:
-        """Check that our role may send `kind` now; LocalProtocolError if not."""
-        if self.role is Role.HUB:
-            if kind not in _HUB_SENDS:
-                raise LocalProtocolError(
-                    f"a hub does not send {kind.__name__}", code=NakReason.MALFORMED, seq=seq
-                )
-        elif not self._hello_done:
-            if kind is not Hello:
-                raise LocalProtocolError(
-                    f"{kind.__name__} before HELLO", code=NakReason.NOT_AUTHENTICATED, seq=seq
-                )
-        elif kind not in _DEVICE_SENDS:
-            what = "a second HELLO" if kind is Hello else f"a device does not send {kind.__name__}"
-            raise LocalProtocolError(what, code=NakReason.MALFORMED, seq=seq)
-
-    def sent(self, kind: type[Event]) -> None:
-        """Record that `kind` was encoded (call after `may_send` and a successful encoding)."""
-        if kind is Hello:
-            self._hello_done = True
-
-
-def check_uint(value: object, maximum: int, what: str, seq: int = 0) -> int:
-    """`value` if it is an int (not a bool) in 0..maximum; LocalProtocolError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
-        raise LocalProtocolError(
-            f"{what} must be an integer in 0..{maximum}, not {value!r}",
-            code=NakReason.MALFORMED,
-            seq=seq,
-        )
-    return value
-
-
-def encode_text(value: object, what: str, min_bytes: int, max_bytes: int, seq: int = 0) -> bytes:
-    """`value` as UTF-8, its length checked; LocalProtocolError otherwise."""
-    if not isinstance(value, str):
-        raise LocalProtocolError(f"{what} must be a str", code=NakReason.BAD_PAYLOAD, seq=seq)
-    try:
-        data = value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise LocalProtocolError(
-            f"{what} is not encodable as UTF-8", code=NakReason.BAD_PAYLOAD, seq=seq
-        ) from None
-    if not min_bytes <= len(data) <= max_bytes:
-        raise LocalProtocolError(
-            f"{what} must be {min_bytes}..{max_bytes} bytes of UTF-8, not {len(data)}",
-            code=NakReason.MALFORMED,
-            seq=seq,
-        )
-    return data
-
-
-def _reject_constant(name: str) -> Any:
-    # Python's json accepts NaN and Infinity, which are not JSON (RFC 8259).
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    # 1e999 parses to inf, which JSON cannot carry back out.
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"{text[:32]} is out of the range of a double")
-    return value
-
-
-_JSON_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
-# Compact and ASCII-only: deterministic bytes for the golden vectors, and no
-# raw newline can ever appear in the lines protocol (docs/protocol.md, "JSON").
-_JSON_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
-
-
-def decode_json_object(data: bytes | bytearray | str, what: str, seq: int) -> dict[str, Any]:
-    """Strict UTF-8 JSON that must be an object; RemoteProtocolError(BAD_PAYLOAD) otherwise."""
-    try:
-        text = data if isinstance(data, str) else data.decode("utf-8")
-        value = _JSON_DECODER.decode(text)
-    except (ValueError, RecursionError) as exc:
-        # ValueError covers UnicodeDecodeError, JSONDecodeError and integers of
-        # more than 4,300 digits; very deep nesting exhausts the recursion limit
-        # before any size limit would help (the depth limit is checked after).
-        raise RemoteProtocolError(
-            f"{what} payload is not UTF-8 JSON: {exc}", code=NakReason.BAD_PAYLOAD, seq=seq
-        ) from None
-    if type(value) is not dict:
-        raise RemoteProtocolError(
-            f"{what} payload is JSON but not an object", code=NakReason.BAD_PAYLOAD, seq=seq
-        )
-    return value
-
-
-def encode_json(value: object, what: str, seq: int) -> bytes:
-    """Compact, ASCII-only JSON; LocalProtocolError(BAD_PAYLOAD) for values JSON cannot carry."""
-    try:
-        return _JSON_ENCODER.encode(value).encode("ascii")
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise LocalProtocolError(
-            f"{what} payload is not JSON-serializable: {exc}", code=NakReason.BAD_PAYLOAD, seq=seq
-        ) from None
-
-
-def encode_json_object(value: object, what: str, seq: int) -> bytes:
-    """A `Mapping` payload as a compact JSON object."""
-    if not isinstance(value, Mapping):
-        raise LocalProtocolError(
-            f"{what} payload must be a mapping", code=NakReason.BAD_PAYLOAD, seq=seq
-        )
-    return encode_json(value if type(value) is dict else dict(value), what, seq)
-
-
-def _json_carried(event: Event) -> object:
-    """The JSON document an event carried on the wire, as far as depth goes."""
-    if isinstance(event, (Telemetry, DeviceEvent, StateReport)):
-        return event.payload
-    if isinstance(event, Command):
-        return {"args": event.args}
-    if isinstance(event, CommandResult):
-        return {"result": event.result}
-    return None
-
-
-def check_event_depth(event: Event, raw: bytes | bytearray | str, max_depth: int) -> None:
-    """RemoteProtocolError(BAD_PAYLOAD) if the JSON `event` came in as (`raw`) nests
-    deeper than `max_depth` (docs/protocol.md, "Limits").
-
-    Counting brackets in `raw` is a sound shortcut: most payloads have fewer
-    brackets than the limit, and only the others are measured (iteratively).
-    """
-    if not text_exceeds_depth(raw, max_depth):
-        return
-    if exceeds_depth(_json_carried(event), max_depth):
-        raise RemoteProtocolError(
-            f"payload is nested too deeply (more than {max_depth} levels)",
-            code=NakReason.BAD_PAYLOAD,
-            seq=getattr(event, "seq", 0),
-        )
-
-
-def _bad_field(what: str, field: str, seq: int) -> RemoteProtocolError:
-    return RemoteProtocolError(f"{what} payload: {field}", code=NakReason.BAD_PAYLOAD, seq=seq)
-
-
-def command_from_json(obj: dict[str, Any], seq: int) -> Command:
-    """A COMMAND's JSON object as an event (docs/protocol.md, "COMMAND")."""
-    command_id = obj.get("id")
-    name = obj.get("name")
-    args = obj.get("args", {})
-    if not isinstance(command_id, str) or not command_id:
-        raise _bad_field("COMMAND", '"id" must be a non-empty string', seq)
-    if not isinstance(name, str) or not name:
-        raise _bad_field("COMMAND", '"name" must be a non-empty string', seq)
-    if type(args) is not dict:
-        raise _bad_field("COMMAND", '"args" must be an object', seq)
-    return Command(seq, command_id, name, args)
-
-
-def command_to_json(event: Command) -> bytes:
-    seq = event.seq
-    if not isinstance(event.command_id, str) or not event.command_id:
-        raise LocalProtocolError(
-            "Command.command_id must be a non-empty str", code=NakReason.BAD_PAYLOAD, seq=seq
-        )
-    if not isinstance(event.name, str) or not event.name:
-        raise LocalProtocolError(
-            "Command.name must be a non-empty str", code=NakReason.BAD_PAYLOAD, seq=seq
-        )
-    if not isinstance(event.args, Mapping):
-        raise LocalProtocolError(
-            "Command.args must be a mapping", code=NakReason.BAD_PAYLOAD, seq=seq
-        )
-    args = event.args if type(event.args) is dict else dict(event.args)
-    return encode_json({"id": event.command_id, "name": event.name, "args": args}, "COMMAND", seq)
-
-
-def command_result_from_json(obj: dict[str, Any], seq: int) -> CommandResult:
-    """A COMMAND_RESULT's JSON object as an event (docs/protocol.md, "COMMAND_RESULT")."""
-    command_id = obj.get("id")
-    ok = obj.get("ok")
-    error = obj.get("error", "")
-    if not isinstance(command_id, str) or not command_id:
-        raise _bad_field("COMMAND_RESULT", '"id" must be a non-empty string', seq)
-    if not isinstance(ok, bool):
-        raise _bad_field("COMMAND_RESULT", '"ok" must be true or false', seq)
-    if not isinstance(error, str):
-        raise _bad_field("COMMAND_RESULT", '"error" must be a string', seq)
-    return CommandResult(seq, command_id, ok, obj.get("result"), error)
-
-
-def command_result_to_json(event: CommandResult) -> bytes:
-    seq = event.seq
-    if not isinstance(event.command_id, str) or not event.command_id:
-        raise LocalProtocolError(
-            "CommandResult.command_id must be a non-empty str",
-            code=NakReason.BAD_PAYLOAD,
-            seq=seq,
-        )
-    if not isinstance(event.ok, bool):
-        raise LocalProtocolError(
-            "CommandResult.ok must be a bool", code=NakReason.BAD_PAYLOAD, seq=seq
-        )
-    if not isinstance(event.error, str):
-        raise LocalProtocolError(
-            "CommandResult.error must be a str", code=NakReason.BAD_PAYLOAD, seq=seq
-        )
-    obj = {"id": event.command_id, "ok": event.ok, "result": event.result, "error": event.error}
-    return encode_json(obj, "COMMAND_RESULT", seq)
-
-
-_NAK_REASONS: Final[dict[int, NakReason]] = {reason.value: reason for reason in NakReason}
-
-
-def nak_reason_from_wire(value: int, seq: int) -> NakReason:
-    """A received reason code as a NakReason.
-
-    Values not in the table are MALFORMED, not mapped to INTERNAL: a reason the
-    hub does not know is a peer it does not understand (docs/protocol.md, "NAK reasons").
-    """
-    reason = _NAK_REASONS.get(value)
-    if reason is None:
-        raise RemoteProtocolError(
-            f"NAK reason {value} is not defined", code=NakReason.MALFORMED, seq=seq
-        )
-    return reason
-
-
-def nak_reason_to_wire(value: object, seq: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value not in _NAK_REASONS:
-        raise LocalProtocolError(
-            f"Nak.reason {value!r} is not a NakReason", code=NakReason.MALFORMED, seq=seq
-        )
-    return int(value)
 
 
 # ---------------------------------------------------------------------------
@@ -485,7 +197,7 @@ _DECODERS: Final[dict[int, tuple[type[Event], _Decoder]]] = {
 # ---------------------------------------------------------------------------
 
 
-class NativeCodec:
+class NativeCodec(ReceiveBuffer):
     """The native protocol for one connection, in the hub or the device role.
 
     `max_frame_bytes` bounds a whole frame, header and CRC included, both
@@ -496,16 +208,7 @@ class NativeCodec:
 
     name: ClassVar[str] = "native"
 
-    __slots__ = (
-        "_buf",
-        "_eof",
-        "_error",
-        "_max_payload",
-        "_pos",
-        "_state",
-        "max_frame_bytes",
-        "max_payload_depth",
-    )
+    __slots__ = ("_max_payload", "_state", "max_payload_depth")
 
     def __init__(
         self,
@@ -522,64 +225,18 @@ class NativeCodec:
             )
         if max_payload_depth < 1:
             raise ValueError("max_payload_depth must be at least 1")
-        self.max_frame_bytes = max_frame_bytes
+        super().__init__(max_frame_bytes)
         self.max_payload_depth = max_payload_depth
         self._max_payload = max_frame_bytes - FRAME_OVERHEAD
         self._state = ConnectionState(role)
-        # Received bytes; everything before `_pos` has been consumed.
-        self._buf = bytearray()
-        self._pos = 0
-        self._eof = False
-        self._error: RemoteProtocolError | None = None
 
     @property
     def role(self) -> Role:
         return self._state.role
 
-    # -- receiving ---------------------------------------------------------
+    # -- receiving (receive_data and next_event: ReceiveBuffer) -------------
 
-    def receive_data(self, data: bytes) -> None:
-        """Feed received bytes; `b""` signals end of stream (docs/protocol.md, "End of stream").
-
-        Non-empty data after end of stream is the caller's bug: LocalProtocolError.
-        After a RemoteProtocolError the codec is dead and ignores further data.
-        """
-        if self._error is not None:
-            return
-        if self._eof:
-            if data:
-                raise LocalProtocolError(
-                    "data received after end of stream", code=NakReason.INTERNAL
-                )
-            return
-        if not data:
-            self._eof = True
-            return
-        pos = self._pos
-        if pos:
-            if pos == len(self._buf):
-                self._buf.clear()
-                self._pos = 0
-            elif pos >= _COMPACT_AT:
-                del self._buf[:pos]
-                self._pos = 0
-        self._buf += data
-
-    def next_event(self) -> Event | _NeedData:
-        """The next event, `NEED_DATA`, or `ConnectionClosed()` after end of stream.
-
-        Raises RemoteProtocolError on bad input, and the same error again on
-        every later call (docs/protocol.md, "Errors").
-        """
-        if self._error is not None:
-            raise self._error
-        try:
-            return self._next_event()
-        except RemoteProtocolError as exc:
-            self._error = exc
-            raise
-
-    def _next_event(self) -> Event | _NeedData:
+    def _next_event(self) -> Event | NeedData:
         buf = self._buf
         pos = self._pos
         avail = len(buf) - pos

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from hub.protocol.base import load_codec
+from hub.protocol.discovery import load_codec
 from hub.protocol.events import Ack, ConnectionClosed, Hello, Ping, Pong, Role
 from tests.support.processes import ROOT, HubThread, wait_until
 from tests.support.raw_device import RawDevice

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from hub.protocol.base import load_codec
+from hub.protocol.discovery import load_codec
 from hub.protocol.events import Hello, Role
 from hub.protocol.native import HEADER, MAGIC, VERSION
 

@@ -10,7 +10,7 @@ import socket
 import time
 from typing import Any
 
-from hub.protocol.base import load_codec
+from hub.protocol.discovery import load_codec
 from hub.protocol.events import NEED_DATA, Ack, ConnectionClosed, Hello, Nak, Role, Telemetry
 
 

@@ -34,7 +34,7 @@ from firmware_sim.summary import (
     format_summary,
 )
 from hub.envelope import Kind
-from hub.protocol.base import load_codec
+from hub.protocol.discovery import load_codec
 from hub.protocol.events import (
     NEED_DATA,
     Ack,

@@ -107,7 +107,7 @@ def test_need_data_is_not_an_event() -> None:
 def test_codecs_refuse_numbers_json_cannot_carry(number: bytes) -> None:
     # 1e400 is valid JSON text, but Python reads it as infinity, which no JSON
     # encoder may write back: the codec should refuse it as BAD_PAYLOAD.
-    from hub.protocol.native import decode_json_object
+    from hub.protocol.rules import decode_json_object
 
     with pytest.raises(RemoteProtocolError):
         decode_json_object(b'{"t":' + number + b"}", "TELEMETRY", 1)

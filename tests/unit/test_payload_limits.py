@@ -21,7 +21,8 @@ from hub.payloads import PayloadTooDeep, exceeds_depth, loads_bounded
 from hub.protocol.events import Hello, NakReason, Role, Telemetry
 from hub.protocol.lines import LinesCodec
 from hub.protocol.native import NativeCodec
-from hub.topics import DeviceTopic, PayloadLimits, envelope_from_payload
+from hub.topics import DeviceTopic, PayloadLimits
+from hub.uplink import envelope_from_payload
 
 HELLO = Hello("dev-1", "secret", 7, 0)
 

@@ -22,10 +22,10 @@ from hub.protocol.events import (
     Hello,
     Nak,
     NakReason,
+    NeedData,
     Ping,
     Role,
     Telemetry,
-    _NeedData,
 )
 from hub.protocol.lines import LinesCodec
 from tests.unit.protocol_vectors import (
@@ -48,7 +48,7 @@ def drain(codec: LinesCodec) -> list[Event]:
     events: list[Event] = []
     while True:
         event = codec.next_event()
-        if isinstance(event, _NeedData):
+        if isinstance(event, NeedData):
             return events
         events.append(event)
         if isinstance(event, ConnectionClosed):

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hub.errors import ConfigError, LocalProtocolError, RemoteProtocolError
-from hub.protocol.base import Codec, available_codecs, load_codec
+from hub.protocol.base import Codec
+from hub.protocol.discovery import available_codecs, load_codec
 from hub.protocol.events import (
     NEED_DATA,
     Ack,
@@ -27,11 +28,11 @@ from hub.protocol.events import (
     Hello,
     Nak,
     NakReason,
+    NeedData,
     Ping,
     Role,
     StateReport,
     Telemetry,
-    _NeedData,
 )
 from hub.protocol.lines import LinesCodec
 from hub.protocol.native import HEADER, NativeCodec
@@ -80,7 +81,7 @@ def drain(codec: NativeCodec) -> list[Event]:
     events: list[Event] = []
     while True:
         event = codec.next_event()
-        if isinstance(event, _NeedData):
+        if isinstance(event, NeedData):
             return events
         events.append(event)
         if isinstance(event, ConnectionClosed):

@@ -18,10 +18,10 @@ import pytest
 from sqlalchemy import Engine
 
 from hub.envelope import Envelope, Kind, envelope_id
-from hub.presence import presence_envelope
 from hub.settings import normalise_database_url
 from hub.storage import count_rows, device_state, make_engine, migrate, recent_telemetry
 from hub.storage import store_envelopes as store
+from hub.uplink import presence_envelope
 from tests.support.postgres import postgres_database
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

@@ -17,12 +17,12 @@ from hub.topics import (
     command_result_topic,
     command_topic,
     data_topic,
-    envelope_from_payload,
     may_publish,
     may_subscribe,
     parse_topic,
     uplink_filters,
 )
+from hub.uplink import envelope_from_payload
 
 ROOT = "devices"
 TELEMETRY = DeviceTopic("dev-1", Kind.TELEMETRY)
