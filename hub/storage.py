@@ -5,6 +5,10 @@ Layer: core; imports only `hub.errors` and `hub.envelope`. No Celery, no asyncio
 SQLite in the data folder by default, PostgreSQL by URL. The schema is created
 and changed by Alembic migrations (`hub/migrations`), never by `create_all`,
 so a deployed database moves forward with the code.
+
+Over 400 lines on purpose: the tables and the one function that stores a batch
+into them (`store_envelopes`, with its state ordering) change together; the
+ordering rules themselves live in hub/presence.py.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Layer: console. Forms post here (with the session's CSRF token); the live
 parts of a page (presence, charts, command replies) use the same /api as
 automation does, and /api/events.
+
+A little over 400 lines: one route per page of the console, each short; they
+share the session, CSRF and template helpers defined here.
 """
 
 from __future__ import annotations
