@@ -104,7 +104,18 @@ def configure(new_settings: Settings) -> None:
     app.conf.update(
         broker_url=new_settings.effective_broker_url,
         result_backend=new_settings.effective_result_backend,
+        broker_transport_options=_transport_options(new_settings.effective_broker_url),
     )
+
+
+def _transport_options(broker_url: str) -> dict[str, Any]:
+    """Publisher confirms on RabbitMQ for what tasks publish (handler runs, retries,
+    commands): a publish returns once RabbitMQ has the message on disk, so a broker
+    killed right after cannot lose a handler run whose batch is then acknowledged.
+    (The local queue commits a task's publishes with its acknowledgement instead.)"""
+    if broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
+        return {"confirm_publish": True}
+    return {}
 
 
 configure(_context.settings)

@@ -643,7 +643,8 @@ class Comparison:
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and self.duplicates == 0
+        """Nothing lost, nothing twice, and every stored message's handler ran."""
+        return self.lost == 0 and self.duplicates == 0 and self.unprocessed == 0
 
 
 def expected_ids(acked: Mapping[str, Iterable[tuple[int, int]]]) -> dict[str, str]:
@@ -782,7 +783,8 @@ def conclude(
 
 
 def assert_nothing_lost(results: Mapping[str, Comparison], transports: Iterable[str]) -> None:
-    """Every transport acknowledged something, lost nothing and duplicated nothing."""
+    """Every transport acknowledged something, lost nothing, duplicated nothing and
+    ran the handler of everything stored."""
     for transport in transports:
         assert transport in results, f"no {transport} device was ever acknowledged"
     problems = {t: describe(c) for t, c in results.items() if not c.ok or c.acknowledged == 0}
