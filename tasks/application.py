@@ -19,11 +19,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from celery import Celery
-from celery.signals import task_failure, task_retry, worker_init, worker_process_init, worker_ready
+from celery.signals import worker_init
 from kombu import Exchange, Queue
 
 import localqueue  # noqa: F401  (registers the embedded default's queue with kombu)
-from hub import worker_metrics
 from hub.routing import EXCHANGE, all_queues, task_routes
 from hub.settings import Settings, load_settings
 from hub.storage import migrate
@@ -66,7 +65,9 @@ def worker_name() -> str:
     return _context.name
 
 
-app = Celery("tasks", include=["tasks.ingest", "tasks.commands", "tasks.handlers"])
+app = Celery(
+    "tasks", include=["tasks.ingest", "tasks.commands", "tasks.handlers", "tasks.counting"]
+)
 app.conf.update(
     # Results live in the database so any process can read them (not rpc://).
     result_extended=True,
@@ -138,17 +139,6 @@ def _migrate_on_start(**_: Any) -> None:
             time.sleep(1.0)
 
 
-def count_event(name: str) -> None:
-    """Add one to this worker's counter `name` (hub.worker_metrics), best effort."""
-    # Best effort: a counter must never fail a task or a worker's start.
-    from tasks.db import engine  # tasks.db imports this module
-
-    try:
-        worker_metrics.add(engine(), _context.name, {name: 1})
-    except Exception:  # boundary: the database may be away; the task's own error says so
-        log.debug("could not count %s", name, exc_info=True)
-
-
 @worker_init.connect
 def _name_worker(sender: Any = None, **_: Any) -> None:
     global _context
@@ -156,23 +146,3 @@ def _name_worker(sender: Any = None, **_: Any) -> None:
     hostname = getattr(sender, "hostname", None)
     if isinstance(hostname, str) and hostname:
         _context = replace(_context, name=hostname)
-
-
-@worker_ready.connect
-def _count_start(**_: Any) -> None:
-    count_event(worker_metrics.WORKER_STARTS)
-
-
-@worker_process_init.connect
-def _count_process_start(**_: Any) -> None:
-    count_event(worker_metrics.POOL_PROCESS_STARTS)
-
-
-@task_retry.connect
-def _count_retry(**_: Any) -> None:
-    count_event(worker_metrics.TASK_FAILURES)
-
-
-@task_failure.connect
-def _count_failure(**_: Any) -> None:
-    count_event(worker_metrics.TASK_FAILURES)

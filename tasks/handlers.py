@@ -51,7 +51,8 @@ from hub.envelope import Envelope, Kind
 from hub.errors import ConfigError, EnvelopeError
 from hub.routing import HANDLER_QUEUE
 from hub.storage import HandlerRunRow
-from tasks.application import app, count_event
+from tasks.application import app
+from tasks.counting import count_event
 from tasks.db import engine
 from tasks.wire import QUARANTINE_KEY
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grimp
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,3 +89,41 @@ def test_a_planted_violation_breaks_its_contract(
     assert contract in broken, result.stdout
     assert says in broken, result.stdout
     assert not (ROOT / planted).exists()
+
+
+def test_no_import_circle_is_left_in_any_package() -> None:
+    # Strongly connected groups of two or more modules: each is an import circle.
+    packages = (*PACKAGES, "firmware_sim")
+    graph = grimp.build_graph(*packages)
+    modules = sorted(graph.modules)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    circles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for imported in graph.find_modules_directly_imported_by(module):
+            if imported not in index:
+                visit(imported)
+                low[module] = min(low[module], low[imported])
+            elif imported in on_stack:
+                low[module] = min(low[module], index[imported])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for module in modules:
+        if module not in index:
+            visit(module)
+    assert circles == []
