@@ -54,11 +54,12 @@ else:
     migrate(url)
     engine = make_engine(url)
     now = datetime.now(UTC)
-    hubs.beat(engine, hubs.Heartbeat(
-        hub_id=f"hub-{index}", version="test", mode="test", hostname=socket.gethostname(),
-        pid=os.getpid(), listeners=[], devices_tcp=0, devices_mqtt=0, spool_messages=0,
-        broker_connected=False, heartbeat_s=5.0, started_at=now,
-    ))
+    for devices in (0, 1):  # registers, then refreshes its row as the next beat does
+        hubs.beat(engine, hubs.Heartbeat(
+            hub_id=f"hub-{index}", version="test", mode="test", hostname=socket.gethostname(),
+            pid=os.getpid(), listeners=[{"name": "tcp"}], devices_tcp=devices, devices_mqtt=0,
+            spool_messages=0, broker_connected=False, heartbeat_s=5.0, started_at=now,
+        ))
     engine.dispose()
 """
 
@@ -122,9 +123,11 @@ def test_hubs_and_workers_started_at_once_on_a_fresh_database_all_start(
         try:
             with engine.connect() as conn:
                 versions = conn.execute(text("SELECT version_num FROM alembic_version")).all()
-                hub_ids = conn.execute(text("SELECT hub_id FROM hubs ORDER BY hub_id")).all()
+                registered = conn.execute(
+                    text("SELECT hub_id, devices_tcp FROM hubs ORDER BY hub_id")
+                ).all()
         finally:
             engine.dispose()
         assert [v[0] for v in versions] == [head]  # at head, and recorded once
         hub_indexes = [i for i, role in enumerate(ROLES) if role == "hub"]
-        assert [h[0] for h in hub_ids] == [f"hub-{i}" for i in hub_indexes]
+        assert [tuple(r) for r in registered] == [(f"hub-{i}", 1) for i in hub_indexes]
