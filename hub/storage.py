@@ -207,10 +207,10 @@ def migrate(url: str) -> None:
     """Bring the database at `url` to the newest schema (Alembic `upgrade head`).
 
     Safe when any number of hubs, workers, consoles and CLI commands call it
-    at the same moment on the same database (docs/scaling.md, "Starting many
-    processes at once"): the whole upgrade is one transaction that first takes
-    a lock every migrating process waits on, so one migrates and the others
-    then find the schema at head and change nothing.
+    at the same moment on the same database (docs/configuration.md, "Starting
+    many processes at once"): the whole upgrade is one transaction that first
+    takes a lock every migrating process waits on, so one migrates and the
+    others then find the schema at head and change nothing.
     """
     from alembic import command
     from alembic.config import Config
