@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import JSON, Engine, Integer, String, delete, select, update
+from sqlalchemy import JSON, Engine, Integer, String, delete, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, mapped_column
 
-from hub.storage import Base, DeviceConnection, UtcDateTime, _insert_ignore
+from hub.storage import Base, DeviceConnection, UtcDateTime
 
 #: Heartbeats a hub may miss before it counts as gone.
 MISSED_BEATS = 3
@@ -66,7 +67,7 @@ class HubInfo:
 
 
 def beat(engine: Engine, hb: Heartbeat) -> None:
-    """Write (or refresh) the hub's row."""
+    """Write (or refresh) the hub's row, in one statement (safe when many hubs start at once)."""
     now = datetime.now(UTC)
     values = {
         "hub_id": hb.hub_id,
@@ -84,11 +85,21 @@ def beat(engine: Engine, hb: Heartbeat) -> None:
         "last_heartbeat": now,
     }
     with engine.begin() as conn:
-        changed = conn.execute(
-            update(HubRow).where(HubRow.hub_id == hb.hub_id).values(values)
-        ).rowcount
-        if not changed:
-            conn.execute(_insert_ignore(engine, HubRow.__table__), [values])
+        conn.execute(_upsert(engine, values))
+
+
+def _upsert(engine: Engine, values: dict[str, Any]) -> Any:
+    """One INSERT ... ON CONFLICT DO UPDATE: no window between a check and a
+    write, so hubs registering at the same moment never collide."""
+    statement: Any
+    if engine.dialect.name == "postgresql":
+        statement = postgresql.insert(HubRow).values(values)
+    elif engine.dialect.name == "sqlite":
+        statement = sqlite.insert(HubRow).values(values)
+    else:
+        raise NotImplementedError(f"database {engine.dialect.name} is not supported")
+    changed = {key: statement.excluded[key] for key in values if key != "hub_id"}
+    return statement.on_conflict_do_update(index_elements=["hub_id"], set_=changed)
 
 
 def gone(engine: Engine, hub_id: str) -> None:

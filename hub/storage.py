@@ -166,13 +166,15 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets the hub, workers and the CLI read while one of them writes; the
     # busy timeout makes concurrent writers wait instead of failing.
     cursor = dbapi_connection.cursor()
+    # The busy timeout first: switching a fresh file to WAL needs its lock too,
+    # and several processes may open a new database at the same moment.
+    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA journal_mode=WAL")
     # FULL, not NORMAL: a worker acknowledges its task message to the broker
     # right after the commit, so the commit must survive a power loss too
     # (under NORMAL a WAL commit may be rolled back by one). The cost is one
     # fsync per committed batch; see docs/delivery.md.
     cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 
@@ -200,8 +202,20 @@ def _dumps(value: Any, default: Any = None) -> str:
     return json.dumps(value, separators=(",", ":"), default=default)
 
 
+#: The PostgreSQL advisory lock key that serialises migrations (any fixed
+#: 64-bit number; this one is "hubmigr" in ASCII).
+MIGRATION_LOCK_KEY = 0x6875626D696772
+
+
 def migrate(url: str) -> None:
-    """Bring the database at `url` to the newest schema (Alembic `upgrade head`)."""
+    """Bring the database at `url` to the newest schema (Alembic `upgrade head`).
+
+    Safe when any number of hubs, workers, consoles and CLI commands call it
+    at the same moment on the same database (docs/configuration.md, "Starting
+    many processes at once"): the whole upgrade is one transaction that first
+    takes a lock every migrating process waits on, so one migrates and the
+    others then find the schema at head and change nothing.
+    """
     from alembic import command
     from alembic.config import Config
 
@@ -211,13 +225,42 @@ def migrate(url: str) -> None:
     # Alembic configures logging from its ini file; we have none and keep ours.
     config.attributes["configure_logger"] = False
     engine = make_engine(url)
+    if engine.dialect.name == "sqlite":
+        _begin_immediate(engine)
     try:
         with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Held until this transaction ends (commit or rollback), so it
+                # can never outlive the migration, even if the process dies.
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+                )
             config.attributes["connection"] = connection
             # One chain of revisions: "head" fails loudly if two ever branch.
             command.upgrade(config, "head")
     finally:
         engine.dispose()
+
+
+def _begin_immediate(engine: Engine) -> None:
+    """Make each transaction of this SQLite engine take the write lock at BEGIN.
+
+    Python's sqlite3 opens no transaction before DDL, so without this every
+    CREATE TABLE of a migration would commit on its own and two processes
+    would both find the table missing. BEGIN IMMEDIATE makes the upgrade one
+    transaction that holds the database's write lock from the start; the
+    others wait on the busy timeout, then read the new version (the SQLAlchemy
+    recipe for pysqlite transactions).
+    """
+
+    def no_implicit_transactions(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    def begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    event.listen(engine, "connect", no_implicit_transactions)
+    event.listen(engine, "begin", begin)
 
 
 def _insert_ignore(engine: Engine, table: Any) -> Any:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -124,19 +123,12 @@ configure(_context.settings)
 
 @worker_init.connect
 def _migrate_on_start(**_: Any) -> None:
-    """Bring the database schema up to date before the first task runs."""
-    url = _context.settings.effective_database_url
-    for attempt in range(3):
-        try:
-            migrate(url)
-            return
-        except Exception:
-            # Another process (the hub, a second worker) may be migrating the
-            # same database right now; its work is ours too.
-            if attempt == 2:
-                raise
-            log.warning("schema migration collided with another process; retrying")
-            time.sleep(1.0)
+    """Bring the database schema up to date before the first task runs.
+
+    The hub and other workers may be migrating the same database right now:
+    `migrate` waits for them (hub/storage.py), then finds nothing left to do.
+    """
+    migrate(_context.settings.effective_database_url)
 
 
 @worker_init.connect
