@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.against import add_against_parser
 from bench.services import BenchError, log, terminate_as_interrupt
 
 _INGEST_EPILOG = """\
@@ -45,33 +46,6 @@ authenticated and subscribed to their command topic), holds them for --hold
 seconds, and reports how long connecting took and the hub's memory per
 connection (RSS growth / devices). Each transport gets a fresh hub process.
 """
-
-
-_AGAINST_EPILOG = """\
-examples:
-  python -m bench against main
-  python -m bench against v0.3.0 --rounds 5 --transport tcp,mqtt -- --devices 50 --duration 20
-  python -m bench against HEAD~1 --json --out against.json -- --duration 10
-
-REV is checked out into a temporary git worktree (removed afterwards, also on
-Ctrl+C). For each transport, `python -m bench ingest --no-baseline --json` runs
---rounds times from REV's tree and as often from this tree, alternating (REV,
-current, REV, current, ...), each as a subprocess of this interpreter with its
-working directory and PYTHONPATH set to that tree, so that it and every process
-it starts import that tree's code (checked once per side before measuring).
-Options after `--` go to every `bench ingest` run (not --transport, --json,
---out, --sweep, --plot, --quiet, --no-baseline or --baseline-only). The table
-shows per transport the median stored msg/s of REV and of this tree, the ratio
-current/REV, the spread (min-max) and the median CPU us/message. REV runs with
-this interpreter and its installed dependencies. See docs/benchmarks.md.
-"""
-
-
-def _transports(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names or any(n not in ("tcp", "mqtt") for n in names):
-        raise argparse.ArgumentTypeError("a comma-separated list of tcp, mqtt")
-    return list(dict.fromkeys(names))
 
 
 def _positive_int(text: str) -> int:
@@ -217,37 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ingest.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
 
-    against = sub.add_parser(
-        "against",
-        help="the ingest benchmark of an earlier git revision and of this tree, alternating",
-        description="Hub-only ingest throughput of REV and of this tree, measured side by\n"
-        "side in one run: medians, the ratio current/REV and the spread per transport.",
-        usage="python -m bench against REV [--rounds N] [--transport tcp,mqtt] [--json] "
-        "[--out FILE] [-- INGEST_OPTIONS ...]",
-        epilog=_AGAINST_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    against.add_argument(
-        "rev", metavar="REV", help="git revision to compare with (e.g. main, HEAD~3)"
-    )
-    against.add_argument(
-        "--rounds",
-        type=_positive_int,
-        default=3,
-        help="runs of each side per transport (default: 3)",
-    )
-    against.add_argument(
-        "--transport",
-        type=_transports,
-        default=["tcp"],
-        metavar="tcp,mqtt",
-        help="device transports, comma-separated (default: tcp)",
-    )
-    against.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
-    against.add_argument(
-        "--json", action="store_true", help="stdout: only the JSON line (the table goes to stderr)"
-    )
-    against.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    add_against_parser(sub, _positive_int)
 
     conns = sub.add_parser(
         "connections",
@@ -391,24 +335,6 @@ def _connections(args: argparse.Namespace) -> None:
     _emit(result, connections_table(result), args)
 
 
-def _against(args: argparse.Namespace, ingest_options: list[str]) -> None:
-    from bench.against import AgainstConfig, check_ingest_options, result_table, run_against
-
-    check_ingest_options(ingest_options)
-    # Refuse a mistyped ingest option now rather than after the first runs.
-    build_parser().parse_args(["ingest", *ingest_options])
-    result = run_against(
-        AgainstConfig(
-            rev=args.rev,
-            rounds=args.rounds,
-            transports=tuple(args.transport),
-            ingest_options=tuple(ingest_options),
-            quiet=args.quiet,
-        )
-    )
-    _emit(result, result_table(result), args)
-
-
 def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
     """`against ... -- INGEST_OPTIONS`: argparse cannot take options after a positional
     and `--` for a subcommand, so the options for `bench ingest` are split off here."""
@@ -426,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "ingest":
                 _ingest(args)
             elif args.command == "against":
-                _against(args, passthrough)
+                from bench.against import against_command
+
+                against_command(args, passthrough, _emit, build_parser)
             else:
                 _connections(args)
     except BenchError as exc:

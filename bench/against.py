@@ -21,216 +21,62 @@ the same tree. Before measuring, one dry subprocess per side prints where
 imported from outside its tree stops the run (the paths are in the JSON).
 
 The pure parts (reading a run's JSON line, medians, ratios, the table) are
-the functions at the top; the git and subprocess parts are below them.
+in bench.against_figures; this module holds the git and subprocess parts.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.against_figures import (
+    SIDES,
+    RunFigures,
+    against_table,
+    check_ingest_options,
+    parse_ingest_output,
+    summarise,
+)
 from bench.services import ROOT, BenchError, log
 
-SIDES = ("rev", "current")
 CHECKED_MODULES = ("bench", "hub", "bridges", "tasks", "firmware_sim")
-# Options `against` sets itself for every run, or that do not make one run.
-RESERVED_INGEST_OPTIONS = (
-    "--transport",
-    "--no-baseline",
-    "--baseline-only",
-    "--json",
-    "--out",
-    "--sweep",
-    "--plot",
-    "--quiet",
-    "-q",
-)
+
+_AGAINST_EPILOG = """\
+examples:
+  python -m bench against main
+  python -m bench against HEAD~5 --rounds 5 --transport tcp,mqtt -- --devices 50 --duration 20
+  python -m bench against HEAD~1 --json --out against.json -- --duration 10
+
+REV is checked out into a temporary git worktree (removed afterwards, also on
+Ctrl+C). For each transport, `python -m bench ingest --no-baseline --json` runs
+--rounds times from REV's tree and as often from this tree, alternating (REV,
+current, REV, current, ...), each as a subprocess of this interpreter with its
+working directory and PYTHONPATH set to that tree, so that it and every process
+it starts import that tree's code (checked once per side before measuring).
+Options after `--` go to every `bench ingest` run (not --transport, --json,
+--out, --sweep, --plot, --quiet, --no-baseline or --baseline-only). The table
+shows per transport the median stored msg/s of REV and of this tree, the ratio
+current/REV, the spread (min-max) and the median CPU us/message. REV runs with
+this interpreter and its installed dependencies. See docs/benchmarks.md.
+"""
 
 
-# ---------------------------------------------------------------------------
-# Pure parts: results, medians, table
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunFigures:
-    """The figures `against` keeps of one `bench ingest` run (the hub's side)."""
-
-    transport: str
-    side: str
-    round: int
-    stored_per_s: float
-    acked_per_s: float | None
-    all_stored: bool
-    cpu_us_per_message: dict[str, float] = field(default_factory=dict)
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "transport": self.transport,
-            "side": self.side,
-            "round": self.round,
-            "stored_per_s": self.stored_per_s,
-            "acked_per_s": self.acked_per_s,
-            "all_stored": self.all_stored,
-            "cpu_us_per_message": self.cpu_us_per_message,
-        }
-
-
-def parse_ingest_output(stdout: str, *, transport: str, side: str, round_: int) -> RunFigures:
-    """The figures of one run from the stdout of `bench ingest --json` (its last line)."""
-    lines = [line for line in stdout.splitlines() if line.strip()]
-    if not lines:
-        raise BenchError(f"{side} {transport} round {round_}: `bench ingest` printed nothing")
-    try:
-        result = json.loads(lines[-1])
-    except json.JSONDecodeError:
-        raise BenchError(
-            f"{side} {transport} round {round_}: the last line of `bench ingest` is not "
-            f"JSON: {lines[-1][:200]!r}"
-        ) from None
-    hub = result.get("hub") if isinstance(result, dict) else None
-    if not isinstance(hub, dict) or "stored_per_s" not in hub:
-        raise BenchError(f"{side} {transport} round {round_}: no hub figures in the result")
-    cpu = hub.get("cpu_us_per_message") or {}
-    return RunFigures(
-        transport=transport,
-        side=side,
-        round=round_,
-        stored_per_s=float(hub["stored_per_s"]),
-        acked_per_s=None if hub.get("acked_per_s") is None else float(hub["acked_per_s"]),
-        all_stored=bool(hub.get("all_stored", False)),
-        cpu_us_per_message={k: float(v) for k, v in cpu.items() if v is not None},
-    )
-
-
-def _side_summary(runs: Sequence[RunFigures]) -> dict[str, Any]:
-    stored = [r.stored_per_s for r in runs]
-    roles = sorted({role for r in runs for role in r.cpu_us_per_message})
-    cpu = {
-        role: round(statistics.median(vals), 1)
-        for role in roles
-        if (vals := [r.cpu_us_per_message[role] for r in runs if role in r.cpu_us_per_message])
-    }
-    return {
-        "runs": len(runs),
-        "stored_per_s": stored,
-        "median_stored_per_s": round(statistics.median(stored), 1) if stored else None,
-        "min_stored_per_s": min(stored) if stored else None,
-        "max_stored_per_s": max(stored) if stored else None,
-        "median_cpu_us_per_message": cpu,
-        "all_stored": all(r.all_stored for r in runs),
-    }
-
-
-def _ratio(current: float | None, rev: float | None) -> float | None:
-    if not current or not rev:
-        return None
-    return round(current / rev, 3)
-
-
-def summarise(runs: Sequence[RunFigures]) -> dict[str, dict[str, Any]]:
-    """Per transport: each side's median, spread and CPU, and the ratios current/REV."""
-    out: dict[str, dict[str, Any]] = {}
-    for transport in dict.fromkeys(r.transport for r in runs):
-        sides = {
-            side: _side_summary([r for r in runs if r.transport == transport and r.side == side])
-            for side in SIDES
-        }
-        rev, cur = sides["rev"], sides["current"]
-        cpu_ratio = {
-            role: _ratio(cur["median_cpu_us_per_message"].get(role), value)
-            for role, value in rev["median_cpu_us_per_message"].items()
-        }
-        out[transport] = {
-            **sides,
-            "ratio": {
-                "stored_per_s": _ratio(cur["median_stored_per_s"], rev["median_stored_per_s"]),
-                "cpu_us_per_message": cpu_ratio,
-            },
-        }
-    return out
-
-
-def _num(value: float | None, digits: int = 0) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
-def _times(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
-def _spread(side: dict[str, Any]) -> str:
-    if side["min_stored_per_s"] is None:
-        return "-"
-    return f"{_num(side['min_stored_per_s'])}-{_num(side['max_stored_per_s'])}"
-
-
-def against_table(summary: dict[str, dict[str, Any]], rev_label: str, current_label: str) -> str:
-    """One table per transport: medians of REV and of this tree, the ratio and the spread."""
-
-    def row(label: str, rev: str, cur: str, ratio: str) -> str:
-        return f"  {label:<32} {rev:>16} {cur:>16} {ratio:>14}"
-
-    out: list[str] = []
-    for transport, figures in summary.items():
-        rev, cur, ratio = figures["rev"], figures["current"], figures["ratio"]
-        if out:
-            out.append("")
-        out.append(
-            f"ingest over {transport} (hub only), REV = {rev_label}, current = "
-            f"{current_label}: {rev['runs']} + {cur['runs']} runs, alternating"
-        )
-        out.append("")
-        out.append(row("", "REV", "current", "current/REV"))
-        out.append(
-            row(
-                "stored msg/s (median)",
-                _num(rev["median_stored_per_s"]),
-                _num(cur["median_stored_per_s"]),
-                _times(ratio["stored_per_s"]),
-            )
-        )
-        out.append(row("stored msg/s (min-max)", _spread(rev), _spread(cur), ""))
-        for role, value in rev["median_cpu_us_per_message"].items():
-            out.append(
-                row(
-                    f"CPU us/message: {role} (median)",
-                    _num(value, 1),
-                    _num(cur["median_cpu_us_per_message"].get(role), 1),
-                    _times(ratio["cpu_us_per_message"].get(role)),
-                )
-            )
-        for side, name in ((rev, rev_label), (cur, current_label)):
-            if not side["all_stored"]:
-                out.append(f"  warning: a run of {name} did not store every message sent")
-    return "\n".join(out)
-
-
-def check_ingest_options(options: Sequence[str]) -> None:
-    """Refuse the ingest options that `against` sets itself or that break one-run output."""
-    for option in options:
-        name = option.split("=", 1)[0]
-        if name in RESERVED_INGEST_OPTIONS:
-            raise BenchError(
-                f"`bench against` sets or forbids the ingest option {name}; use "
-                "`bench against --transport` and `--json`/`--out` of `bench against` instead"
-            )
-
-
-# ---------------------------------------------------------------------------
-# Git and subprocesses
-# ---------------------------------------------------------------------------
+def _transports(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names or any(n not in ("tcp", "mqtt") for n in names):
+        raise argparse.ArgumentTypeError("a comma-separated list of tcp, mqtt")
+    return list(dict.fromkeys(names))
 
 
 def _git(*args: str, cwd: Path = ROOT) -> str:
@@ -245,7 +91,10 @@ def _git(*args: str, cwd: Path = ROOT) -> str:
 @contextlib.contextmanager
 def revision_tree(rev: str) -> Iterator[tuple[Path, str]]:
     """REV checked out in a temporary detached worktree; yields (tree, commit); removed after."""
-    commit = _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    try:
+        commit = _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except BenchError:
+        raise BenchError(f"{rev!r} is not a commit of this repository ({ROOT})") from None
     folder = Path(tempfile.mkdtemp(prefix="bench-against-"))
     tree = folder / "tree"
     try:
@@ -399,3 +248,62 @@ def result_table(result: dict[str, Any]) -> str:
         rev_label = result["rev_commit"][:9]
     current = result["current_commit"][:9] + ("+dirty" if result["current_dirty"] else "")
     return against_table(result["summary"], rev_label, current)
+
+
+def add_against_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], positive_int: Callable[[str], int]
+) -> None:
+    """The `against` subcommand of `python -m bench` (`sub`: its subparsers)."""
+    against = sub.add_parser(
+        "against",
+        help="the ingest benchmark of an earlier git revision and of this tree, alternating",
+        description="Hub-only ingest throughput of REV and of this tree, measured side by\n"
+        "side in one run: medians, the ratio current/REV and the spread per transport.",
+        usage="python -m bench against REV [--rounds N] [--transport tcp,mqtt] [--json] "
+        "[--out FILE] [-- INGEST_OPTIONS ...]",
+        epilog=_AGAINST_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    against.add_argument(
+        "rev", metavar="REV", help="git revision to compare with (e.g. main, HEAD~3)"
+    )
+    against.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=3,
+        help="runs of each side per transport (default: 3)",
+    )
+    against.add_argument(
+        "--transport",
+        type=_transports,
+        default=["tcp"],
+        metavar="tcp,mqtt",
+        help="device transports, comma-separated (default: tcp)",
+    )
+    against.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
+    against.add_argument(
+        "--json", action="store_true", help="stdout: only the JSON line (the table goes to stderr)"
+    )
+    against.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
+
+def against_command(
+    args: argparse.Namespace,
+    ingest_options: list[str],
+    emit: Callable[[Any, str, argparse.Namespace], None],
+    build_parser: Callable[[], argparse.ArgumentParser],
+) -> None:
+    """Run `python -m bench against` with its parsed arguments and the options after `--`."""
+    check_ingest_options(ingest_options)
+    # Refuse a mistyped ingest option now rather than after the first runs.
+    build_parser().parse_args(["ingest", *ingest_options])
+    result = run_against(
+        AgainstConfig(
+            rev=args.rev,
+            rounds=args.rounds,
+            transports=tuple(args.transport),
+            ingest_options=tuple(ingest_options),
+            quiet=args.quiet,
+        )
+    )
+    emit(result, result_table(result), args)
