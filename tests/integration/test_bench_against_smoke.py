@@ -31,7 +31,6 @@ def _worktrees() -> str:
 
 def test_against_head_prints_a_ratio_and_removes_its_worktree() -> None:
     require_rabbitmq()
-    before = _worktrees()
     completed = subprocess.run(
         [
             sys.executable, "-m", "bench", "against", "HEAD", "--rounds", "1",
@@ -54,4 +53,7 @@ def test_against_head_prints_a_ratio_and_removes_its_worktree() -> None:
     assert tcp["ratio"]["stored_per_s"] is not None
     assert "current/REV" in completed.stderr
     assert "stored msg/s (median)" in completed.stderr
-    assert _worktrees() == before
+    # The temporary worktree of REV is gone, from git's list and from the disk.
+    rev_tree = Path(result["imports"]["rev"]["hub"]).parents[1]
+    assert f"worktree {rev_tree}\n" not in _worktrees()
+    assert not rev_tree.exists()
