@@ -146,7 +146,7 @@ def against_table(summary: dict[str, dict[str, Any]], rev_label: str, current_la
     """One table per transport: medians of REV and of this tree, the ratio and the spread."""
 
     def row(label: str, rev: str, cur: str, ratio: str) -> str:
-        return f"  {label:<32} {rev:>16} {cur:>16} {ratio:>14}"
+        return f"  {label:<32} {rev:>16} {cur:>16} {ratio:>14}".rstrip()
 
     out: list[str] = []
     for transport, figures in summary.items():
