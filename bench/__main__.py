@@ -1,4 +1,4 @@
-"""`python -m bench`: the benchmark command (ingest, connections).
+"""`python -m bench`: the benchmark command (ingest, connections, against).
 
 Layer: benchmarks; may import anything.
 
@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.against import add_against_parser
 from bench.services import BenchError, log, terminate_as_interrupt
 
 _INGEST_EPILOG = """\
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ingest.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
 
+    add_against_parser(sub, _positive_int)
+
     conns = sub.add_parser(
         "connections",
         help="how many idle TCP and MQTT devices one hub holds, and at what memory",
@@ -332,12 +335,26 @@ def _connections(args: argparse.Namespace) -> None:
     _emit(result, connections_table(result), args)
 
 
+def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`against ... -- INGEST_OPTIONS`: argparse cannot take options after a positional
+    and `--` for a subcommand, so the options for `bench ingest` are split off here."""
+    if argv[:1] == ["against"] and "--" in argv:
+        at = argv.index("--")
+        return argv[:at], argv[at + 1 :]
+    return argv, []
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    own, passthrough = _split_passthrough(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(own)
     try:
         with terminate_as_interrupt():
             if args.command == "ingest":
                 _ingest(args)
+            elif args.command == "against":
+                from bench.against import against_command
+
+                against_command(args, passthrough, _emit, build_parser)
             else:
                 _connections(args)
     except BenchError as exc:
