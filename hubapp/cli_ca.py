@@ -50,3 +50,25 @@ def ca_revoke(ctx: click.Context, certs: tuple[Path, ...], directory: Path | Non
     """Add CERTS to the revocation list (restart the hub to load it)."""
     path = certificates.revoke(directory or default_ca_dir(ctx), *certs)
     click.echo(f"{len(certs)} certificate(s) revoked in {path}")
+
+
+@ca.command("issue")
+@click.argument("device_id")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder for ID.crt and ID.key.",
+)
+@click.option("--dir", "directory", type=click.Path(path_type=Path), help="Default: DATA_DIR/ca.")
+@click.pass_context
+@friendly_errors
+def ca_issue(ctx: click.Context, device_id: str, out_dir: Path, directory: Path | None) -> None:
+    """Issue a new certificate for DEVICE_ID (a registered device's next one)."""
+    from hub.envelope import validate_device_id
+
+    issued = certificates.issue_device(
+        directory or default_ca_dir(ctx), validate_device_id(device_id), out_dir
+    )
+    click.echo(f"certificate: {issued.cert}, key: {issued.key}")

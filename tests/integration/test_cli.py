@@ -143,3 +143,14 @@ def test_ca_init_and_devices_add_cert_out_issue_a_device_certificate(tmp_path: P
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["meter-9"]
     assert (out / "meter-9.key").stat().st_mode & 0o077 == 0  # the key is the owner's only
+
+    # The next certificate for rotation, then the old one revoked.
+    issued = hub_cli(
+        tmp_path, "ca", "issue", "meter-9", "--out", str(tmp_path / "next"), "--dir", str(ca_dir)
+    )
+    assert issued.returncode == 0, issued.stderr
+    assert (tmp_path / "next" / "meter-9.crt").exists()
+    revoked = hub_cli(tmp_path, "ca", "revoke", str(out / "meter-9.crt"), "--dir", str(ca_dir))
+    assert revoked.returncode == 0, revoked.stderr
+    crl = x509.load_pem_x509_crl((ca_dir / "crl.pem").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
