@@ -236,8 +236,6 @@ class EmbeddedMqtt:
         """The port of MQTT over TLS; None when it is off."""
         if self._broker is None:
             raise RuntimeError("the embedded MQTT broker is not started")
-        if _TLS_LISTENER not in self._broker._listen_sockets:
-            return None
         return self._broker.listener_port(_TLS_LISTENER)
 
     @property

@@ -90,10 +90,12 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
 
     @property
     def port(self) -> int:
-        return self.listener_port(self._default_listener)
+        return int(self._listen_sockets[self._default_listener].getsockname()[1])
 
-    def listener_port(self, listener_name: str) -> int:
-        return int(self._listen_sockets[listener_name].getsockname()[1])
+    def listener_port(self, listener_name: str) -> int | None:
+        """The port a listener is bound to; None when the broker has no such listener."""
+        sock = self._listen_sockets.get(listener_name)
+        return None if sock is None else int(sock.getsockname()[1])
 
     async def _create_server_instance(
         self,

@@ -8,6 +8,7 @@ CA, device certificates and a CRL made by `hubapp.certificates`.
 from __future__ import annotations
 
 import datetime
+import json
 import shutil
 import socket
 import ssl
@@ -267,3 +268,60 @@ def test_hub_run_with_a_missing_key_file_says_so_in_one_line(tmp_path: Path, ca:
     [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("hub:")]
     assert line.startswith("hub: configuration error: setting 'tls_key_file' (HUB_TLS_KEY_FILE)")
     assert "nowhere.key" in line
+
+
+def test_packet_limits_apply_over_tls(
+    broker: Callable[..., Broker], clients: Callable[..., Client], ca: Path
+) -> None:
+    b = broker(**tls_settings(ca, mqtt_max_packet_bytes=1024))
+    dev = clients(b, "dev-1", ca, "dev-1", b.provision("dev-1"))
+    assert not dev.connect().is_failure
+    dev.publish("devices/dev-1/telemetry", json.dumps({"blob": "x" * 2000}))
+    assert dev.disconnected.wait(WAIT_S)
+    assert b.counter("hub_protocol_errors_total", transport="mqtt", reason="packet_too_large") == 1
+    assert b.dispatcher.data() == []
+
+
+def test_plain_mqtt_on_the_tls_port_fails_cleanly(
+    broker: Callable[..., Broker], clients: Callable[..., Client], ca: Path
+) -> None:
+    b = broker(**tls_settings(ca, mqtt_connect_timeout_s=1.0))
+    port = b.mqtt.tls_port
+    assert port is not None
+    silent = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as plain:
+        # A clear-text CONNECT (protocol MQTT 3.1.1, client id "x") is no TLS hello.
+        plain.sendall(b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x1e\x00\x01x")
+        # Answered with a TLS alert at most, then closed.
+        assert wait_until(lambda: _closed(plain), timeout=WAIT_S)
+    with silent:
+        # A client that never starts its handshake is closed by the handshake timeout.
+        assert wait_until(lambda: _closed(silent), timeout=WAIT_S)
+    dev = clients(b, "dev-1", ca, "dev-1", b.provision("dev-1"))
+    assert not dev.connect().is_failure
+
+
+def _closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_tls_min_version_refuses_older_clients(broker: Callable[..., Broker], ca: Path) -> None:
+    b = broker(**tls_settings(ca, tls_min_version="1.3"))
+    context = ssl.create_default_context(cafile=ca / certificates.CA_CERT)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    with (
+        socket.create_connection(("127.0.0.1", b.mqtt.tls_port or 0), timeout=WAIT_S) as raw,
+        pytest.raises(ssl.SSLError),
+    ):
+        context.wrap_socket(raw, server_hostname="localhost")
+    context.maximum_version = ssl.TLSVersion.TLSv1_3
+    with (
+        socket.create_connection(("127.0.0.1", b.mqtt.tls_port or 0), timeout=WAIT_S) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        assert tls.version() == "TLSv1.3"
