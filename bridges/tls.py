@@ -70,13 +70,15 @@ def server_context(settings: Settings) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = _VERSIONS[settings.tls_min_version]
     try:
-        context.load_cert_chain(cert, key)
+        # No password: an encrypted key fails here instead of OpenSSL asking
+        # for its passphrase on the terminal of a hub started by a service manager.
+        context.load_cert_chain(cert, key, password=_no_password)
     except (ssl.SSLError, ValueError) as exc:
         # OpenSSL does not say which of the two files is wrong: blame the key
         # when there is one (a certificate that loads alone is then fine).
         if key is not None and _loads_alone(cert):
             raise _fail(
-                "tls_key_file", key, "not a valid key (PEM), or not the key of tls_cert_file"
+                "tls_key_file", key, "not an unencrypted PEM key, or not the key of tls_cert_file"
             ) from None
         raise _fail("tls_cert_file", cert, _reason(exc)) from None
     ca = settings.tls_ca_file
@@ -110,6 +112,10 @@ def server_context(settings: Settings) -> ssl.SSLContext:
         ssl.CERT_REQUIRED if settings.tls_require_certificate else ssl.CERT_OPTIONAL
     )
     return context
+
+
+def _no_password() -> bytes:
+    return b""
 
 
 def _loads_alone(cert: Path) -> bool:

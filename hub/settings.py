@@ -6,7 +6,9 @@ Precedence, highest first: explicit overrides (command-line options), `HUB_*`
 environment variables, the TOML file named by `--config` or `HUB_CONFIG`,
 defaults. Every value is validated at start; a bad one becomes a `ConfigError`
 naming the key, its environment variable, the value and what is allowed.
-docs/configuration.md lists every setting.
+docs/configuration.md lists every setting. The module is longer than our
+usual 400 lines because it is one object: every setting, its validation and
+its sources in one place.
 """
 
 from __future__ import annotations

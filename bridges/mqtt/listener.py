@@ -11,7 +11,8 @@ Layer: bridges; imports the `hub` core, `bridges.listen`, the other
   `_create_server_instance` serves the socket bound for each listener, with
   the listener's SSL context if it has one (MQTT over TLS: the same broker
   and accept path, so the same limits, authentication and ACL; the TLS
-  handshake has `mqtt_connect_timeout_s`); `stream_connected` closes a
+  handshake, after the connection limit, has `mqtt_connect_timeout_s` and a
+  failed one is counted, `tls_handshake`); `stream_connected` closes a
   connection beyond `mqtt_max_connections` at once (counted), and reads the
   others through a `PacketReader` (bridges.mqtt.reader: whole, checked
   packets; size limit; CONNECT timeout; keep-alive at 1.5x) and always closes
@@ -109,14 +110,12 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             return await super()._create_server_instance(
                 listener_name, listener_type, address, port, ssl_context
             )
-        # amqtt builds no context (the listener has no "ssl" key): the hub's
-        # own (bridges.tls) is used, built and checked before the broker starts.
-        context = self._ssl_contexts.get(listener_name)
+        # amqtt builds no context (the listener has no "ssl" key): the hub's own
+        # (bridges.tls) is used in `stream_connected`, so the TLS handshake
+        # comes after the connection limit and its failures are counted.
         return await asyncio.start_server(
             partial(self.stream_connected, listener_name=listener_name),
             sock=self._listen_sockets[listener_name],
-            ssl=context,
-            ssl_handshake_timeout=self._connect_timeout_s if context is not None else None,
             backlog=BACKLOG,
         )
 
@@ -131,9 +130,25 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             return
         self._open_connections += 1
         try:
-            await self._serve_stream(reader, writer, listener_name)
+            context = self._ssl_contexts.get(listener_name)
+            if context is None or await self._handshake(writer, context):
+                await self._serve_stream(reader, writer, listener_name)
         finally:
             self._open_connections -= 1
+
+    async def _handshake(self, writer: asyncio.StreamWriter, context: ssl.SSLContext) -> bool:
+        """The server side of the TLS handshake, within `mqtt_connect_timeout_s`.
+        A failure (no TLS, a client certificate refused: another CA, expired,
+        revoked) is counted, logged at DEBUG (a scan must not flood the log)
+        and closes the connection."""
+        try:
+            await writer.start_tls(context, ssl_handshake_timeout=self._connect_timeout_s)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            self._metrics.connections_refused.labels("mqtt", "tls_handshake").inc()
+            log.debug("MQTT over TLS: handshake with %s failed: %s", _peer(writer), exc)
+            writer.transport.abort()
+            return False
+        return True
 
     def _refused_at_limit(self) -> None:
         """Count a connection closed at `mqtt_max_connections`; log at most one
@@ -154,8 +169,7 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     async def _serve_stream(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
-        peer = writer.get_extra_info("peername")
-        peer_text = f"{peer[0]}:{peer[1]}" if peer else "unknown peer"
+        peer_text = _peer(writer)
         packets = PacketReader(
             reader,
             max_packet_bytes=self._max_packet_bytes,
@@ -179,3 +193,8 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     def _violation(self, violation: ProtocolViolation, peer: str) -> None:
         self._metrics.protocol_errors.labels("mqtt", violation.reason).inc()
         log.warning("MQTT client %s: %s; closing the connection", peer, violation)
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if peer else "unknown peer"

@@ -92,6 +92,10 @@ def clients() -> Iterator[Callable[..., Client]]:
         c.close()
 
 
+def handshake_failures(b: Broker) -> float:
+    return b.counter("hub_connections_refused_total", transport="mqtt", reason="tls_handshake")
+
+
 def refused(c: Client) -> bool:
     """True when the TLS client gets no accepted CONNACK: the handshake fails at
     once, or (TLS 1.3 checks the client's certificate after the client's side
@@ -183,6 +187,7 @@ def test_bad_client_certificates_are_refused(
     b = broker(**tls_settings(ca, tls_identity="cn", tls_crl_file=ca / certificates.CA_CRL))
     b.provision("meter-1")
     assert refused(clients(b, "c1", ca, cert=cert))
+    assert wait_until(lambda: handshake_failures(b) >= 1, timeout=WAIT_S)
     # A good certificate still gets in after the refusal: the listener is unharmed.
     good = clients(b, "c2", ca, cert=certificates.issue_device(ca, "meter-1", tmp_path / "good"))
     assert not good.connect().is_failure
@@ -237,7 +242,7 @@ def test_tls_port_zero_or_no_certificate_turns_tls_off(
         ("tls_cert_file", "missing.crt", r"setting 'tls_cert_file' \(HUB_TLS_CERT_FILE\)"),
         ("tls_ca_file", "missing.crt", r"setting 'tls_ca_file' \(HUB_TLS_CA_FILE\)"),
         ("tls_crl_file", "ca.crt", r"setting 'tls_crl_file' .*holds no X509 CRL"),
-        ("tls_key_file", "ca.key", r"setting 'tls_key_file'.*not the key of tls_cert_file"),
+        ("tls_key_file", "ca.key", r"setting 'tls_key_file'.*not an unencrypted PEM key"),
         ("tls_cert_file", "crl.pem", r"setting 'tls_cert_file'.*not a valid PEM"),
     ],
 )
@@ -297,6 +302,7 @@ def test_plain_mqtt_on_the_tls_port_fails_cleanly(
     with silent:
         # A client that never starts its handshake is closed by the handshake timeout.
         assert wait_until(lambda: _closed(silent), timeout=WAIT_S)
+    assert wait_until(lambda: handshake_failures(b) == 2, timeout=WAIT_S)
     dev = clients(b, "dev-1", ca, "dev-1", b.provision("dev-1"))
     assert not dev.connect().is_failure
 
