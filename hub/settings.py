@@ -6,7 +6,9 @@ Precedence, highest first: explicit overrides (command-line options), `HUB_*`
 environment variables, the TOML file named by `--config` or `HUB_CONFIG`,
 defaults. Every value is validated at start; a bad one becomes a `ConfigError`
 naming the key, its environment variable, the value and what is allowed.
-docs/configuration.md lists every setting.
+docs/configuration.md lists every setting. The module is longer than our
+usual 400 lines because it is one object: every setting, its validation and
+its sources in one place.
 """
 
 from __future__ import annotations
@@ -132,6 +134,19 @@ class Settings(BaseSettings):
     mqtt_max_connections: int = Field(default=10_000, ge=1)
     #: QoS 1/2 messages kept for one offline persistent MQTT session; more are dropped.
     mqtt_max_queued_messages: int = Field(default=1000, ge=0)
+    #: Port of MQTT over TLS (0: off; off too while `tls_cert_file` is unset).
+    mqtt_tls_port: int = Field(default=8883, ge=0, le=65535)
+    #: TLS of the hub's listeners (docs/security.md): its certificate chain and key (PEM),
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    #: the CA that signs client certificates, and that CA's revocation list.
+    tls_ca_file: Path | None = None
+    tls_crl_file: Path | None = None
+    tls_min_version: Literal["1.2", "1.3"] = "1.2"
+    #: Refuse a TLS client that presents no certificate signed by `tls_ca_file`.
+    tls_require_certificate: bool = False
+    #: A verified client certificate names the device (its CN, or its first DNS SAN).
+    tls_identity: Literal["off", "cn", "san"] = "off"
     http_port: int = Field(default=8080, ge=0, le=65535)
     #: Port of `hub console`, the web console and HTTP API (a process of its own).
     console_port: int = Field(default=8081, ge=0, le=65535)
@@ -179,7 +194,15 @@ class Settings(BaseSettings):
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
     @field_validator(
-        "broker_url", "database_url", "result_backend", "mqtt_external_url", mode="before"
+        "broker_url",
+        "database_url",
+        "result_backend",
+        "mqtt_external_url",
+        "tls_cert_file",
+        "tls_key_file",
+        "tls_ca_file",
+        "tls_crl_file",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
@@ -253,6 +276,11 @@ class Settings(BaseSettings):
     @property
     def spool_path(self) -> Path:
         return self.data_dir / "spool.sqlite3"
+
+    @property
+    def mqtt_tls_enabled(self) -> bool:
+        """MQTT over TLS is served: `mqtt_tls_port` is not 0 and a certificate is set."""
+        return self.mqtt_tls_port != 0 and self.tls_cert_file is not None
 
     @property
     def listeners(self) -> tuple[TcpListener, ...]:

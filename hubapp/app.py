@@ -36,6 +36,7 @@ from bridges.dispatch import Dispatcher, check_broker
 from bridges.downlink import Downlink
 from bridges.http_status import HttpStatusServer, Readiness
 from bridges.tcp import TcpServer
+from bridges.tls import server_context
 from bridges.transport import CommandTransport, ListeningTransport, Transport
 from bridges.worker_stats import poll as poll_worker_stats
 from hub import __version__, hubs
@@ -76,6 +77,8 @@ class HubApp:
         self.mqtt: Transport | None = None
         #: The embedded broker's listener, when the MQTT side is the embedded broker.
         self.mqtt_listener: ListeningTransport | None = None
+        #: The embedded broker's port of MQTT over TLS, when it serves one.
+        self.mqtt_tls_port: int | None = None
         #: The transports that deliver commands and drop devices on request.
         self.command_transports: list[CommandTransport] = []
         self.http: HttpStatusServer | None = None
@@ -96,6 +99,10 @@ class HubApp:
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
+        settings = self.settings
+        if settings.mqtt_enabled and not settings.mqtt_external_url and settings.mqtt_tls_enabled:
+            # A bad TLS file stops the start before anything else runs.
+            server_context(settings)
         # The worker's own check (settings, handler modules) runs while the hub
         # prepares; it must pass before any device is accepted.
         checked = (
@@ -169,6 +176,7 @@ class HubApp:
         self.mqtt = broker
         await broker.start()
         self.mqtt_listener = broker
+        self.mqtt_tls_port = broker.tls_port
         self._add_command_transport(broker)
 
     def _add_command_transport(self, transport: CommandTransport) -> None:
@@ -313,6 +321,10 @@ class HubApp:
         if self.mqtt_listener is not None:
             port = self.mqtt_listener.port
             found.append(Listener("mqtt", self.settings.host, port, "embedded broker"))
+            if self.mqtt_tls_port is not None:
+                found.append(
+                    Listener("mqtt-tls", self.settings.host, self.mqtt_tls_port, "MQTT over TLS")
+                )
         if self.http is not None:
             found.append(
                 Listener(

@@ -25,7 +25,7 @@ import click
 
 from hub import __version__
 from hub.errors import ConfigError
-from hubapp import cli_accounts, cli_dead_letters, cli_devices
+from hubapp import cli_accounts, cli_ca, cli_dead_letters, cli_devices
 from hubapp.cli_common import emit_json, friendly_errors, settings_from
 
 
@@ -249,6 +249,7 @@ main.add_command(cli_devices.send)
 main.add_command(cli_accounts.users)
 main.add_command(cli_accounts.tokens)
 main.add_command(cli_dead_letters.dead_letters_group)
+main.add_command(cli_ca.ca)
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,7 @@ commands by name).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -29,19 +30,47 @@ def devices() -> None:
 
 @devices.command("add")
 @click.argument("device_id")
+@click.option(
+    "--cert-out",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Also issue a certificate for mutual TLS into this folder (ID.crt, ID.key).",
+)
+@click.option(
+    "--ca-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The CA of --cert-out (`hub ca init`). Default: DATA_DIR/ca.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @friendly_errors
-def devices_add(ctx: click.Context, device_id: str, as_json: bool) -> None:
+def devices_add(
+    ctx: click.Context,
+    device_id: str,
+    cert_out: Path | None,
+    ca_dir: Path | None,
+    as_json: bool,
+) -> None:
     """Register DEVICE_ID and print its new credential (shown only once)."""
+    from hubapp import certificates
+    from hubapp.cli_ca import default_ca_dir
+
+    ca_dir = ca_dir or default_ca_dir(ctx)
+    if cert_out is not None:
+        certificates.check_ca(ca_dir)  # before the device is added: no device without its cert
     registry = registry_from(ctx, create=True)
     credential = registry.add(device_id)
     audit_cli(registry, "device.add", device_id)
+    issued = None if cert_out is None else certificates.issue_device(ca_dir, device_id, cert_out)
     if as_json:
-        emit_json({"device_id": device_id, "credential": credential})
-    else:
-        click.echo(f"device {device_id} added; its credential (shown only once):")
-        click.echo(credential)
+        shown: dict[str, str] = {"device_id": device_id, "credential": credential}
+        if issued is not None:
+            shown |= {"cert_file": str(issued.cert), "key_file": str(issued.key)}
+        emit_json(shown)
+        return
+    click.echo(f"device {device_id} added; its credential (shown only once):")
+    click.echo(credential)
+    if issued is not None:
+        click.echo(f"its certificate: {issued.cert}, key: {issued.key}")
 
 
 @devices.command("list")

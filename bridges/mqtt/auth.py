@@ -9,7 +9,11 @@ amqtt instantiates plugins itself from dotted paths, so the one `DeviceAccess`
 instance reaches them through their plugin configuration (`{"access": ...}`).
 
 A device connects with username = its device id and password = its registry
-credential. Its session's `SessionState` (bridges.mqtt.state) then carries
+credential, or, over TLS with `tls_identity` = cn/san, with a client
+certificate signed by `tls_ca_file` that names it (bridges.tls,
+docs/security.md): the certificate is then its credential, any username must
+be the same device id, and a certificate naming a device the registry does not
+hold is refused (`unknown_device`). Its session's `SessionState` (bridges.mqtt.state) then carries
 the device id; the bridge trusts only that, never the topic, to decide whose
 message it is.
 
@@ -31,6 +35,7 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from bridges.mqtt.state import device_of, state_of
+from bridges.tls import certificate_identity
 from hub.envelope import validate_device_id
 from hub.errors import AuthError, EnvelopeError
 from hub.metrics import Metrics
@@ -46,6 +51,8 @@ UNKNOWN_DEVICE = "unknown_device"
 BAD_CREDENTIAL = "bad_credential"
 CLIENT_ID_IN_USE = "client_id_in_use"
 WILL_TOPIC = "will_topic"
+#: A certificate names one device and the CONNECT's username another.
+CERTIFICATE_MISMATCH = "certificate_mismatch"
 INTERNAL_ERROR = "internal_error"
 
 
@@ -61,6 +68,7 @@ class DeviceAccess:
     ) -> None:
         self._root = settings.mqtt_topic_root
         self._allow_anonymous = settings.mqtt_allow_anonymous
+        self._identity = settings.tls_identity
         self._credentials = credentials
         self._refresh = refresh_credentials
         self._metrics = metrics
@@ -70,6 +78,11 @@ class DeviceAccess:
     async def authenticate(self, session: Session) -> bool:
         """True when the client may connect; counts and logs a refusal once."""
         username = session.username
+        if session.ssl_object is not None and self._identity != "off":
+            # A verified certificate (the handshake checked CA, dates and CRL).
+            named = certificate_identity(session.ssl_object.getpeercert(), self._identity)
+            if named is not None:
+                return await self._authenticate_certificate(session, named)
         if username is None:
             if not self._allow_anonymous:
                 return self._refuse(session, None, ANONYMOUS)
@@ -93,6 +106,23 @@ class DeviceAccess:
             self._credentials.verify(device_id, session.password)
         except AuthError as exc:
             return self._refuse(session, device_id, exc.reason)
+        return self._accept(session, device_id)
+
+    async def _authenticate_certificate(self, session: Session, named: str) -> bool:
+        """The device a verified client certificate names, which needs no password."""
+        try:
+            device_id = validate_device_id(named)
+        except EnvelopeError:
+            return self._refuse(session, named, UNKNOWN_DEVICE)
+        if session.username is not None and session.username != device_id:
+            return self._refuse(session, device_id, CERTIFICATE_MISMATCH)
+        if self._credentials.missing(device_id):
+            await self._refresh(device_id)
+            if self._credentials.missing(device_id):
+                return self._refuse(session, device_id, UNKNOWN_DEVICE)
+        return self._accept(session, device_id)
+
+    def _accept(self, session: Session, device_id: str) -> bool:
         if session.will_flag and not may_publish(device_id, session.will_topic or "", self._root):
             # amqtt publishes a will without asking the topic ACL, so a will on
             # another device's command topic would be a forged command.

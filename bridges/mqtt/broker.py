@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 
 from amqtt.contexts import BrokerConfig, ListenerConfig, ListenerType
@@ -26,12 +27,18 @@ from amqtt.session import Session
 
 from bridges.mqtt.auth import DeviceAccess, DeviceAuthPlugin, DeviceTopicPlugin
 from bridges.mqtt.delivery import DeliveringBroker
-from bridges.mqtt.listener import LIMIT_LOG_INTERVAL_S, ListeningBroker, bind_mqtt
+from bridges.mqtt.listener import (
+    LIMIT_LOG_INTERVAL_S,
+    ListeningBroker,
+    bind_mqtt,
+    bind_mqtt_tls,
+)
 from bridges.mqtt.reachability import ReachableBroker
 from bridges.mqtt.sessions import SessionBroker
 from bridges.mqtt.state import device_of
 from bridges.mqtt.subscriptions import SubscriptionIndex, SubscriptionTable
 from bridges.mqtt.tap import MqttUplink, TapConfig
+from bridges.tls import server_context
 from bridges.transport import ConnectionEvents, EnvelopeSink
 from hub.commands import PendingCommand
 from hub.errors import EnvelopeError
@@ -43,6 +50,8 @@ from hub.topics import PayloadLimits, command_message, command_topic
 log = logging.getLogger(__name__)
 
 _LISTENER = "default"
+#: MQTT over TLS: a second listener of the same broker (bridges.mqtt.listener).
+_TLS_LISTENER = "tls"
 
 
 def _plugin_path(cls: type) -> str:
@@ -56,7 +65,8 @@ class HubBroker(SessionBroker, ReachableBroker, DeliveringBroker, ListeningBroke
         self,
         config: BrokerConfig,
         *,
-        listen_socket: socket.socket,
+        listen_sockets: dict[str, socket.socket],
+        ssl_contexts: dict[str, ssl.SSLContext],
         tap: TapConfig,
         max_packet_bytes: int,
         connect_timeout_s: float,
@@ -75,7 +85,9 @@ class HubBroker(SessionBroker, ReachableBroker, DeliveringBroker, ListeningBroke
         self._metrics = metrics
         self._tap = tap
         # bridges.mqtt.listener
-        self._listen_socket = listen_socket
+        self._listen_sockets = listen_sockets
+        self._ssl_contexts = ssl_contexts
+        self._default_listener = _LISTENER
         self._max_packet_bytes = max_packet_bytes
         self._connect_timeout_s = connect_timeout_s
         self._max_topic_levels = max_topic_levels
@@ -147,15 +159,27 @@ class EmbeddedMqtt:
         self._broker: HubBroker | None = None
 
     async def start(self) -> None:
-        """Bind `host`:`mqtt_port` (0: a free port) and start accepting devices."""
-        host, port = self._settings.host, self._settings.mqtt_port
-        sock = await bind_mqtt(host, port)
-        bound = sock.getsockname()[1]
+        """Bind `host`:`mqtt_port` (0: a free port), and `mqtt_tls_port` when TLS
+        is on, and start accepting devices. A bad TLS file is a ConfigError
+        raised before any port is bound."""
+        settings = self._settings
+        host = settings.host
+        contexts = {_TLS_LISTENER: server_context(settings)} if settings.mqtt_tls_enabled else {}
+        sockets = {_LISTENER: await bind_mqtt(host, settings.mqtt_port)}
+        try:
+            if contexts:
+                sockets[_TLS_LISTENER] = await bind_mqtt_tls(host, settings.mqtt_tls_port)
+        except BaseException:
+            sockets[_LISTENER].close()
+            raise
         shown_host = f"[{host}]" if ":" in host else host
         plugin_config = {"access": self._access}
         config = BrokerConfig(
             listeners={
-                _LISTENER: ListenerConfig(type=ListenerType.TCP, bind=f"{shown_host}:{bound}")
+                name: ListenerConfig(
+                    type=ListenerType.TCP, bind=f"{shown_host}:{sock.getsockname()[1]}"
+                )
+                for name, sock in sockets.items()
             },
             plugins={
                 _plugin_path(DeviceAuthPlugin): plugin_config,
@@ -164,7 +188,8 @@ class EmbeddedMqtt:
         )
         broker = HubBroker(
             config,
-            listen_socket=sock,
+            listen_sockets=sockets,
+            ssl_contexts=contexts,
             tap=self._tap,
             max_packet_bytes=self._settings.mqtt_max_packet_bytes,
             connect_timeout_s=self._settings.mqtt_connect_timeout_s,
@@ -179,16 +204,25 @@ class EmbeddedMqtt:
         try:
             await broker.start()
         except BaseException:
-            sock.close()
+            for sock in sockets.values():
+                sock.close()
             raise
         self._broker = broker
         log.info(
             "MQTT broker listening on %s:%d (topics under %s/, anonymous %s)",
             host,
-            bound,
-            self._settings.mqtt_topic_root,
-            "allowed" if self._settings.mqtt_allow_anonymous else "refused",
+            broker.port,
+            settings.mqtt_topic_root,
+            "allowed" if settings.mqtt_allow_anonymous else "refused",
         )
+        if contexts:
+            log.info(
+                "MQTT over TLS listening on %s:%d (client certificate %s, identity %s)",
+                host,
+                broker.listener_port(_TLS_LISTENER),
+                "required" if settings.tls_require_certificate else "optional",
+                settings.tls_identity,
+            )
 
     @property
     def port(self) -> int:
@@ -196,6 +230,13 @@ class EmbeddedMqtt:
         if self._broker is None:
             raise RuntimeError("the embedded MQTT broker is not started")
         return self._broker.port
+
+    @property
+    def tls_port(self) -> int | None:
+        """The port of MQTT over TLS; None when it is off."""
+        if self._broker is None:
+            raise RuntimeError("the embedded MQTT broker is not started")
+        return self._broker.listener_port(_TLS_LISTENER)
 
     @property
     def serving(self) -> bool:

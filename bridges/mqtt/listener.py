@@ -3,11 +3,16 @@
 Layer: bridges; imports the `hub` core, `bridges.listen`, the other
 `bridges.mqtt` modules and amqtt.
 
-- `bind_mqtt` binds `host`:`mqtt_port` through `bridges.listen.bind`, so a
-  port in use is a `ConfigError` naming the setting (and the way to bridge
-  from the broker holding it), not an amqtt traceback.
+- `bind_mqtt` binds `host`:`mqtt_port` (and `bind_mqtt_tls` `mqtt_tls_port`)
+  through `bridges.listen.bind`, so a port in use is a `ConfigError` naming
+  the setting (and the way to bridge from the broker holding it), not an
+  amqtt traceback.
 - `ListeningBroker` is amqtt's `Broker` with these overrides:
-  `_create_server_instance` serves that socket; `stream_connected` closes a
+  `_create_server_instance` serves the socket bound for each listener, with
+  the listener's SSL context if it has one (MQTT over TLS: the same broker
+  and accept path, so the same limits, authentication and ACL; the TLS
+  handshake, after the connection limit, has `mqtt_connect_timeout_s` and a
+  failed one is counted, `tls_handshake`); `stream_connected` closes a
   connection beyond `mqtt_max_connections` at once (counted), and reads the
   others through a `PacketReader` (bridges.mqtt.reader: whole, checked
   packets; size limit; CONNECT timeout; keep-alive at 1.5x) and always closes
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from functools import partial
 from typing import Any
 
@@ -46,17 +52,33 @@ _PORT_SETTING = PortSetting(
     alternative="or bridge from that broker with mqtt_external_url / HUB_MQTT_EXTERNAL_URL",
 )
 
+_TLS_PORT_SETTING = PortSetting(
+    what="MQTT over TLS",
+    key="mqtt_tls_port",
+    env="HUB_MQTT_TLS_PORT",
+    hint="(another broker such as Mosquitto?)",
+    alternative="or turn it off with 0",
+)
+
 
 async def bind_mqtt(host: str, port: int) -> socket.socket:
     """Bind the broker's listening socket (0: a free port); a busy port is a ConfigError."""
     return await bind(host, port, _PORT_SETTING, backlog=BACKLOG)
 
 
+async def bind_mqtt_tls(host: str, port: int) -> socket.socket:
+    """Bind the socket of MQTT over TLS; a busy port is a ConfigError naming mqtt_tls_port."""
+    return await bind(host, port, _TLS_PORT_SETTING, backlog=BACKLOG)
+
+
 class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     """amqtt's broker on a socket bound by the hub; see the module docstring.
     `bridges.mqtt.broker.HubBroker` sets the attributes below."""
 
-    _listen_socket: socket.socket
+    #: The socket bound for each listener name, and the SSL context of a TLS one.
+    _listen_sockets: dict[str, socket.socket]
+    _ssl_contexts: dict[str, ssl.SSLContext]
+    _default_listener: str
     _metrics: Metrics
     _max_packet_bytes: int
     _connect_timeout_s: float
@@ -69,7 +91,12 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
 
     @property
     def port(self) -> int:
-        return int(self._listen_socket.getsockname()[1])
+        return int(self._listen_sockets[self._default_listener].getsockname()[1])
+
+    def listener_port(self, listener_name: str) -> int | None:
+        """The port a listener is bound to; None when the broker has no such listener."""
+        sock = self._listen_sockets.get(listener_name)
+        return None if sock is None else int(sock.getsockname()[1])
 
     async def _create_server_instance(
         self,
@@ -83,10 +110,12 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             return await super()._create_server_instance(
                 listener_name, listener_type, address, port, ssl_context
             )
+        # amqtt builds no context (the listener has no "ssl" key): the hub's own
+        # (bridges.tls) is used in `stream_connected`, so the TLS handshake
+        # comes after the connection limit and its failures are counted.
         return await asyncio.start_server(
             partial(self.stream_connected, listener_name=listener_name),
-            sock=self._listen_socket,
-            ssl=ssl_context,
+            sock=self._listen_sockets[listener_name],
             backlog=BACKLOG,
         )
 
@@ -101,9 +130,25 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             return
         self._open_connections += 1
         try:
-            await self._serve_stream(reader, writer, listener_name)
+            context = self._ssl_contexts.get(listener_name)
+            if context is None or await self._handshake(writer, context):
+                await self._serve_stream(reader, writer, listener_name)
         finally:
             self._open_connections -= 1
+
+    async def _handshake(self, writer: asyncio.StreamWriter, context: ssl.SSLContext) -> bool:
+        """The server side of the TLS handshake, within `mqtt_connect_timeout_s`.
+        A failure (no TLS, a client certificate refused: another CA, expired,
+        revoked) is counted, logged at DEBUG (a scan must not flood the log)
+        and closes the connection."""
+        try:
+            await writer.start_tls(context, ssl_handshake_timeout=self._connect_timeout_s)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            self._metrics.connections_refused.labels("mqtt", "tls_handshake").inc()
+            log.debug("MQTT over TLS: handshake with %s failed: %s", _peer(writer), exc)
+            writer.transport.abort()
+            return False
+        return True
 
     def _refused_at_limit(self) -> None:
         """Count a connection closed at `mqtt_max_connections`; log at most one
@@ -124,8 +169,7 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     async def _serve_stream(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
-        peer = writer.get_extra_info("peername")
-        peer_text = f"{peer[0]}:{peer[1]}" if peer else "unknown peer"
+        peer_text = _peer(writer)
         packets = PacketReader(
             reader,
             max_packet_bytes=self._max_packet_bytes,
@@ -149,3 +193,8 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     def _violation(self, violation: ProtocolViolation, peer: str) -> None:
         self._metrics.protocol_errors.labels("mqtt", violation.reason).inc()
         log.warning("MQTT client %s: %s; closing the connection", peer, violation)
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if peer else "unknown peer"

@@ -104,3 +104,53 @@ def test_hub_run_on_a_port_in_use_names_the_setting(tmp_path: Path, which: str) 
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert f"HUB_{which.upper()}_PORT" in result.stderr and port in result.stderr
+
+
+def test_ca_init_and_devices_add_cert_out_issue_a_device_certificate(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    ca_dir = tmp_path / "ca"
+    no_ca = hub_cli(tmp_path, "devices", "add", "meter-9", "--cert-out", str(tmp_path / "c"))
+    assert no_ca.returncode == 1 and "hub ca init" in no_ca.stderr, no_ca.stderr
+    assert "meter-9" not in hub_cli(tmp_path, "devices", "list", "--json").stdout
+
+    made = hub_cli(tmp_path, "ca", "init", "--dir", str(ca_dir))
+    assert made.returncode == 0, made.stderr
+    assert "HUB_TLS_CERT_FILE=" in made.stdout
+    again = hub_cli(tmp_path, "ca", "init", "--dir", str(ca_dir))
+    assert again.returncode == 1 and "exists already" in again.stderr
+
+    out = tmp_path / "certs"
+    added = hub_cli(
+        tmp_path,
+        "devices",
+        "add",
+        "meter-9",
+        "--cert-out",
+        str(out),
+        "--ca-dir",
+        str(ca_dir),
+        "--json",
+    )
+    assert added.returncode == 0, added.stderr
+    shown = json.loads(added.stdout)
+    assert shown["cert_file"] == str(out / "meter-9.crt")
+    cert = x509.load_pem_x509_certificate((out / "meter-9.crt").read_bytes())
+    ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
+    cert.verify_directly_issued_by(ca_cert)
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "meter-9"
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["meter-9"]
+    assert (out / "meter-9.key").stat().st_mode & 0o077 == 0  # the key is the owner's only
+
+    # The next certificate for rotation, then the old one revoked.
+    issued = hub_cli(
+        tmp_path, "ca", "issue", "meter-9", "--out", str(tmp_path / "next"), "--dir", str(ca_dir)
+    )
+    assert issued.returncode == 0, issued.stderr
+    assert (tmp_path / "next" / "meter-9.crt").exists()
+    revoked = hub_cli(tmp_path, "ca", "revoke", str(out / "meter-9.crt"), "--dir", str(ca_dir))
+    assert revoked.returncode == 0, revoked.stderr
+    crl = x509.load_pem_x509_crl((ca_dir / "crl.pem").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
