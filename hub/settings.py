@@ -132,6 +132,8 @@ class Settings(BaseSettings):
     mqtt_max_connections: int = Field(default=10_000, ge=1)
     #: QoS 1/2 messages kept for one offline persistent MQTT session; more are dropped.
     mqtt_max_queued_messages: int = Field(default=1000, ge=0)
+    #: An ACL file in Mosquitto's acl_file syntax (docs/mqtt.md, "ACL file"); SIGHUP reloads it.
+    mqtt_acl_file: Path | None = None
     http_port: int = Field(default=8080, ge=0, le=65535)
     #: Port of `hub console`, the web console and HTTP API (a process of its own).
     console_port: int = Field(default=8081, ge=0, le=65535)
@@ -179,7 +181,12 @@ class Settings(BaseSettings):
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
     @field_validator(
-        "broker_url", "database_url", "result_backend", "mqtt_external_url", mode="before"
+        "broker_url",
+        "database_url",
+        "result_backend",
+        "mqtt_external_url",
+        "mqtt_acl_file",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:

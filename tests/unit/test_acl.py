@@ -96,7 +96,7 @@ def test_a_bad_line_names_the_file_and_its_number(text: str, line: int, reason: 
 
 
 def test_load_names_a_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="ACL file .*nope.* cannot be read.*HUB_MQTT_ACL_FILE"):
+    with pytest.raises(ConfigError, match=r"ACL file .*nope.* cannot be read.*HUB_MQTT_ACL_FILE"):
         load_acl(tmp_path / "nope")
 
 
