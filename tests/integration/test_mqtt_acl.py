@@ -172,6 +172,9 @@ def test_the_file_may_narrow_a_device(acl_broker: Callable[..., Broker], clients
     time.sleep(0.3)
     bridged = sorted((e.device_id, e.kind.value) for e in b.dispatcher.data())
     assert bridged == [("dev-1", "telemetry"), ("dev-2", "state"), ("dev-2", "telemetry")]
+    # Each refusal counted once, though the tap and amqtt both ask.
+    assert b.counter("hub_acl_refusals_total", action="publish") == 3
+    assert b.counter("hub_acl_refusals_total", action="subscribe") == 1
 
 
 def test_a_reload_takes_effect_without_disconnecting_anyone(
