@@ -147,6 +147,8 @@ class Settings(BaseSettings):
     tls_require_certificate: bool = False
     #: A verified client certificate names the device (its CN, or its first DNS SAN).
     tls_identity: Literal["off", "cn", "san"] = "off"
+    #: An ACL file in Mosquitto's acl_file syntax (docs/mqtt.md, "ACL file"); SIGHUP reloads it.
+    mqtt_acl_file: Path | None = None
     http_port: int = Field(default=8080, ge=0, le=65535)
     #: Port of `hub console`, the web console and HTTP API (a process of its own).
     console_port: int = Field(default=8081, ge=0, le=65535)
@@ -202,6 +204,7 @@ class Settings(BaseSettings):
         "tls_key_file",
         "tls_ca_file",
         "tls_crl_file",
+        "mqtt_acl_file",
         mode="before",
     )
     @classmethod

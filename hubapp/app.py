@@ -82,6 +82,8 @@ class HubApp:
         #: The transports that deliver commands and drop devices on request.
         self.command_transports: list[CommandTransport] = []
         self.http: HttpStatusServer | None = None
+        #: What SIGHUP reloads (`reload`): the embedded broker's ACL file.
+        self._reloaders: list[Callable[[], None]] = []
         self._worker: WorkerChild | None = None
         self._heartbeat: asyncio.Future[None] | None = None
         self._beat_write: asyncio.Future[None] | None = None
@@ -162,6 +164,8 @@ class HubApp:
             await bridge.start()
             # Not a CommandTransport: passing it to _add_command_transport is a type error.
             log.warning("MQTT devices get no commands: %s", bridge.commands_unsupported_reason)
+            if self.settings.mqtt_acl_file is not None:
+                log.warning("mqtt_acl_file is ignored: the external broker applies its own ACL")
             return
         from bridges.mqtt.broker import EmbeddedMqtt
 
@@ -177,6 +181,8 @@ class HubApp:
         await broker.start()
         self.mqtt_listener = broker
         self.mqtt_tls_port = broker.tls_port
+        if self.settings.mqtt_acl_file is not None:
+            self._reloaders.append(broker.reload_acl)
         self._add_command_transport(broker)
 
     def _add_command_transport(self, transport: CommandTransport) -> None:
@@ -263,6 +269,18 @@ class HubApp:
                 log.exception("could not write the hub's heartbeat")
             await asyncio.sleep(self.settings.hub_heartbeat_s)
 
+    def reload(self) -> None:
+        """Reload what can change while the hub runs (SIGHUP): the MQTT ACL
+        file. No connection is dropped; a file that no longer parses leaves the
+        rules in force and logs why."""
+        if not self._reloaders:
+            log.info("reload requested (SIGHUP): nothing to reload")
+        for reload in self._reloaders:
+            try:
+                reload()
+            except Exception:  # boundary: a reload must never stop the hub
+                log.exception("reload failed")
+
     def _worker_unusable(self, error: ConfigError) -> None:
         """The in-hub worker's configuration is invalid: stop the hub with its error."""
         self.fatal = error
@@ -287,6 +305,7 @@ class HubApp:
             await server.stop()
         self.tcp_servers.clear()
         self.command_transports.clear()
+        self._reloaders.clear()
         if self.mqtt is not None:
             await self.mqtt.stop()
             self.mqtt = None

@@ -42,17 +42,20 @@ def raise_open_file_limit() -> int | None:
     return hard
 
 
-#: Each ends with the same clean stop. SIGHUP is a stop for now (a reload later).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: Each ends with the same clean stop.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: Reloads what can be reloaded (the MQTT ACL file), keeping every connection.
+RELOAD_SIGNAL = signal.SIGHUP
 
 
 async def serve(
     settings: Settings, *, run_worker: bool | None = None, out: TextIO | None = None
 ) -> None:
-    """Run a hub until SIGINT, SIGTERM or SIGHUP; print where everything listens.
+    """Run a hub until SIGINT or SIGTERM; print where everything listens.
 
     A stop closes the listeners, makes every accepted message durable, and
     lets the in-hub worker finish its task (docs/delivery.md, "Stopping").
+    SIGHUP reloads the MQTT ACL file without dropping any connection.
     """
     out = out or sys.stdout
     open_files = raise_open_file_limit()
@@ -78,6 +81,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, app.stop_requested.set)
+    loop.add_signal_handler(RELOAD_SIGNAL, app.reload)
     try:
         await app.stop_requested.wait()
     finally:

@@ -3,8 +3,10 @@
 Layer: bridges; imports the `hub` core (topics, registry, metrics, envelope,
 errors, settings), `bridges.mqtt.state` and amqtt's public plugin API.
 
-`DeviceAccess` holds the rules (docs/mqtt.md, "Authentication and ACL");
-`DeviceAuthPlugin` and `DeviceTopicPlugin` are the amqtt plugins that ask it.
+`DeviceAccess` holds the rules (docs/mqtt.md, "Authentication and ACL"),
+`AclFileAccess` adds those of an ACL file (`mqtt_acl_file`, parsed and matched
+by `hub.acl`); `DeviceAuthPlugin` and `DeviceTopicPlugin` are the amqtt
+plugins that ask it.
 amqtt instantiates plugins itself from dotted paths, so the one `DeviceAccess`
 instance reaches them through their plugin configuration (`{"access": ...}`).
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from amqtt.contexts import Action
@@ -36,8 +39,9 @@ from amqtt.session import Session
 
 from bridges.mqtt.state import device_of, state_of
 from bridges.tls import certificate_identity
+from hub.acl import Access, ClientRules, load_acl
 from hub.envelope import validate_device_id
-from hub.errors import AuthError, EnvelopeError
+from hub.errors import AuthError, ConfigError, EnvelopeError
 from hub.metrics import Metrics
 from hub.registry import CredentialCache
 from hub.settings import Settings
@@ -58,6 +62,9 @@ INTERNAL_ERROR = "internal_error"
 
 class DeviceAccess:
     """The connect, publish and subscribe rules of the embedded broker."""
+
+    #: Whether an ACL file adds rules (then anonymous clients' wills are checked too).
+    has_acl_file = False
 
     def __init__(
         self,
@@ -86,6 +93,8 @@ class DeviceAccess:
         if username is None:
             if not self._allow_anonymous:
                 return self._refuse(session, None, ANONYMOUS)
+            if session.will_flag and not self._will_allowed(session, None):
+                return self._refuse(session, None, WILL_TOPIC)
             state = state_of(session)
             state.authenticated, state.device_id = True, None
             # amqtt's own flag would discard an anonymous client's persistent
@@ -123,7 +132,7 @@ class DeviceAccess:
         return self._accept(session, device_id)
 
     def _accept(self, session: Session, device_id: str) -> bool:
-        if session.will_flag and not may_publish(device_id, session.will_topic or "", self._root):
+        if session.will_flag and not self._will_allowed(session, device_id):
             # amqtt publishes a will without asking the topic ACL, so a will on
             # another device's command topic would be a forged command.
             return self._refuse(session, device_id, WILL_TOPIC)
@@ -131,6 +140,15 @@ class DeviceAccess:
         state.authenticated, state.device_id, state.refusal = True, device_id, None
         session.is_anonymous = False
         return True
+
+    def _will_allowed(self, session: Session, device_id: str | None) -> bool:
+        """Whether a CONNECT's will topic is one its client may publish on."""
+        if device_id is None:
+            return True  # anonymous: a plain broker
+        return may_publish(device_id, session.will_topic or "", self._root)
+
+    def reload(self) -> None:
+        """Read the ACL file again (`AclFileAccess`); without one, nothing to do."""
 
     def may_take_client_id(self, session: Session, holder: str | None) -> bool:
         """Whether the authenticated `session` may take over a client id that
@@ -204,6 +222,114 @@ class DeviceAccess:
             session.client_id if session is not None else None,
             topic,
         )
+
+
+#: Publish decisions kept per session (by topic) before they are forgotten.
+_DECISIONS_KEPT = 256
+
+
+class AclFileAccess(DeviceAccess):
+    """`DeviceAccess` with an ACL file (`mqtt_acl_file`; docs/mqtt.md, "ACL file").
+
+    A separate class, chosen when the broker is built, so that without a file
+    the PUBLISH path does no extra work at all. Clients that are not devices
+    get the file's rules. A device keeps its built-in rule, which the file can
+    only narrow: a matching deny refuses, and when the file has a `user`
+    section for the device, the action needs a grant there (or in a pattern)
+    as well. Each session's rules are compiled once per load of the file.
+    """
+
+    has_acl_file = True
+
+    def __init__(
+        self,
+        settings: Settings,
+        credentials: CredentialCache,
+        refresh_credentials: Callable[[str], Awaitable[None]],
+        metrics: Metrics,
+        acl_file: Path,
+    ) -> None:
+        super().__init__(settings, credentials, refresh_credentials, metrics)
+        self._path = acl_file
+        self._acl = load_acl(acl_file)  # a ConfigError at start, naming file and line
+        self._generation = 0
+
+    def reload(self) -> None:
+        """Read the file again. A file that no longer parses keeps the rules in
+        force (logged); connections are never dropped either way. Sessions pick
+        the new rules up at their next check."""
+        try:
+            acl = load_acl(self._path)
+        except ConfigError as exc:
+            log.error("MQTT ACL file not reloaded, the previous rules stay: %s", exc)
+            return
+        self._acl, self._generation = acl, self._generation + 1
+        log.info("MQTT ACL file %s reloaded", self._path)
+
+    def _rules(self, session: Session, device_id: str | None) -> ClientRules:
+        state = state_of(session)
+        rules = state.acl_rules
+        if rules is None or state.acl_generation != self._generation:
+            rules = self._acl.rules_for(device_id, session.client_id or "")
+            state.acl_rules, state.acl_generation = rules, self._generation
+            state.acl_publish = {}
+        return rules
+
+    def _file_allows(
+        self, session: Session, device_id: str | None, topic: str, access: Access
+    ) -> bool:
+        rules = self._rules(session, device_id)
+        if device_id is None or self._acl.has_user(device_id):
+            return rules.allows(topic, access)
+        return not rules.denies(topic)
+
+    def _will_allowed(self, session: Session, device_id: str | None) -> bool:
+        topic = session.will_topic or ""
+        if device_id is not None and not may_publish(device_id, topic, self._root):
+            return False
+        # Compiled for this CONNECT only: its state may not be the session's yet.
+        rules = self._acl.rules_for(device_id, session.client_id or "")
+        if device_id is None or self._acl.has_user(device_id):
+            return rules.allows(topic, Access.WRITE)
+        return not rules.denies(topic)
+
+    def may_publish(self, session: Session | None, topic: str) -> bool:
+        if session is None:
+            return False
+        self._rules(session, device_of(session))  # current rules, current decisions
+        decided = state_of(session).acl_publish
+        assert decided is not None  # set with the rules
+        allowed = decided.get(topic)
+        if allowed is None:
+            allowed = super().may_publish(session, topic) and self._file_allows(
+                session, device_of(session), topic, Access.WRITE
+            )
+            if len(decided) >= _DECISIONS_KEPT:
+                decided.clear()  # a client naming ever new topics: bounded
+            decided[topic] = allowed
+        return allowed
+
+    def may_subscribe(self, session: Session | None, topic_filter: str) -> bool:
+        if not super().may_subscribe(session, topic_filter):
+            return False
+        assert session is not None
+        device_id = device_of(session)
+        rules = self._rules(session, device_id)
+        if device_id is None or self._acl.has_user(device_id):
+            return rules.may_subscribe(topic_filter)
+        return not rules.denies_subscription(topic_filter)
+
+    def may_receive(self, session: Session | None, topic: str) -> bool:
+        if session is None:
+            return False
+        return self._file_allows(session, device_of(session), topic, Access.READ)
+
+    def check(self, session: Session | None, topic: str, action: str) -> bool:
+        if action == Action.RECEIVE:
+            # Not counted as a refusal: a subscription granted before a reload,
+            # or one a deny covers only in part, just misses these topics.
+            return self.may_receive(session, topic)
+        return super().check(session, topic, action)
 
 
 # amqtt ships no type information, so its base classes are `Any` to mypy.

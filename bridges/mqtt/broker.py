@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from amqtt.contexts import BrokerConfig, ListenerConfig, ListenerType
 from amqtt.session import Session
 
-from bridges.mqtt.auth import DeviceAccess, DeviceAuthPlugin, DeviceTopicPlugin
+from bridges.mqtt.auth import AclFileAccess, DeviceAccess, DeviceAuthPlugin, DeviceTopicPlugin
 from bridges.mqtt.delivery import DeliveringBroker
 from bridges.mqtt.listener import (
     LIMIT_LOG_INTERVAL_S,
@@ -145,7 +145,14 @@ class EmbeddedMqtt:
         self._metrics = metrics
         self._events = events
         self._background: set[asyncio.Future[None]] = set()
-        self._access = DeviceAccess(settings, credentials, refresh_credentials, metrics)
+        # Without an ACL file the plain rules, so that the file costs nothing then.
+        self._access = (
+            DeviceAccess(settings, credentials, refresh_credentials, metrics)
+            if settings.mqtt_acl_file is None
+            else AclFileAccess(
+                settings, credentials, refresh_credentials, metrics, settings.mqtt_acl_file
+            )
+        )
         self._tap = TapConfig(
             uplink=MqttUplink(
                 dispatcher,
@@ -155,6 +162,7 @@ class EmbeddedMqtt:
             ),
             metrics=metrics,
             max_inflight=settings.max_inflight_per_connection,
+            acl=self._access if settings.mqtt_acl_file is not None else None,
         )
         self._broker: HubBroker | None = None
 
@@ -209,11 +217,12 @@ class EmbeddedMqtt:
             raise
         self._broker = broker
         log.info(
-            "MQTT broker listening on %s:%d (topics under %s/, anonymous %s)",
+            "MQTT broker listening on %s:%d (topics under %s/, anonymous %s, ACL file %s)",
             host,
             broker.port,
             settings.mqtt_topic_root,
             "allowed" if settings.mqtt_allow_anonymous else "refused",
+            settings.mqtt_acl_file or "none",
         )
         if contexts:
             log.info(
@@ -272,6 +281,11 @@ class EmbeddedMqtt:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return True
+
+    def reload_acl(self) -> None:
+        """Read `mqtt_acl_file` again (SIGHUP), keeping every connection; the
+        rules in force stay when the file no longer parses. Nothing without a file."""
+        self._access.reload()
 
     async def disconnect_device(self, device_id: str) -> int:
         """Drop the device's connections (it was re-keyed or removed)."""

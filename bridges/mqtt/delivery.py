@@ -22,9 +22,9 @@ amqtt.
   `_publish_session_retained_messages` sends that queue on reconnect without
   RETAIN and without waiting for acknowledgements.
 - `_handle_disconnect`: messages read just before the connection ended are
-  passed on first (stock amqtt dropped them), and a device's will is checked
-  against the ACL before amqtt publishes it (stock amqtt asks no topic
-  plugin about wills).
+  passed on first (stock amqtt dropped them), and a device's will (any
+  client's, with an ACL file) is checked against the ACL before amqtt
+  publishes it (stock amqtt asks no topic plugin about wills).
 """
 
 from __future__ import annotations
@@ -163,7 +163,8 @@ class DeliveringBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         if isinstance(ended_by, DisconnectPacket) or not session.will_flag:
             return
         topic = session.will_topic or ""
-        if device_of(session) is not None and not self._access.may_publish(session, topic):
+        checked = device_of(session) is not None or self._access.has_acl_file
+        if checked and not self._access.may_publish(session, topic):
             self._access.refused(session, topic, "publish")
             session.will_flag = False
             session.will_retain = False

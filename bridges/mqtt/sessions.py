@@ -38,7 +38,7 @@ from amqtt.utils import gen_client_id
 
 from bridges.mqtt.auth import DeviceAccess
 from bridges.mqtt.state import device_of, state_of
-from bridges.mqtt.tap import BridgingHandler, TapConfig
+from bridges.mqtt.tap import AclBridgingHandler, BridgingHandler, TapConfig
 from hub.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,8 @@ class SessionBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         # period, and its write timer is rescheduled on every packet sent for a
         # callback that does nothing in a broker: both are turned off.
         session.keep_alive = 0
-        return BridgingHandler(self.plugins_manager, loop=self._loop, tap=self._tap), session
+        handler = BridgingHandler if self._tap.acl is None else AclBridgingHandler
+        return handler(self.plugins_manager, loop=self._loop, tap=self._tap), session
 
     async def _authenticate(self, session: Session, listener: ListenerConfig) -> bool:
         if _take_accepted(session):

@@ -1,6 +1,6 @@
 """What the hub keeps about one MQTT session, beside amqtt's own fields.
 
-Layer: bridges; imports amqtt's `Session` (for types) only.
+Layer: bridges; imports amqtt's `Session` (for types) and `hub.acl` only.
 
 amqtt gives each session a free-form `attributes` dict. The hub keeps one
 typed `SessionState` there, under one key, instead of a string key per fact;
@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from amqtt.session import Session
+
+from hub.acl import ClientRules
 
 #: The one key of `session.attributes` the hub uses.
 _KEY = "hub"
@@ -37,6 +39,13 @@ class SessionState:
     live: bool = False
     #: Its offline queue overflowed (logged once per absence).
     queue_full: bool = False
+    #: Its rules from the ACL file, compiled on first use, and the load of the
+    #: file they come from (a reload compiles them again).
+    acl_rules: ClientRules | None = None
+    acl_generation: int = -1
+    #: The ACL's publish decisions by topic, for those rules: decided once,
+    #: whether the tap or amqtt asks first.
+    acl_publish: dict[str, bool] | None = None
 
 
 def state_of(session: Session) -> SessionState:

@@ -42,7 +42,7 @@ from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import ApplicationMessage, Session
 
-from bridges.mqtt.auth import BAD_CREDENTIAL, UNKNOWN_DEVICE
+from bridges.mqtt.auth import BAD_CREDENTIAL, UNKNOWN_DEVICE, DeviceAccess
 from bridges.mqtt.qos import QosFlowHandler
 from bridges.mqtt.reader import PacketReader
 from bridges.mqtt.state import device_of, state_of
@@ -165,6 +165,9 @@ class TapConfig:
     uplink: MqttUplink
     metrics: Metrics
     max_inflight: int
+    #: With an ACL file: its rules may narrow what a device's publish bridges
+    #: (connections then get an `AclBridgingHandler`). None without a file.
+    acl: DeviceAccess | None = None
 
 
 class BridgingHandler(QosFlowHandler):
@@ -317,3 +320,22 @@ class BridgingHandler(QosFlowHandler):
             f"device={device_of(self.session)} client_id={client_id} "
             f"topic={publish_packet.topic_name}"
         )
+
+
+class AclBridgingHandler(BridgingHandler):
+    """`BridgingHandler` for a broker with an ACL file: a device's publish the
+    file refuses is not bridged. The decision is the ACL's own, made once per
+    session and topic (`AclFileAccess`): amqtt's check of the same publish,
+    which counts and logs the refusal, finds it made. Without a file the plain
+    handler runs, and the publish path does no extra work."""
+
+    def _tap(self, publish_packet: PublishPacket) -> asyncio.Future[None] | None:
+        acl, topic = self.tap.acl, publish_packet.topic_name
+        if (
+            acl is not None
+            and topic is not None
+            and device_of(self.session) is not None
+            and not acl.may_publish(self.session, topic)
+        ):
+            return None  # refused: acknowledged, never bridged or delivered
+        return super()._tap(publish_packet)

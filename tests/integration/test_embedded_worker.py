@@ -330,7 +330,7 @@ def test_a_worker_with_a_configuration_error_is_not_restarted_in_a_loop(
     assert "restarting" not in result.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=str)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=str)
 def test_every_stop_signal_is_a_clean_stop(data_dir: Path, sig: signal.Signals) -> None:
     """Item 7: stop accepting, make what was accepted durable, let the worker finish."""
     ((device_id, credential),) = _provision(data_dir, f"sig-{sig.name}").items()
