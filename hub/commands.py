@@ -32,6 +32,12 @@ FAILED = "failed"
 EXPIRED = "expired"
 
 
+#: The listener name a hub that bridges an external MQTT broker shows in its
+#: heartbeat; `tasks.commands.send_command` hands such a hub the commands of
+#: devices no hub holds (docs/mqtt.md, "External-broker mode").
+EXTERNAL_MQTT_LISTENER = "mqtt-external"
+
+
 def downlink_queue(hub_id: str) -> str:
     """The queue of one hub process (addressed through the default exchange)."""
     return f"hub.downlink.{hub_id}"
@@ -111,6 +117,23 @@ def mark_delivered(engine: Engine, command_id: str) -> None:
             .where(CommandRow.id == command_id, CommandRow.status == PENDING)
             .values(status=DELIVERED)
         )
+
+
+def claim_delivery(engine: Engine, command_id: str) -> bool:
+    """Move a pending, unexpired command to delivered; True for the one caller
+    that did it. The external-broker bridge publishes only after winning this
+    claim, so a command is published once however many hubs are handed it."""
+    with engine.begin() as conn:
+        result = conn.execute(
+            update(CommandRow)
+            .where(
+                CommandRow.id == command_id,
+                CommandRow.status == PENDING,
+                CommandRow.expires_at > datetime.now(UTC),
+            )
+            .values(status=DELIVERED)
+        )
+    return result.rowcount == 1
 
 
 def pending_commands(engine: Engine, device_id: str) -> list[PendingCommand]:

@@ -9,12 +9,15 @@ process it comes through, reaches `tasks.ingest.command_result`, which
 completes that result in the shared result backend; an `expire` task
 scheduled at the time to live fails it with `CommandExpired` if nothing came.
 Whoever moves the command out of `pending` first (hub.commands) writes the
-result, so exactly one outcome is ever stored.
+result, so exactly one outcome is ever stored. A command for a device no hub
+holds goes to one live hub that bridges an external MQTT broker, if any, which
+publishes it there.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import uuid
 from typing import Any
 
@@ -22,6 +25,7 @@ from celery.result import AsyncResult
 
 from hub.commands import (
     EXPIRED,
+    EXTERNAL_MQTT_LISTENER,
     FAILED,
     SUCCEEDED,
     create_command,
@@ -31,7 +35,7 @@ from hub.commands import (
 from hub.control import disconnect_message
 from hub.envelope import Envelope, validate_device_id
 from hub.errors import CommandExpired, CommandFailed, EnvelopeError, HubError
-from hub.hubs import live_hub_ids
+from hub.hubs import hubs, live_hub_ids
 from hub.routing import COMMAND_EXPIRE_TASK
 from tasks.application import app
 from tasks.db import engine
@@ -61,6 +65,8 @@ def send_command(
     command_id = uuid.uuid4().hex
     command, hub_id = create_command(engine(), command_id, device_id, name, args or {}, ttl)
     app.send_task(COMMAND_EXPIRE_TASK, args=(command_id, device_id, ttl), countdown=ttl)
+    if hub_id is None:
+        hub_id = _external_bridge_hub()
     if hub_id is not None:
         with app.producer_or_acquire() as producer:
             producer.publish(
@@ -72,6 +78,21 @@ def send_command(
                 retry_policy={"max_retries": 3},
             )
     return AsyncResult(command_id, app=app)
+
+
+def _external_bridge_hub() -> str | None:
+    """A live hub that bridges an external MQTT broker, for a device no hub holds.
+
+    Such a device may be connected to the external broker, which the hubs
+    cannot see: one of these hubs (any one; they share the broker) publishes
+    the command there (docs/mqtt.md, "External-broker mode").
+    """
+    bridging = [
+        h.beat.hub_id
+        for h in hubs(engine())
+        if h.alive and any(x.get("name") == EXTERNAL_MQTT_LISTENER for x in h.beat.listeners)
+    ]
+    return random.choice(bridging) if bridging else None
 
 
 def disconnect_device(device_id: str, reason: str) -> int:
