@@ -6,8 +6,7 @@ used by the root through these Protocols, never through `Any`, `getattr` or
 `hasattr`. What a transport can do is a type-checked fact: a transport that
 can deliver commands implements `CommandTransport`, and the root holds it as
 one where it builds it (`hubapp.app`), so handing commands to one that cannot
-is a mypy error; such a transport says why with `commands_unsupported_reason`
-(`bridges.mqtt.external.ExternalMqttBridge`).
+is a mypy error.
 """
 
 from __future__ import annotations

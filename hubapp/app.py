@@ -4,10 +4,10 @@ Layer: composition root (`hubapp`); imports the core, `bridges` and (for the
 in-hub worker's command line) `tasks.worker`.
 
 Every transport is held through the Protocols of `bridges.transport`: the
-TCP listeners and the embedded broker are `CommandTransport`s (they deliver
-commands and drop devices), the external-broker bridge is only a `Transport`,
-and which is which is fixed by their types where they are built, not looked
-up at run time.
+TCP listeners, the embedded broker and the external-broker bridge are
+`CommandTransport`s (they deliver commands and drop devices; the bridge
+drops none, since the external broker holds the connections), and what each
+can do is fixed by its type where it is built, not looked up at run time.
 
 `HubApp` starts, on one asyncio loop: the dispatcher (RabbitMQ or the
 embedded local queue), one TCP server per configured listener, the MQTT side
@@ -40,7 +40,7 @@ from bridges.tls import server_context
 from bridges.transport import CommandTransport, ListeningTransport, Transport
 from bridges.worker_stats import poll as poll_worker_stats
 from hub import __version__, hubs
-from hub.commands import PendingCommand, mark_delivered
+from hub.commands import EXTERNAL_MQTT_LISTENER, PendingCommand, mark_delivered
 from hub.control import parse_control
 from hub.errors import ConfigError, HubError
 from hub.metrics import Metrics
@@ -159,11 +159,14 @@ class HubApp:
         if self.settings.mqtt_external_url:
             from bridges.mqtt.external import ExternalMqttBridge
 
-            bridge = ExternalMqttBridge(self.settings, self.dispatcher, self.metrics)
+            bridge = ExternalMqttBridge(
+                self.settings, self.dispatcher, self.metrics, engine=self.engine
+            )
             self.mqtt = bridge
             await bridge.start()
-            # Not a CommandTransport: passing it to _add_command_transport is a type error.
-            log.warning("MQTT devices get no commands: %s", bridge.commands_unsupported_reason)
+            # The bridge's own claim marks its commands delivered, before it
+            # publishes (never twice): no second note from the root.
+            self._add_command_transport(bridge, notes_delivery=False)
             if self.settings.mqtt_acl_file is not None:
                 log.warning("mqtt_acl_file is ignored: the external broker applies its own ACL")
             return
@@ -185,10 +188,14 @@ class HubApp:
             self._reloaders.append(broker.reload_acl)
         self._add_command_transport(broker)
 
-    def _add_command_transport(self, transport: CommandTransport) -> None:
-        """Commands from the downlink go to `transport`, which may also drop devices."""
+    def _add_command_transport(
+        self, transport: CommandTransport, *, notes_delivery: bool = True
+    ) -> None:
+        """Commands from the downlink go to `transport`, which may also drop devices.
+        With `notes_delivery`, a command it delivered is marked so in the database."""
         self.command_transports.append(transport)
-        self.downlink.add_transport(self._noting_delivery(transport.deliver_command))
+        deliver = transport.deliver_command
+        self.downlink.add_transport(self._noting_delivery(deliver) if notes_delivery else deliver)
 
     # -- commands, control messages and the heartbeat (what the console sees) ----
 
@@ -344,6 +351,15 @@ class HubApp:
                 found.append(
                     Listener("mqtt-tls", self.settings.host, self.mqtt_tls_port, "MQTT over TLS")
                 )
+        if self.settings.mqtt_enabled and self.settings.mqtt_external_url:
+            # Named so in the heartbeat: send_command hands such a hub the
+            # commands of devices no hub holds (hub.commands).
+            from bridges.mqtt.external import parse_broker_url
+
+            host, port, *_ = parse_broker_url(self.settings.mqtt_external_url)
+            found.append(
+                Listener(EXTERNAL_MQTT_LISTENER, host, port, "bridge from an external broker")
+            )
         if self.http is not None:
             found.append(
                 Listener(

@@ -1,8 +1,8 @@
 """External-broker mode: bridge device messages from an MQTT broker the hub does not embed.
 
 Layer: bridges; imports the `hub` core, `bridges.transport`,
-`bridges.mqtt.tap` (the shared uplink and acknowledgement rule) and
-paho-mqtt.
+`bridges.mqtt.tap` (the shared uplink and acknowledgement rule), paho-mqtt
+and SQLAlchemy (an engine, for the delivery claim of `hub.commands`).
 
 When `mqtt_external_url` is set (e.g. `mqtt://user:pass@127.0.0.1:1883`), the
 hub embeds no broker. `ExternalMqttBridge` subscribes at QoS 1 to every
@@ -17,6 +17,17 @@ dispatcher's future for it resolved (the envelope is durable, judged by
 never becomes durable is never acknowledged, and the broker delivers it again
 when this client id reconnects (clean session 0). Devices and their
 authentication and ACL are the external broker's business.
+
+Commands: the bridge is a `CommandTransport`. The hub cannot see which
+devices are connected to the external broker, so `deliver_command` accepts
+every command it is handed: it claims the command in the database
+(`hub.commands.claim_delivery`, pending -> delivered, at most one winner
+across all hubs) and only then publishes it to `<root>/<id>/commands` at
+QoS 1. The broker queues it in the device's persistent session when the
+device is offline; a device without one misses it, and the command's time to
+live fails it, as for any command nobody answers. Results come back on
+`<root>/<id>/commands/<command id>/result`, inside the shared subscription
+(`hub.topics.uplink_filters`), and go to the workers like any uplink.
 
 Threads: paho's network thread (`loop_start`) receives; each message is
 handed to the event loop with `call_soon_threadsafe`, validated and submitted
@@ -41,13 +52,15 @@ from urllib.parse import unquote, urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
+from sqlalchemy import Engine
 
 from bridges.mqtt.tap import MqttUplink, may_acknowledge
 from bridges.transport import EnvelopeSink
-from hub.errors import ConfigError
+from hub.commands import PendingCommand, claim_delivery
+from hub.errors import ConfigError, EnvelopeError
 from hub.metrics import Metrics
 from hub.settings import Settings
-from hub.topics import PayloadLimits, uplink_filters
+from hub.topics import PayloadLimits, command_message, command_topic, uplink_filters
 
 log = logging.getLogger(__name__)
 
@@ -100,19 +113,15 @@ def default_client_id(settings: Settings) -> str:
 
 
 class ExternalMqttBridge:
-    """Bridges device messages from an external MQTT broker to the dispatcher.
+    """Bridges device messages from an external MQTT broker to the dispatcher,
+    and publishes commands there (a `bridges.transport.CommandTransport`).
 
-    A `bridges.transport.Transport` but not a `CommandTransport`: it has no
-    `deliver_command`, so the root cannot hand it commands (mypy says so).
+    `engine` is the database the delivery claims are made in; without it the
+    bridge delivers no command.
     """
 
     #: The transport's name in logs, metrics and status.
     name = "mqtt"
-    #: Why commands do not reach devices through this bridge (the root logs it).
-    commands_unsupported_reason = (
-        "command downlink over an external broker is not provided yet; commands "
-        "reach devices on the TCP listeners only (docs/mqtt.md, External-broker mode)"
-    )
 
     def __init__(
         self,
@@ -122,6 +131,7 @@ class ExternalMqttBridge:
         *,
         client_id: str | None = None,
         drain_timeout_s: float = _DRAIN_TIMEOUT_S,
+        engine: Engine | None = None,
     ) -> None:
         if not settings.mqtt_external_url:
             raise ConfigError(
@@ -141,6 +151,10 @@ class ExternalMqttBridge:
             PayloadLimits(settings.max_payload_depth, settings.max_payload_bytes),
         )
         self._drain_timeout_s = drain_timeout_s
+        self._engine = engine
+        self._commands: set[asyncio.Future[None]] = set()
+        #: Commands this bridge claimed and handed to paho for the broker.
+        self.commands_published = 0
         self.client_id = client_id or default_client_id(settings)
         group = settings.mqtt_shared_group
         self.subscriptions = [
@@ -230,6 +244,8 @@ class ExternalMqttBridge:
         """Stop taking messages, acknowledge those that become durable within a
         few seconds, then disconnect. The broker keeps the rest for this client id."""
         self._closing = True
+        if self._commands:
+            await asyncio.wait(set(self._commands), timeout=self._drain_timeout_s)
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=self._drain_timeout_s)
         await self._shutdown_client()
@@ -238,6 +254,54 @@ class ExternalMqttBridge:
         self._client.disconnect()
         # loop_stop joins paho's thread: not on the event loop.
         await asyncio.to_thread(self._client.loop_stop)
+
+    # -- commands (event loop) ---------------------------------------------------------
+
+    def deliver_command(self, command: PendingCommand) -> bool:
+        """Accept `command` for the external broker; False only when this bridge
+        cannot publish at all (no database, not started, stopping).
+
+        The hub cannot know whether the device is connected to the broker, so
+        acceptance says nothing about it: the claim and the QoS 1 publish run in
+        the background (module docstring, "Commands"). A command claimed
+        already (by this hub or another) is not published again.
+        """
+        if self._engine is None or self._loop is None or self._closing:
+            return False
+        task = asyncio.ensure_future(self._publish_command(command, self._engine))
+        self._commands.add(task)
+        task.add_done_callback(self._commands.discard)
+        return True
+
+    async def _publish_command(self, command: PendingCommand, engine: Engine) -> None:
+        try:
+            topic = command_topic(self._settings.mqtt_topic_root, command.device_id)
+            payload = command_message(command.id, command.name, command.args)
+        except (EnvelopeError, TypeError, ValueError) as exc:
+            log.error("command %s cannot be sent over MQTT: %s", command.id, exc)
+            return
+        try:
+            claimed = await asyncio.to_thread(claim_delivery, engine, command.id)
+        except Exception:  # boundary: the database is away; the command expires at its TTL
+            log.exception("could not claim command %s for the external broker", command.id)
+            return
+        if not claimed:
+            log.info("command %s was delivered, answered or expired already", command.id)
+            return
+        # Thread-safe; while disconnected paho keeps a QoS 1 message and sends
+        # it after the reconnect.
+        info = self._client.publish(topic, payload, qos=1)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            log.error("command %s not published to %s: %s", command.id, topic, info.rc)
+            return
+        self.commands_published += 1
+        log.info("command %s published to %s", command.id, topic)
+
+    async def disconnect_device(self, device_id: str) -> int:
+        """Always 0: over an external broker the hub holds no device connection
+        and cannot drop one; the broker's own authentication and ACL decide who
+        stays connected (docs/mqtt.md, "External-broker mode")."""
+        return 0
 
     # -- paho's network thread --------------------------------------------------------
 
