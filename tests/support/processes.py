@@ -234,6 +234,8 @@ class SimulatedDevice:
         *,
         messages: int | None = 0,
         rate: float = 0.0,
+        host: str = "127.0.0.1",
+        topic_root: str = "devices",
     ) -> None:
         from firmware_sim import fleet
 
@@ -241,12 +243,13 @@ class SimulatedDevice:
         self._stop_event: asyncio.Event | None = None
         options = fleet.FleetOptions(
             transport=transport,
-            host="127.0.0.1",
+            host=host,
             port=port,
             devices=[(device_id, credential)],
             messages=messages,
             rate=rate,
             linger=True,
+            topic_root=topic_root,
         )
 
         async def main() -> Any:
