@@ -9,7 +9,9 @@ connection is found in `device_connections`; the command travels to that
 hub's own queue, and a hub also delivers the pending commands of a device
 when it connects, so a command sent while the device was offline (or
 connecting) is never missed, at worst delivered twice (devices answer a
-command id once; the first answer wins).
+command id once; the first answer wins). A device no hub holds may be on an
+external MQTT broker: its command goes to a hub bridging that broker, which
+publishes it only after `claim_delivery`, so exactly once.
 """
 
 from __future__ import annotations
