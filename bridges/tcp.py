@@ -1,7 +1,7 @@
 """The TCP bridge: one listener per configured port and codec, in and out of envelopes.
 
-Layer: bridges; imports the `hub` core and `bridges.transport`, `bridges.listen`
-and `bridges.tcp_connection` only.
+Layer: bridges; imports the `hub` core and `bridges.transport`, `bridges.listen`,
+`bridges.tls` and `bridges.tcp_connection` only.
 
 One `TcpServer` per configured listener (port + codec). It binds through
 `bridges.listen.bind`, so that a busy port is an error naming `tcp_port /
@@ -15,19 +15,26 @@ an accepted HELLO, and bytes that trickle in do not extend it; the idle
 timeout is one timer per connection, armed for the exact moment the silence
 reaches `idle_timeout_s`; and beyond `tcp_max_connections` open connections a
 new one is closed as soon as it is accepted. Each of these is counted.
+
+A listener with `tls = true` speaks the same codec over TLS, with the SSL
+context of MQTT over TLS (`bridges.tls.server_context`); the handshake starts
+only once a connection is admitted (bridges/tcp_connection.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 
 from bridges.listen import PortSetting, bind
 from bridges.tcp_connection import DeviceConnection, ListenerContext
+from bridges.tls import server_context
 from bridges.transport import ConnectionEvents, EnvelopeSink
 from hub.commands import PendingCommand
+from hub.errors import ConfigError
 from hub.metrics import Metrics
 from hub.protocol.base import CodecFactory
 from hub.protocol.discovery import load_codec
@@ -38,9 +45,11 @@ __all__ = [
     "CONNECTION_LIMIT",
     "HELLO_TIMEOUT",
     "IDLE_TIMEOUT",
+    "TLS_HANDSHAKE",
     "DeviceConnection",
     "ListenerContext",
     "TcpServer",
+    "listener_ssl_context",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,8 +58,23 @@ log = logging.getLogger(__name__)
 HELLO_TIMEOUT = "hello_timeout"
 IDLE_TIMEOUT = "idle_timeout"
 CONNECTION_LIMIT = "connection_limit"
+TLS_HANDSHAKE = "tls_handshake"
 #: At most one log line per this many seconds about connections refused at the limit.
 _LIMIT_LOG_INTERVAL_S = 10.0
+
+
+def listener_ssl_context(settings: Settings, listener: TcpListener) -> ssl.SSLContext | None:
+    """The SSL context of a `tls = true` listener (None for one in the clear); a
+    one-line ConfigError when the hub's TLS settings cannot serve it."""
+    if not listener.tls:
+        return None
+    if settings.tls_cert_file is None:
+        raise ConfigError(
+            f"tcp_listeners: the {listener.codec} listener on port {listener.port} has "
+            "tls = true, but setting 'tls_cert_file' (HUB_TLS_CERT_FILE) is not set",
+            key="tcp_listeners",
+        )
+    return server_context(settings)
 
 
 class TcpServer:
@@ -74,6 +98,7 @@ class TcpServer:
         self.requested_port = listener.port
         self.codec_name = listener.codec
         self.codec_factory: CodecFactory = load_codec(listener.codec)
+        self.tls = listener.tls
         self.max_connections = settings.tcp_max_connections
         self._limit_refusals = metrics.connections_refused.labels("tcp", CONNECTION_LIMIT)
         self._limit_logged_at = -_LIMIT_LOG_INTERVAL_S
@@ -105,6 +130,9 @@ class TcpServer:
             connections=self.connections,
             devices=self.devices,
             background=self.background,
+            ssl_context=listener_ssl_context(settings, listener),
+            tls_identity=settings.tls_identity,
+            tls_handshake_failures=metrics.connections_refused.labels("tcp", TLS_HANDSHAKE),
         )
         self._server: asyncio.Server | None = None
 
@@ -141,7 +169,7 @@ class TcpServer:
             self.host,
             self.requested_port,
             PortSetting(
-                "TCP",
+                "TCP over TLS" if self.tls else "TCP",
                 "tcp_port",
                 "HUB_TCP_PORT",
                 f"(the {self.codec_name} listener; every listener and its port can be "
