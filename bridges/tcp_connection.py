@@ -14,12 +14,9 @@ a protocol violation gets a NAK with its reason and a close: it never touches
 another device's connection.
 
 On a TLS listener (`tls = true`, docs/security.md, "TCP over TLS") the
-connection is accepted in the clear and counted against the limit first; only
-an admitted one starts the TLS handshake (`loop.start_tls`), so a flood beyond
-the limit costs no handshake. The handshake runs within the HELLO deadline; a
-failed one is counted (`hub_connections_refused_total{reason="tls_handshake"}`)
-and closes only that connection. With `tls_identity` on, a HELLO for another
-device than the one the verified client certificate names is refused.
+listener does the handshake (bridges/tcp.py) and the connection starts with a
+TLS transport. With `tls_identity` on, a HELLO for another device than the one
+the verified client certificate names is refused.
 
 Everything a connection needs of its listener is in one `ListenerContext`,
 built once per listener (`bridges.tcp.TcpServer`) and shared by its
@@ -33,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -111,11 +107,9 @@ class ListenerContext:
     devices: dict[str, DeviceConnection]
     #: Tasks in flight (registry look-ups), held so they are not collected.
     background: set[asyncio.Future[None]]
-    #: The listener's TLS (None: in the clear), and whether a client
-    #: certificate names the device (bridges.tls.certificate_identity).
-    ssl_context: ssl.SSLContext | None = None
+    #: Whether a client certificate names the device (TLS listeners;
+    #: bridges.tls.certificate_identity).
     tls_identity: IdentityMode = "off"
-    tls_handshake_failures: Counter | None = None
 
 
 class DeviceConnection(asyncio.Protocol):
@@ -146,8 +140,6 @@ class DeviceConnection(asyncio.Protocol):
         self._commands_sent: set[str] = set()
         #: The device a verified client certificate names (TLS with tls_identity).
         self._certified: str | None = None
-        #: The TLS handshake is under way: frames wait in the codec until it ends.
-        self._handshaking = False
         self.peer = "?"
 
     # -- asyncio.Protocol ----------------------------------------------------
@@ -172,47 +164,9 @@ class DeviceConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._hello_handle = loop.call_later(ctx.hello_timeout_s, self._hello_deadline)
         self._arm_idle_timer(ctx.idle_timeout_s)
-        if ctx.ssl_context is not None:
-            # Not a byte read in the clear: the handshake reads them all.
-            self._transport.pause_reading()
-            self._handshaking = True
-            task = asyncio.ensure_future(self._start_tls(ctx.ssl_context))
-            ctx.background.add(task)
-            task.add_done_callback(ctx.background.discard)
-
-    async def _start_tls(self, context: ssl.SSLContext) -> None:
-        """The server side of the TLS handshake, within what is left of the
-        HELLO deadline; the connection's transport is then the TLS one."""
-        raw = self._transport
-        assert raw is not None
-        ctx = self._ctx
-        tls: asyncio.Transport | None = None
-        failure = "closed during the handshake"
-        try:
-            tls = await asyncio.get_running_loop().start_tls(
-                raw, self, context, server_side=True, ssl_handshake_timeout=ctx.hello_timeout_s
-            )
-        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-            failure = str(exc) or type(exc).__name__
-        if tls is None or self._closing:
-            # A deadline that closed it was counted as such; anything else is
-            # a failed handshake (no TLS, a client certificate refused).
-            if not self._closing and ctx.tls_handshake_failures is not None:
-                ctx.tls_handshake_failures.inc()
-            log.debug("TCP over TLS: handshake with %s failed: %s", self.peer, failure)
-            self._closing = True
-            if tls is not None:
-                tls.abort()
-            raw.abort()
-            # The TLS layer may not call connection_lost for a handshake that failed.
-            self.connection_lost(None)
-            return
-        self._transport = tls
-        self._certified = certificate_identity(tls.get_extra_info("peercert"), ctx.tls_identity)
-        # The TLS layer hands over data that came with its last handshake
-        # message before start_tls returns: the HELLO may be in the codec already.
-        self._handshaking = False
-        self._process()
+        if ctx.tls_identity != "off":
+            peercert = self._transport.get_extra_info("peercert")
+            self._certified = certificate_identity(peercert, ctx.tls_identity)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -221,8 +175,6 @@ class DeviceConnection(asyncio.Protocol):
                 handle.cancel()
         if not self._admitted:
             return
-        # Once only: after a failed TLS handshake this may be called twice.
-        self._admitted = False
         self._ctx.connections.discard(self)
         self._ctx.metrics.connections.labels("tcp").dec()
         if self.device_id is not None and self._ctx.devices.get(self.device_id) is self:
@@ -251,7 +203,7 @@ class DeviceConnection(asyncio.Protocol):
     # -- events ------------------------------------------------------------
 
     def _process(self) -> None:
-        while not self._closing and not self._authenticating and not self._handshaking:
+        while not self._closing and not self._authenticating:
             try:
                 event = self._codec.next_event()
             except RemoteProtocolError as exc:

@@ -132,11 +132,29 @@ def test_a_plain_client_on_the_tls_port_fails_cleanly_and_others_are_served(
         summary = fleet(hub, creds, ca, messages=20)
         assert summary.acknowledged == summary.sent == 60, summary
     with silent:
-        # A client that never starts its handshake is closed at the HELLO deadline.
+        # A client that never starts its handshake is closed at the handshake timeout.
         assert closed(silent, within_s=10)
-    assert wait_until(lambda: handshake_failures(hub) >= 1, timeout=10)
+    assert wait_until(lambda: handshake_failures(hub) == 2, timeout=10)
     assert hub.counter("hub_messages_acked_total", transport="tcp") == 60
     assert hub.call_soon(lambda: len(hub.app.tcp_servers[0].connections)) == 0
+
+
+def test_beyond_the_connection_limit_no_handshake_is_started(
+    running_hub: StartHub, ca: Path
+) -> None:
+    hub = running_hub(**tls_settings(ca, tcp_max_connections=1))
+    tls_port = port(hub, tls=True)
+    server = hub.app.tcp_servers[0]
+    with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as admitted:
+        # Admitted, its handshake not even started: it counts against the limit.
+        assert wait_until(lambda: hub.call_soon(lambda: server.handshakes_in_progress) == 1)
+        with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as beyond:
+            # Closed at once, before any handshake could start.
+            assert closed(beyond, within_s=5)
+        assert not closed(admitted, within_s=0.5)
+        reason = "connection_limit"
+        assert hub.counter("hub_connections_refused_total", transport="tcp", reason=reason) == 1
+        assert handshake_failures(hub) == 0
 
 
 def test_a_certificate_naming_another_device_is_refused_and_counted(
