@@ -136,7 +136,7 @@ class TcpServer:
             connections=self.connections,
             devices=self.devices,
             background=self.background,
-            tls_identity=settings.tls_identity,
+            tls_identity=settings.tls_identity if listener.tls else "off",
         )
         self._server: asyncio.Server | None = None
         self._ssl = listener_ssl_context(settings, listener)
@@ -145,6 +145,7 @@ class TcpServer:
         self._sock: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
+        self._accept_logged_at = -_LIMIT_LOG_INTERVAL_S
 
     def refused_at_limit(self) -> None:
         """Count a connection closed at `tcp_max_connections`; log at most one
@@ -214,7 +215,10 @@ class TcpServer:
             try:
                 conn, _address = await loop.sock_accept(sock)
             except OSError as exc:  # out of descriptors: let some close first
-                log.warning("TCP over TLS port %d: accept failed: %s", self.port, exc)
+                now = time.monotonic()
+                if now - self._accept_logged_at >= _LIMIT_LOG_INTERVAL_S:
+                    log.warning("TCP over TLS port %d: accept failed: %s", self.port, exc)
+                    self._accept_logged_at = now
                 await asyncio.sleep(0.1)
                 continue
             if len(self.connections) + len(self._handshakes) >= self.max_connections:
