@@ -28,12 +28,15 @@ examples:
   python -m bench ingest --transport tcp --sweep 10,50,200 --duration 30 \\
       --plot docs/img/throughput.png --out results.json
   python -m bench ingest --transport tcp --no-baseline --duration 20 --profile hub.txt
+  python -m bench ingest --transport tcp --tls --devices 20 --duration 20
 
 Each run measures the hub, then the baseline (a hand-written server calling
 task.delay() once per message), each with a fresh vhost, database, worker and
 the same fleet, and prints both with the ratio hub/baseline. Needs RabbitMQ on
 127.0.0.1:5672 (guest/guest) and rabbitmqctl; the MQTT baseline also needs
-the mosquitto binary. See docs/benchmarks.md.
+the mosquitto binary. With --tls, one hub serves a clear and a TLS listener,
+and the same fleet is measured against each (the ratio TLS/clear, no
+baseline). See docs/benchmarks.md.
 """
 
 _CONNECTIONS_EPILOG = """\
@@ -132,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--database-url",
         help="use this database (e.g. postgresql://...) instead of a fresh "
         "SQLite file; the run's rows are deleted afterwards",
+    )
+    ingest.add_argument(
+        "--tls",
+        action="store_true",
+        help="TCP: measure the hub's TLS listener against its clear one in one run "
+        "(the ratio TLS/clear; no baseline)",
     )
     only = ingest.add_mutually_exclusive_group()
     only.add_argument("--no-baseline", action="store_true", help="measure the hub only")
@@ -289,6 +298,14 @@ def _ingest(args: argparse.Namespace) -> None:
             quiet=args.quiet,
         )
 
+    if args.tls:
+        from bench.tls_ingest import run_tls_ingest, tls_table
+
+        if args.sweep or args.profile or args.profile_worker:
+            raise BenchError("--tls runs once: leave out --sweep and --profile")
+        result = run_tls_ingest(config(args.devices))
+        _emit(result, tls_table(result), args)
+        return
     if not args.sweep:
         result = run_ingest(config(args.devices))
         table = ingest_table(result)

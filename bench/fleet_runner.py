@@ -97,6 +97,8 @@ async def _run(args: argparse.Namespace, credentials: dict[str, str]) -> dict[st
         drain_timeout_s=args.drain_timeout,
         give_up_s=args.give_up,
         fault=parse_fault(args.fault) if args.fault else None,
+        tls=args.tls,
+        tls_ca_file=Path(args.cafile) if args.cafile else None,
         **({"qos": args.qos, "topic_root": args.topic_root} if args.transport == "mqtt" else {}),
     )
     started_wall = time.time()
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--progress-interval", type=float, default=2.0)
     parser.add_argument("--fault", metavar="NAME[:ARG]", help=f"inject a fault: {FAULT_HELP}")
     parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
+    parser.add_argument("--tls", action="store_true", help="TCP devices connect over TLS")
+    parser.add_argument("--cafile", help="with --tls: the CA that signs the hub's certificate")
     args = parser.parse_args(argv)
     if args.messages is None and args.duration is None:
         parser.error("give --messages or --duration")

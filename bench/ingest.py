@@ -144,10 +144,18 @@ def remove_hub_rows(url: str, prefix: str) -> None:
 
 
 def start_hub(
-    cfg: IngestConfig, folder: Path, broker_url: str, database_url: str, *, mqtt: bool
+    cfg: IngestConfig,
+    folder: Path,
+    broker_url: str,
+    database_url: str,
+    *,
+    mqtt: bool,
+    env: dict[str, str] | None = None,
 ) -> tuple[Child, dict[str, int]]:
-    """`hub run --no-worker` on free ports; the process and its ports by listener name."""
+    """`hub run --no-worker` on free ports (more `HUB_*` variables in `env`); the
+    process and its ports by listener name."""
     env = {
+        **(env or {}),
         "HUB_BROKER_URL": broker_url,
         "HUB_DATABASE_URL": database_url,
         "HUB_DATA_DIR": str(folder / "hub-data"),

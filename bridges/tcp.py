@@ -1,7 +1,7 @@
 """The TCP bridge: one listener per configured port and codec, in and out of envelopes.
 
-Layer: bridges; imports the `hub` core and `bridges.transport`, `bridges.listen`
-and `bridges.tcp_connection` only.
+Layer: bridges; imports the `hub` core and `bridges.transport`, `bridges.listen`,
+`bridges.tls` and `bridges.tcp_connection` only.
 
 One `TcpServer` per configured listener (port + codec). It binds through
 `bridges.listen.bind`, so that a busy port is an error naming `tcp_port /
@@ -15,19 +15,32 @@ an accepted HELLO, and bytes that trickle in do not extend it; the idle
 timeout is one timer per connection, armed for the exact moment the silence
 reaches `idle_timeout_s`; and beyond `tcp_max_connections` open connections a
 new one is closed as soon as it is accepted. Each of these is counted.
+
+A listener with `tls = true` speaks the same codec over TLS, with the SSL
+context of MQTT over TLS (`bridges.tls.server_context`). It accepts the
+sockets itself: a socket beyond `tcp_max_connections` (connections and
+handshakes in progress together) is closed before any TLS work, and an
+admitted one gets its handshake (`loop.connect_accepted_socket`) within
+`hello_timeout_s`. A failed handshake is counted
+(`hub_connections_refused_total{reason="tls_handshake"}`) and closes only that
+socket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 
 from bridges.listen import PortSetting, bind
 from bridges.tcp_connection import DeviceConnection, ListenerContext
+from bridges.tls import server_context
 from bridges.transport import ConnectionEvents, EnvelopeSink
 from hub.commands import PendingCommand
+from hub.errors import ConfigError
 from hub.metrics import Metrics
 from hub.protocol.base import CodecFactory
 from hub.protocol.discovery import load_codec
@@ -38,9 +51,11 @@ __all__ = [
     "CONNECTION_LIMIT",
     "HELLO_TIMEOUT",
     "IDLE_TIMEOUT",
+    "TLS_HANDSHAKE",
     "DeviceConnection",
     "ListenerContext",
     "TcpServer",
+    "listener_ssl_context",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,8 +64,23 @@ log = logging.getLogger(__name__)
 HELLO_TIMEOUT = "hello_timeout"
 IDLE_TIMEOUT = "idle_timeout"
 CONNECTION_LIMIT = "connection_limit"
+TLS_HANDSHAKE = "tls_handshake"
 #: At most one log line per this many seconds about connections refused at the limit.
 _LIMIT_LOG_INTERVAL_S = 10.0
+
+
+def listener_ssl_context(settings: Settings, listener: TcpListener) -> ssl.SSLContext | None:
+    """The SSL context of a `tls = true` listener (None for one in the clear); a
+    one-line ConfigError when the hub's TLS settings cannot serve it."""
+    if not listener.tls:
+        return None
+    if settings.tls_cert_file is None:
+        raise ConfigError(
+            f"tcp_listeners: the {listener.codec} listener on port {listener.port} has "
+            "tls = true, but setting 'tls_cert_file' (HUB_TLS_CERT_FILE) is not set",
+            key="tcp_listeners",
+        )
+    return server_context(settings)
 
 
 class TcpServer:
@@ -74,6 +104,7 @@ class TcpServer:
         self.requested_port = listener.port
         self.codec_name = listener.codec
         self.codec_factory: CodecFactory = load_codec(listener.codec)
+        self.tls = listener.tls
         self.max_connections = settings.tcp_max_connections
         self._limit_refusals = metrics.connections_refused.labels("tcp", CONNECTION_LIMIT)
         self._limit_logged_at = -_LIMIT_LOG_INTERVAL_S
@@ -105,8 +136,16 @@ class TcpServer:
             connections=self.connections,
             devices=self.devices,
             background=self.background,
+            tls_identity=settings.tls_identity if listener.tls else "off",
         )
         self._server: asyncio.Server | None = None
+        self._ssl = listener_ssl_context(settings, listener)
+        self._handshake_failures = metrics.connections_refused.labels("tcp", TLS_HANDSHAKE)
+        #: A TLS listener's socket, its accept loop and the handshakes in progress.
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._accept_logged_at = -_LIMIT_LOG_INTERVAL_S
 
     def refused_at_limit(self) -> None:
         """Count a connection closed at `tcp_max_connections`; log at most one
@@ -128,26 +167,39 @@ class TcpServer:
 
     @property
     def port(self) -> int:
+        if self._sock is not None:
+            return int(self._sock.getsockname()[1])
         assert self._server is not None, "not started"
         return int(self._server.sockets[0].getsockname()[1])
 
     @property
     def serving(self) -> bool:
         """True while the listener accepts connections (for /readyz)."""
+        if self._accepting is not None:
+            return not self._accepting.done()
         return self._server is not None and self._server.is_serving()
+
+    @property
+    def handshakes_in_progress(self) -> int:
+        """TLS handshakes under way (they count against `tcp_max_connections`)."""
+        return len(self._handshakes)
 
     async def start(self) -> None:
         sock = await bind(
             self.host,
             self.requested_port,
             PortSetting(
-                "TCP",
+                "TCP over TLS" if self.tls else "TCP",
                 "tcp_port",
                 "HUB_TCP_PORT",
                 f"(the {self.codec_name} listener; every listener and its port can be "
                 "set with tcp_listeners in the configuration file)",
             ),
         )
+        if self._ssl is not None:
+            self._sock = sock
+            self._accepting = asyncio.ensure_future(self._accept_tls(sock, self._ssl))
+            return
         context = self.context
         try:
             self._server = await asyncio.get_running_loop().create_server(
@@ -156,6 +208,44 @@ class TcpServer:
         except BaseException:
             sock.close()
             raise
+
+    async def _accept_tls(self, sock: socket.socket, ssl_context: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _address = await loop.sock_accept(sock)
+            except OSError as exc:  # out of descriptors: let some close first
+                now = time.monotonic()
+                if now - self._accept_logged_at >= _LIMIT_LOG_INTERVAL_S:
+                    log.warning("TCP over TLS port %d: accept failed: %s", self.port, exc)
+                    self._accept_logged_at = now
+                await asyncio.sleep(0.1)
+                continue
+            if len(self.connections) + len(self._handshakes) >= self.max_connections:
+                # Closed before a byte is read: a flood costs no TLS work.
+                conn.close()
+                self.refused_at_limit()
+                continue
+            task = asyncio.ensure_future(self._handshake(conn, ssl_context))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket, ssl_context: ssl.SSLContext) -> None:
+        """The server side of one TLS handshake; then the socket is a DeviceConnection."""
+        context = self.context
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: DeviceConnection(context),
+                conn,
+                ssl=ssl_context,
+                ssl_handshake_timeout=context.hello_timeout_s,
+            )
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            # No TLS, a refused client certificate, or none within the timeout;
+            # logged at DEBUG only, so that a scan cannot flood the log.
+            self._handshake_failures.inc()
+            log.debug("TCP over TLS: handshake failed: %s", exc)
+            conn.close()
 
     @property
     def connected_devices(self) -> int:
@@ -179,6 +269,17 @@ class TcpServer:
         return 1
 
     async def stop(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+            for task in list(self._handshakes):
+                task.cancel()
+            await asyncio.gather(self._accepting, *self._handshakes, return_exceptions=True)
+            self._accepting = None
+            for connection in list(self.connections):
+                connection._close()
+            if self._sock is not None:
+                self._sock.close()
+            return
         if self._server is None:
             return
         self._server.close()

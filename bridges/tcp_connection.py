@@ -1,6 +1,6 @@
 """One device's TCP connection, and the frozen context its listener hands it.
 
-Layer: bridges; imports the `hub` core and `bridges.transport` only.
+Layer: bridges; imports the `hub` core, `bridges.transport` and `bridges.tls` only.
 Over 400 lines on purpose: one connection's state machine (handshake,
 backpressure, deadlines, commands) reads best as one class.
 
@@ -12,6 +12,11 @@ sink made it durable. A connection with too many unacknowledged frames stops
 being read (backpressure), a silent one is closed after the idle timeout, and
 a protocol violation gets a NAK with its reason and a close: it never touches
 another device's connection.
+
+On a TLS listener (`tls = true`, docs/security.md, "TCP over TLS") the
+listener does the handshake (bridges/tcp.py) and the connection starts with a
+TLS transport. With `tls_identity` on, a HELLO for another device than the one
+the verified client certificate names is refused.
 
 Everything a connection needs of its listener is in one `ListenerContext`,
 built once per listener (`bridges.tcp.TcpServer`) and shared by its
@@ -33,6 +38,7 @@ from typing import Any, cast
 
 from prometheus_client import Counter
 
+from bridges.tls import IdentityMode, certificate_identity
 from bridges.transport import ConnectionEvents, EnvelopeSink
 from hub.envelope import Kind
 from hub.errors import AuthError, DispatchError, RemoteProtocolError
@@ -101,6 +107,9 @@ class ListenerContext:
     devices: dict[str, DeviceConnection]
     #: Tasks in flight (registry look-ups), held so they are not collected.
     background: set[asyncio.Future[None]]
+    #: Whether a client certificate names the device (TLS listeners;
+    #: bridges.tls.certificate_identity).
+    tls_identity: IdentityMode = "off"
 
 
 class DeviceConnection(asyncio.Protocol):
@@ -129,6 +138,8 @@ class DeviceConnection(asyncio.Protocol):
         self._admitted = False
         self._command_seq = 0
         self._commands_sent: set[str] = set()
+        #: The device a verified client certificate names (TLS with tls_identity).
+        self._certified: str | None = None
         self.peer = "?"
 
     # -- asyncio.Protocol ----------------------------------------------------
@@ -153,6 +164,9 @@ class DeviceConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._hello_handle = loop.call_later(ctx.hello_timeout_s, self._hello_deadline)
         self._arm_idle_timer(ctx.idle_timeout_s)
+        if ctx.tls_identity != "off":
+            peercert = self._transport.get_extra_info("peercert")
+            self._certified = certificate_identity(peercert, ctx.tls_identity)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -220,6 +234,18 @@ class DeviceConnection(asyncio.Protocol):
             log.error("unexpected event %r from %s", event, self.peer)
 
     def _hello(self, hello: Hello) -> None:
+        if self._certified is not None and hello.device_id != self._certified:
+            # The certificate names another device: the credential is not even
+            # looked at (docs/security.md, "TCP over TLS").
+            self._ctx.metrics.auth_failures.labels("tcp", "certificate_mismatch").inc()
+            log.warning(
+                "refused device %r from %s: its certificate names %r",
+                hello.device_id,
+                self.peer,
+                self._certified,
+            )
+            self._refuse(hello.seq, NakReason.BAD_CREDENTIAL, "certificate_mismatch", count=False)
+            return
         cache = self._ctx.credentials
         if not cache.missing(hello.device_id):
             try:

@@ -100,6 +100,8 @@ class TcpListener(BaseModel):
     port: int = Field(ge=0, le=65535)
     codec: str = "native"
     host: str | None = None
+    #: Speak the codec over TLS, with the hub's `tls_*` settings (docs/security.md).
+    tls: bool = False
 
 
 class Settings(BaseSettings):

@@ -35,7 +35,7 @@ from typing import Any
 from bridges.dispatch import Dispatcher, check_broker
 from bridges.downlink import Downlink
 from bridges.http_status import HttpStatusServer, Readiness
-from bridges.tcp import TcpServer
+from bridges.tcp import TcpServer, listener_ssl_context
 from bridges.tls import server_context
 from bridges.transport import CommandTransport, ListeningTransport, Transport
 from bridges.worker_stats import poll as poll_worker_stats
@@ -105,6 +105,8 @@ class HubApp:
         if settings.mqtt_enabled and not settings.mqtt_external_url and settings.mqtt_tls_enabled:
             # A bad TLS file stops the start before anything else runs.
             server_context(settings)
+        for listener in settings.listeners:
+            listener_ssl_context(settings, listener)  # the same for TCP over TLS
         # The worker's own check (settings, handler modules) runs while the hub
         # prepares; it must pass before any device is accepted.
         checked = (
@@ -341,7 +343,12 @@ class HubApp:
 
     def listeners(self) -> list[Listener]:
         found = [
-            Listener(f"tcp/{s.codec_name}", s.host, s.port, f"devices speaking {s.codec_name}")
+            Listener(
+                f"tcp/{s.codec_name}{'+tls' if s.tls else ''}",
+                s.host,
+                s.port,
+                f"devices speaking {s.codec_name}{' over TLS' if s.tls else ''}",
+            )
             for s in self.tcp_servers
         ]
         if self.mqtt_listener is not None:

@@ -72,6 +72,8 @@ Examples:
       --credential s3cret --prefix legacy-
   firmware-sim tcp --devices 2000 --connect-rate 200 --rate 2 --duration 120 \\
       --credentials-file creds.json --json
+  firmware-sim tcp --port 7702 --tls --cafile ca.pem --devices 10 --messages 100 \\
+      --provision
 
 Devices are named <prefix>1 ... <prefix>N. Each sends HELLO, then telemetry
 with seq counting up from 1, at most --window unacknowledged. On a dropped
@@ -166,10 +168,38 @@ def _fleet_options(default_port: int, default_prefix: str) -> Callable[[F], F]:
 
 @main.command(context_settings=_CONTEXT, epilog=_TCP_EPILOG)
 @_fleet_options(default_port=7700, default_prefix="tcp-")
-@click.option("--codec", default="native", show_default=True,
-              help="The listener's protocol: native or lines (or a plug-in codec).")  # fmt: skip
+@click.option(
+    "--codec",
+    default="native",
+    show_default=True,
+    help="The listener's protocol: native or lines (or a plug-in codec).",
+)
+@click.option(
+    "--tls", is_flag=True, help="Connect over TLS (a tcp_listeners entry with tls = true)."
+)
+@click.option(
+    "--cafile",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="With --tls: trust this CA (PEM) instead of the system's.",
+)
+@click.option(
+    "--cert",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="With --tls: present this client certificate (PEM).",
+)
+@click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="With --cert: its private key (PEM), if not in the --cert file.")  # fmt: skip
 @click.pass_context
-def tcp(ctx: click.Context, /, codec: str, **opts: Any) -> None:
+def tcp(
+    ctx: click.Context,
+    /,
+    codec: str,
+    tls: bool,
+    cafile: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    **opts: Any,
+) -> None:
     """Run devices over a hub TCP protocol (native binary frames or text lines)."""
     from hub.protocol.discovery import load_codec
 
@@ -177,7 +207,12 @@ def tcp(ctx: click.Context, /, codec: str, **opts: Any) -> None:
         load_codec(codec)
     except HubError as exc:
         raise click.BadParameter(str(exc), param_hint="--codec") from None
-    _run_fleet(ctx, "tcp", {"codec": codec}, **opts)
+    if not tls and (cafile or cert or key):
+        raise click.BadParameter("needs --tls", param_hint="--cafile/--cert/--key")
+    if key is not None and cert is None:
+        raise click.BadParameter("needs --cert", param_hint="--key")
+    tls_opts = {"tls": tls, "tls_ca_file": cafile, "tls_cert_file": cert, "tls_key_file": key}
+    _run_fleet(ctx, "tcp", {"codec": codec, **tls_opts}, **opts)
 
 
 @main.command(context_settings=_CONTEXT, epilog=_MQTT_EPILOG)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from firmware_sim.faults import Fault
 from firmware_sim.summary import ProgressCallback
@@ -34,7 +35,9 @@ class FleetOptions:
     allow). With `linger` it stays connected answering commands until the run
     is stopped or `duration_s` ends. `codec` and `max_frame_bytes` apply to
     TCP, `qos` and `topic_root` to MQTT. `fault`, when given, transforms every
-    write a device makes (see `firmware_sim.faults`).
+    write a device makes (see `firmware_sim.faults`). With `tls`, TCP devices
+    connect over TLS, trusting `tls_ca_file` (else the system's CAs) and
+    presenting `tls_cert_file` / `tls_key_file` when given.
     """
 
     transport: str
@@ -60,6 +63,10 @@ class FleetOptions:
     qos: int = 1
     topic_root: str = "devices"
     fault: Fault | None = None
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     progress: ProgressCallback | None = None
     progress_interval_s: float = 2.0
 
@@ -74,3 +81,5 @@ class FleetOptions:
             raise ValueError("rate must be >= 0")
         if self.qos not in (0, 1):
             raise ValueError("qos must be 0 or 1")
+        if self.tls_key_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_key_file needs tls_cert_file")

@@ -11,7 +11,8 @@ silence so the hub's idle timeout does not drop it; COMMANDs are answered with
 COMMAND_RESULT (see `firmware_sim.commands`). On a lost connection everything
 unacknowledged is resent with the same seq and boot id (see
 `firmware_sim.device` for the life cycle). With a fault in the options, every
-write goes through `firmware_sim.outbox.Outbox`.
+write goes through `firmware_sim.outbox.Outbox`. With `tls` in the options it
+connects over TLS (one client context per fleet, checking the hub's name).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ssl
 import time
+from pathlib import Path
 
 from firmware_sim.device import AckHook, ConnectionEnd, SimulatedDevice
 from firmware_sim.options import FleetOptions
@@ -134,6 +137,11 @@ class TcpDevice(SimulatedDevice[Telemetry]):
         self._results: dict[int, CommandResult] = {}
         self._ping_seq = 0
         self._link: _Link | None = None
+        self._ssl_context = (
+            _client_context(options.tls_ca_file, options.tls_cert_file, options.tls_key_file)
+            if options.tls
+            else None
+        )
 
     # -- SimulatedDevice ---------------------------------------------------
 
@@ -152,7 +160,9 @@ class TcpDevice(SimulatedDevice[Telemetry]):
     async def _connection(self) -> ConnectionEnd:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                reader, writer = await asyncio.open_connection(self.host, self.port)
+                reader, writer = await asyncio.open_connection(
+                    self.host, self.port, ssl=self._ssl_context
+                )
         except (OSError, TimeoutError) as exc:
             self._note_error(f"connect to {self.host}:{self.port} failed: {str(exc) or 'timeout'}")
             return ConnectionEnd.RETRY
@@ -282,3 +292,15 @@ class TcpDevice(SimulatedDevice[Telemetry]):
                 link.send(Ping(self._ping_seq))
                 idle = 0.0
             await asyncio.sleep(self.keepalive_s - idle)
+
+
+@functools.cache
+def _client_context(
+    ca_file: Path | None, cert_file: Path | None, key_file: Path | None
+) -> ssl.SSLContext:
+    # One context for every device of a fleet: loading the CA per connection
+    # would cost more than the handshake it serves.
+    context = ssl.create_default_context(cafile=ca_file)
+    if cert_file is not None:
+        context.load_cert_chain(cert_file, key_file)
+    return context

@@ -74,6 +74,24 @@ def test_tcp_ingest_benchmark_stores_every_message_of_hub_and_baseline() -> None
     assert "hub/baseline" in stderr
 
 
+def test_tcp_ingest_over_tls_benchmark_stores_every_message_of_both_listeners() -> None:
+    require_rabbitmq()
+    result, stderr = _run_bench(
+        "ingest", "--transport", "tcp", "--tls", "--devices", "4", "--duration", "3",
+        "--rate", "100", "--json", "--quiet",
+    )  # fmt: skip
+
+    assert result["benchmark"] == "ingest-tls"
+    for listener in ("clear", "tls"):
+        measured = result[listener]
+        assert measured.keys() >= SYSTEM_KEYS, listener
+        assert measured["sent"] > 0, listener
+        assert measured["stored"] == measured["acknowledged"] == measured["sent"], listener
+        assert measured["errors"] == 0, listener
+    assert set(result["ratio"]) == {"acked_per_s", "stored_per_s"}
+    assert "TLS/clear" in stderr
+
+
 def test_mqtt_ingest_benchmark_stores_every_message_of_hub_and_baseline() -> None:
     require_rabbitmq()
     result, _ = _run_bench(

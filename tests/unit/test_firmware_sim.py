@@ -384,7 +384,7 @@ def test_provision_registers_and_reregisters(tmp_path: Path) -> None:
     ("args", "expected"),
     [
         ([], ["tcp", "mqtt", "provision", "Examples"]),
-        (["tcp"], ["--codec", "--window", "--rate", "--provision", "--json", "Examples"]),
+        (["tcp"], ["--codec", "--window", "--rate", "--provision", "--json", "--tls", "Examples"]),
         (["mqtt"], ["--qos", "--window", "--credentials-file", "PUBACK", "Examples"]),
         (["provision"], ["--out", "--devices", "--prefix"]),
     ],
@@ -403,6 +403,16 @@ def test_cli_needs_exactly_one_of_messages_or_duration() -> None:
     for result in (neither, both):
         assert result.exit_code == 2
         assert "--messages or --duration" in result.output
+
+
+def test_cli_tls_files_need_tls(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not read before --tls is checked")
+    result = CliRunner().invoke(
+        main, ["tcp", "--credential", "x", "--messages", "1", "--cafile", str(ca)]
+    )
+    assert result.exit_code == 2
+    assert "needs --tls" in result.output
 
 
 def test_cli_needs_credentials() -> None:
