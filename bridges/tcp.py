@@ -1,7 +1,7 @@
 """The TCP bridge: one listener per configured port and codec, in and out of envelopes.
 
 Layer: bridges; imports the `hub` core and `bridges.transport`, `bridges.listen`,
-`bridges.tls` and `bridges.tcp_connection` only.
+`bridges.tls`, `bridges.address_gate` and `bridges.tcp_connection` only.
 
 One `TcpServer` per configured listener (port + codec). It binds through
 `bridges.listen.bind`, so that a busy port is an error naming `tcp_port /
@@ -15,11 +15,14 @@ an accepted HELLO, and bytes that trickle in do not extend it; the idle
 timeout is one timer per connection, armed for the exact moment the silence
 reaches `idle_timeout_s`; and beyond `tcp_max_connections` open connections a
 new one is closed as soon as it is accepted. Each of these is counted.
+So is a socket refused by the limits per source address (bridges.address_gate,
+docs/security.md, "Limits per source address"), checked first of all.
 
 A listener with `tls = true` speaks the same codec over TLS, with the SSL
 context of MQTT over TLS (`bridges.tls.server_context`). It accepts the
-sockets itself: a socket beyond `tcp_max_connections` (connections and
-handshakes in progress together) is closed before any TLS work, and an
+sockets itself: a socket refused by its address's limits, or beyond
+`tcp_max_connections` (connections and handshakes in progress together), is
+closed before any TLS work, and an
 admitted one gets its handshake (`loop.connect_accepted_socket`) within
 `hello_timeout_s`. A failed handshake is counted
 (`hub_connections_refused_total{reason="tls_handshake"}`) and closes only that
@@ -35,6 +38,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 
+from bridges.address_gate import AddressGate
 from bridges.listen import PortSetting, bind
 from bridges.tcp_connection import DeviceConnection, ListenerContext
 from bridges.tls import server_context
@@ -112,6 +116,8 @@ class TcpServer:
         self.connections: set[DeviceConnection] = set()
         self.devices: dict[str, DeviceConnection] = {}
         self.background: set[asyncio.Future[None]] = set()
+        gate = AddressGate(settings, metrics, "tcp")
+        self._gate = gate if gate.active else None
         self.context = ListenerContext(
             codec_factory=self.codec_factory,
             codec_name=self.codec_name,
@@ -137,6 +143,8 @@ class TcpServer:
             devices=self.devices,
             background=self.background,
             tls_identity=settings.tls_identity if listener.tls else "off",
+            address_gate=self._gate,
+            admitted_by_listener=listener.tls,
         )
         self._server: asyncio.Server | None = None
         self._ssl = listener_ssl_context(settings, listener)
@@ -213,7 +221,7 @@ class TcpServer:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                conn, _address = await loop.sock_accept(sock)
+                conn, address = await loop.sock_accept(sock)
             except OSError as exc:  # out of descriptors: let some close first
                 now = time.monotonic()
                 if now - self._accept_logged_at >= _LIMIT_LOG_INTERVAL_S:
@@ -221,16 +229,23 @@ class TcpServer:
                     self._accept_logged_at = now
                 await asyncio.sleep(0.1)
                 continue
+            host = str(address[0])
+            gate = self._gate
+            if gate is not None and not gate.admit(host):
+                conn.close()  # before any TLS work, counted by the gate
+                continue
             if len(self.connections) + len(self._handshakes) >= self.max_connections:
                 # Closed before a byte is read: a flood costs no TLS work.
                 conn.close()
+                if gate is not None:
+                    gate.release(host)
                 self.refused_at_limit()
                 continue
-            task = asyncio.ensure_future(self._handshake(conn, ssl_context))
+            task = asyncio.ensure_future(self._handshake(conn, ssl_context, host))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
 
-    async def _handshake(self, conn: socket.socket, ssl_context: ssl.SSLContext) -> None:
+    async def _handshake(self, conn: socket.socket, ssl_context: ssl.SSLContext, host: str) -> None:
         """The server side of one TLS handshake; then the socket is a DeviceConnection."""
         context = self.context
         try:
@@ -246,6 +261,12 @@ class TcpServer:
             self._handshake_failures.inc()
             log.debug("TCP over TLS: handshake failed: %s", exc)
             conn.close()
+            if self._gate is not None:
+                self._gate.release(host)
+        except asyncio.CancelledError:
+            if self._gate is not None:
+                self._gate.release(host)
+            raise
 
     @property
     def connected_devices(self) -> int:

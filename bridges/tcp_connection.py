@@ -1,6 +1,7 @@
 """One device's TCP connection, and the frozen context its listener hands it.
 
-Layer: bridges; imports the `hub` core, `bridges.transport` and `bridges.tls` only.
+Layer: bridges; imports the `hub` core, `bridges.transport`, `bridges.tls` and
+`bridges.address_gate` only.
 Over 400 lines on purpose: one connection's state machine (handshake,
 backpressure, deadlines, commands) reads best as one class.
 
@@ -38,12 +39,13 @@ from typing import Any, cast
 
 from prometheus_client import Counter
 
+from bridges.address_gate import AddressGate
 from bridges.tls import IdentityMode, certificate_identity
 from bridges.transport import ConnectionEvents, EnvelopeSink
 from hub.envelope import Kind
 from hub.errors import AuthError, DispatchError, RemoteProtocolError
 from hub.metrics import Metrics
-from hub.protocol.base import CodecFactory
+from hub.protocol.base import Codec, CodecFactory
 from hub.protocol.events import (
     NEED_DATA,
     Ack,
@@ -110,6 +112,10 @@ class ListenerContext:
     #: Whether a client certificate names the device (TLS listeners;
     #: bridges.tls.certificate_identity).
     tls_identity: IdentityMode = "off"
+    #: The listener's limits per source address (None: all off).
+    address_gate: AddressGate | None = None
+    #: A TLS listener admits each socket's address itself, before the handshake.
+    admitted_by_listener: bool = False
 
 
 class DeviceConnection(asyncio.Protocol):
@@ -117,11 +123,9 @@ class DeviceConnection(asyncio.Protocol):
 
     def __init__(self, ctx: ListenerContext) -> None:
         self._ctx = ctx
-        self._codec = ctx.codec_factory(
-            Role.HUB,
-            max_frame_bytes=ctx.max_frame_bytes,
-            max_payload_depth=ctx.max_payload_depth,
-        )
+        # Made in connection_made once the connection is admitted: a refused
+        # one costs no codec.
+        self._codec: Codec
         self._transport: asyncio.Transport | None = None
         self.device_id: str | None = None
         # When the HELLO was accepted: names this connection in its presence.
@@ -141,6 +145,8 @@ class DeviceConnection(asyncio.Protocol):
         #: The device a verified client certificate names (TLS with tls_identity).
         self._certified: str | None = None
         self.peer = "?"
+        #: The source address while it counts against the per-address limits.
+        self._address: str | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -150,6 +156,14 @@ class DeviceConnection(asyncio.Protocol):
         peer = self._transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         ctx = self._ctx
+        gate = ctx.address_gate
+        if gate is not None and peer:
+            if ctx.admitted_by_listener or gate.admit(peer[0]):
+                self._address = peer[0]
+            else:
+                self._closing = True
+                self._transport.abort()
+                return
         if len(ctx.connections) >= ctx.max_connections:
             # Over the limit: closed before a byte is read, so that the
             # descriptors left stay free for devices already connected, the
@@ -159,6 +173,11 @@ class DeviceConnection(asyncio.Protocol):
             self._transport.abort()
             return
         self._admitted = True
+        self._codec = ctx.codec_factory(
+            Role.HUB,
+            max_frame_bytes=ctx.max_frame_bytes,
+            max_payload_depth=ctx.max_payload_depth,
+        )
         ctx.connections.add(self)
         ctx.metrics.connections.labels("tcp").inc()
         loop = asyncio.get_running_loop()
@@ -173,6 +192,10 @@ class DeviceConnection(asyncio.Protocol):
         for handle in (self._idle_handle, self._hello_handle):
             if handle is not None:
                 handle.cancel()
+        if self._address is not None:
+            assert self._ctx.address_gate is not None
+            self._ctx.address_gate.release(self._address)
+            self._address = None
         if not self._admitted:
             return
         self._ctx.connections.discard(self)
@@ -184,11 +207,15 @@ class DeviceConnection(asyncio.Protocol):
                 self._ctx.events.device_disconnected(self.device_id)
 
     def data_received(self, data: bytes) -> None:
+        if not self._admitted:
+            return  # refused at accept; its transport is aborted
         self._last_activity = time.monotonic()
         self._codec.receive_data(data)
         self._process()
 
     def eof_received(self) -> bool | None:
+        if not self._admitted:
+            return None
         self._codec.receive_data(b"")
         self._process()
         return None
@@ -244,6 +271,7 @@ class DeviceConnection(asyncio.Protocol):
                 self.peer,
                 self._certified,
             )
+            self._auth_failed()
             self._refuse(hello.seq, NakReason.BAD_CREDENTIAL, "certificate_mismatch", count=False)
             return
         cache = self._ctx.credentials
@@ -283,9 +311,16 @@ class DeviceConnection(asyncio.Protocol):
         except AuthError as exc:
             self._ctx.metrics.auth_failures.labels("tcp", exc.reason).inc()
             log.warning("refused device %r from %s: %s", hello.device_id, self.peer, exc.reason)
+            self._auth_failed()
             self._refuse(hello.seq, _AUTH_REASONS[exc.reason], exc.reason, count=False)
             return
         self._accept(hello)
+
+    def _auth_failed(self) -> None:
+        """A refused credential slows down further connections from its address."""
+        gate = self._ctx.address_gate
+        if gate is not None and self._address is not None:
+            gate.auth_failed(self._address)
 
     def _accept(self, hello: Hello) -> None:
         if self._hello_handle is not None:
@@ -415,7 +450,7 @@ class DeviceConnection(asyncio.Protocol):
         self._close()
 
     def _send(self, event: Any) -> None:
-        if self._transport is not None and not self._transport.is_closing():
+        if self._admitted and self._transport is not None and not self._transport.is_closing():
             self._transport.write(self._codec.send(event))
 
     def _close(self) -> None:

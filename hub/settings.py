@@ -164,6 +164,17 @@ class Settings(BaseSettings):
     hello_timeout_s: float = Field(default=5.0, gt=0)
     #: Open connections per TCP listener; beyond it new ones are closed at once.
     tcp_max_connections: int = Field(default=10_000, ge=1)
+    #: Limits per source address, TCP listeners and MQTT alike (docs/security.md,
+    #: "Limits per source address"); 0 turns each off.
+    max_connects_per_address_per_s: float = Field(default=200.0, ge=0)
+    connect_burst_per_address: int = Field(default=400, ge=1)
+    max_connections_per_address: int = Field(default=5000, ge=0)
+    #: Failed logins from one address within the window before it is refused at accept,
+    auth_failures_per_address: int = Field(default=10, ge=0)
+    auth_failure_window_s: float = Field(default=60.0, gt=0)
+    #: for a delay that doubles with each further failure, up to the maximum.
+    auth_backoff_s: float = Field(default=1.0, gt=0)
+    auth_backoff_max_s: float = Field(default=60.0, gt=0)
     max_frame_bytes: int = Field(default=65536, ge=64, le=16 * 1024 * 1024)
     max_inflight_per_connection: int = Field(default=256, ge=1)
     #: Deepest nesting of a message's JSON (both transports); deeper is refused.

@@ -37,6 +37,7 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
+from bridges.address_gate import AddressGate
 from bridges.mqtt.state import device_of, state_of
 from bridges.tls import certificate_identity
 from hub.acl import Access, ClientRules, load_acl
@@ -58,6 +59,17 @@ WILL_TOPIC = "will_topic"
 #: A certificate names one device and the CONNECT's username another.
 CERTIFICATE_MISMATCH = "certificate_mismatch"
 INTERNAL_ERROR = "internal_error"
+#: Refusals that count as a failed login of the client's address (bridges.address_gate).
+_CREDENTIAL_REASONS = frozenset({ANONYMOUS, UNKNOWN_DEVICE, BAD_CREDENTIAL, CERTIFICATE_MISMATCH})
+
+
+def _host_of(remote_address: object) -> str | None:
+    """The host of amqtt's `Session.remote_address` (a host string, or (host, port))."""
+    if isinstance(remote_address, str):
+        return remote_address
+    if isinstance(remote_address, tuple) and remote_address:
+        return str(remote_address[0])
+    return None
 
 
 class DeviceAccess:
@@ -79,6 +91,10 @@ class DeviceAccess:
         self._credentials = credentials
         self._refresh = refresh_credentials
         self._metrics = metrics
+        gate = AddressGate(settings, metrics, "mqtt")
+        #: The broker's limits per source address (bridges.mqtt.listener); a
+        #: refused credential counts against its address here.
+        self.address_gate = gate if gate.active else None
 
     # -- connect ---------------------------------------------------------------
 
@@ -163,6 +179,10 @@ class DeviceAccess:
     def _refuse(self, session: Session, device_id: str | None, reason: str) -> bool:
         state_of(session).refusal = reason
         self._metrics.auth_failures.labels("mqtt", reason).inc()
+        if self.address_gate is not None and reason in _CREDENTIAL_REASONS:
+            address = _host_of(session.remote_address)
+            if address is not None:
+                self.address_gate.auth_failed(address)
         log.warning(
             "MQTT connect refused: device=%s client_id=%s from=%s reason=%s",
             device_id,

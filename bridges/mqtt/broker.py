@@ -96,6 +96,7 @@ class HubBroker(SessionBroker, ReachableBroker, DeliveringBroker, ListeningBroke
         self._limit_refusals = metrics.connections_refused.labels("mqtt", "connection_limit")
         self._limit_logged_at = -LIMIT_LOG_INTERVAL_S  # the first refusal is logged
         self._limit_unlogged = 0
+        self._address_gate = access.address_gate
         # bridges.mqtt.delivery
         self._max_queued = max_queued_messages
         self._subscriptions: SubscriptionTable[list[tuple[Session, int]]] = SubscriptionTable()

@@ -1,7 +1,7 @@
 """The embedded broker's listener: binding its port, accepting and limiting connections.
 
-Layer: bridges; imports the `hub` core, `bridges.listen`, the other
-`bridges.mqtt` modules and amqtt.
+Layer: bridges; imports the `hub` core, `bridges.listen`, `bridges.address_gate`,
+the other `bridges.mqtt` modules and amqtt.
 
 - `bind_mqtt` binds `host`:`mqtt_port` (and `bind_mqtt_tls` `mqtt_tls_port`)
   through `bridges.listen.bind`, so a port in use is a `ConfigError` naming
@@ -12,8 +12,10 @@ Layer: bridges; imports the `hub` core, `bridges.listen`, the other
   the listener's SSL context if it has one (MQTT over TLS: the same broker
   and accept path, so the same limits, authentication and ACL; the TLS
   handshake, after the connection limit, has `mqtt_connect_timeout_s` and a
-  failed one is counted, `tls_handshake`); `stream_connected` closes a
-  connection beyond `mqtt_max_connections` at once (counted), and reads the
+  failed one is counted, `tls_handshake`); `stream_connected` closes at once
+  (counted) a connection refused by the limits per source address
+  (bridges.address_gate, docs/security.md) or beyond `mqtt_max_connections`,
+  and reads the
   others through a `PacketReader` (bridges.mqtt.reader: whole, checked
   packets; size limit; CONNECT timeout; keep-alive at 1.5x) and always closes
   the socket at the end (stock amqtt leaves it open when the first packet is
@@ -34,6 +36,7 @@ from amqtt.broker import Broker
 from amqtt.contexts import ListenerType
 from prometheus_client import Counter
 
+from bridges.address_gate import AddressGate
 from bridges.listen import PortSetting, bind
 from bridges.mqtt.reader import PacketReader
 from hub.metrics import Metrics
@@ -88,6 +91,8 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     _limit_refusals: Counter
     _limit_logged_at: float
     _limit_unlogged: int
+    #: Limits per source address (None: all off); `DeviceAccess` counts failed logins in it.
+    _address_gate: AddressGate | None
 
     @property
     def port(self) -> int:
@@ -120,6 +125,25 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         )
 
     async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        gate = self._address_gate
+        host: str | None = None
+        if gate is not None:
+            peer = writer.get_extra_info("peername")
+            if peer:
+                if not gate.admit(peer[0]):
+                    writer.transport.abort()
+                    return
+                host = peer[0]
+        try:
+            await self._admitted(reader, writer, listener_name)
+        finally:
+            if host is not None:
+                assert gate is not None
+                gate.release(host)
+
+    async def _admitted(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
         if self._open_connections >= self._max_connections:
