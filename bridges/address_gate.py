@@ -79,12 +79,13 @@ class AddressGate:
         if now - self._logged_at >= _LOG_INTERVAL_S:
             for why, count in self._unlogged.items():
                 log.warning(
-                    "%s: %d connection(s) refused, last from %s: %s (%s)",
+                    "%s: %d connection(s) refused by %s (%s) since the last report; "
+                    "the latest from %s",
                     self._transport.upper(),
                     count,
-                    address,
                     why,
                     _SETTING[why],
+                    address,
                 )
             self._logged_at = now
             self._unlogged = {}

@@ -15,8 +15,19 @@ from hub.protocol.events import NEED_DATA, Ack, ConnectionClosed, Hello, Nak, Ro
 
 
 class RawDevice:
-    def __init__(self, port: int, *, codec: str = "native", timeout: float = 10) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(
+        self,
+        port: int,
+        *,
+        codec: str = "native",
+        timeout: float = 10,
+        source_address: str | None = None,
+    ) -> None:
+        # `source_address`: another loopback address (127.0.0.2) to connect from.
+        source = None if source_address is None else (source_address, 0)
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout, source_address=source
+        )
         self.codec = load_codec(codec)(Role.DEVICE)
         self.events: list[Any] = []
         self.closed = False
