@@ -8,6 +8,7 @@ Real hub (in process, so /proc/self/fd counts its descriptors), real RabbitMQ.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -47,10 +48,8 @@ def open_sockets() -> int:
     as look-ups come, bounded by its pool, and have nothing to do with a flood."""
     count = 0
     for name in os.listdir("/proc/self/fd"):
-        try:
+        with contextlib.suppress(OSError):  # closed meanwhile
             count += os.readlink(f"/proc/self/fd/{name}").startswith("socket:")
-        except OSError:
-            pass  # closed meanwhile
     return count
 
 
@@ -65,10 +64,8 @@ def flood(port: int, on_every_200: Callable[[], None]) -> list[socket.socket]:
     """FLOOD connections from 127.0.0.1, kept open; `on_every_200` runs meanwhile."""
     opened: list[socket.socket] = []
     for n in range(FLOOD):
-        try:
+        with contextlib.suppress(OSError):  # a refused connect is a cut flood too
             opened.append(socket.create_connection(("127.0.0.1", port), timeout=10))
-        except OSError:
-            pass  # a refused connect is a cut flood too
         if n % 200 == 199:
             on_every_200()
     return opened
