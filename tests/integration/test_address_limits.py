@@ -15,10 +15,12 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from hub.protocol.events import Ack, ConnectionClosed, Nak
+from hubapp import certificates
 from tests.support.processes import HubThread, wait_until
 from tests.support.raw_device import RawDevice
 
@@ -245,3 +247,38 @@ def test_an_mqtt_flood_from_one_address_is_cut_while_devices_from_another_are_ac
     for device in [steady, *new_devices]:
         device.close()
     assert wait_until(lambda: open_sockets() <= baseline, 15), (open_sockets(), baseline)
+
+
+def test_on_a_tls_listener_the_address_is_refused_before_any_handshake(
+    running_hub: StartHub, tmp_path: Path
+) -> None:
+    ca = tmp_path / "ca"
+    certificates.init_ca(ca)
+    hub = running_hub(
+        tcp_listeners=({"port": 0, "codec": "native", "tls": True},),
+        tls_cert_file=ca / certificates.HUB_CERT,
+        tls_key_file=ca / certificates.HUB_KEY,
+        max_connections_per_address=2,
+        max_connects_per_address_per_s=0,
+    )
+    server = hub.app.tcp_servers[0]
+    admitted = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in "ab"]
+    assert wait_until(lambda: hub.call_soon(lambda: server.handshakes_in_progress) == 2)
+    beyond = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    assert closed_count([beyond]) == 1
+    assert refused(hub, "tcp")["per_address_connections"] == 1
+    assert hub.call_soon(lambda: server.handshakes_in_progress) == 2  # none started for it
+    for sock in [*admitted, beyond]:
+        sock.close()
+    # A failed handshake gives its address's place back.
+    assert wait_until(
+        lambda: (
+            hub.counter("hub_connections_refused_total", transport="tcp", reason="tls_handshake")
+            == 2
+        ),
+        10,
+    )
+    again = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    assert wait_until(lambda: hub.call_soon(lambda: server.handshakes_in_progress) == 1)
+    again.close()
+    assert refused(hub, "tcp")["per_address_connections"] == 1
