@@ -334,6 +334,9 @@ def run_sse(clients: int = 50, devices: int = 20, duration: float = 20.0) -> dic
             "HUB_DATABASE_URL": db,
             "HUB_HOST": "127.0.0.1",
             "HUB_HUB_HEARTBEAT_S": "1",
+            # The whole fleet connects from one loopback address.
+            "HUB_MAX_CONNECTS_PER_ADDRESS_PER_S": "0",
+            "HUB_MAX_CONNECTIONS_PER_ADDRESS": "0",
         }
         migrate(db)
         engine = make_engine(db)

@@ -155,6 +155,10 @@ def start_hub(
     """`hub run --no-worker` on free ports (more `HUB_*` variables in `env`); the
     process and its ports by listener name."""
     env = {
+        # Every simulated device connects from the same loopback address: the
+        # limits per source address would measure themselves, not the hub.
+        "HUB_MAX_CONNECTS_PER_ADDRESS_PER_S": "0",
+        "HUB_MAX_CONNECTIONS_PER_ADDRESS": "0",
         **(env or {}),
         "HUB_BROKER_URL": broker_url,
         "HUB_DATABASE_URL": database_url,

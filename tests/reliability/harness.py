@@ -291,6 +291,12 @@ def hub_env(options: HubOptions) -> dict[str, str]:
         HUB_BROKER_RETRY_INTERVAL_S="0.5",
         HUB_START_WITHOUT_BROKER="true",
         PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "firmware-sim")]),
+        # Healthy and hostile clients all connect from 127.0.0.1 here; the
+        # limits per source address have their own test
+        # (tests/integration/test_address_limits.py).
+        HUB_MAX_CONNECTS_PER_ADDRESS_PER_S="0",
+        HUB_MAX_CONNECTIONS_PER_ADDRESS="0",
+        HUB_AUTH_FAILURES_PER_ADDRESS="0",
     )
     if options.broker_url:
         env["HUB_BROKER_URL"] = options.broker_url
