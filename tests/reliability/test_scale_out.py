@@ -46,7 +46,7 @@ INSTALL_HAPROXY = (
     "haproxy is not on PATH; the scale-out scenario runs hubs behind it "
     "(Debian: `apt-get install -y haproxy`)"
 )
-DEVICES_PER_TRANSPORT = 25
+DEVICES_PER_TRANSPORT = 50
 
 
 class HaproxyProcess:
@@ -161,7 +161,7 @@ def _scenario(
 ) -> None:
     first, second = hubs
     # A hub id that a running hub uses is refused at start, in one line.
-    twin = HubProcess(replace_id(first.options, tmp_path / "hub-twin"))
+    twin = HubProcess(same_id_elsewhere(first.options, tmp_path / "hub-twin"))
     extra.append(twin)
     with pytest.raises(RuntimeError, match="hub_id 'hub-a' is in use by a running hub"):
         twin.start(timeout=60)
@@ -207,6 +207,7 @@ def _scenario(
         make_test_settings(tmp_path / "sender", broker_url=broker_url, database_url=database_url)
     )
     try:
+        # Sorted, the first is an MQTT device and the last a TCP one.
         for device_id in (moved[0], moved[-1]):
             reply: Any = tasks.send_command(device_id, "ping", ttl=60).get(timeout=60)
             assert reply["pong"] is True and reply["device"] == device_id
@@ -222,7 +223,7 @@ def _scenario(
     assert second.running, "the surviving hub stopped"
 
 
-def replace_id(options: HubOptions, data_dir: Path) -> HubOptions:
+def same_id_elsewhere(options: HubOptions, data_dir: Path) -> HubOptions:
     """Another hub with the same `hub_id`, on ports and a data folder of its own."""
     return HubOptions(
         data_dir=data_dir,
