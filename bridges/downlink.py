@@ -47,7 +47,7 @@ class Downlink:
     """Routes commands to this hub's devices and tracks which devices it holds."""
 
     def __init__(self, settings: Settings, engine: Engine) -> None:
-        self.hub_id = uuid.uuid4().hex[:16]
+        self.hub_id = settings.hub_id or uuid.uuid4().hex[:16]
         self._settings = settings
         self._engine = engine
         self._transports: list[Deliver] = []

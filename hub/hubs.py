@@ -137,6 +137,12 @@ def hubs(engine: Engine) -> list[HubInfo]:
     return found
 
 
+def holder(engine: Engine, hub_id: str) -> HubInfo | None:
+    """The live hub that writes heartbeats under `hub_id`, if any: a hub with a
+    set `hub_id` must not start beside another one (docs/scaling.md)."""
+    return next((h for h in hubs(engine) if h.beat.hub_id == hub_id and h.alive), None)
+
+
 def live_hub_ids(engine: Engine) -> list[str]:
     return [h.beat.hub_id for h in hubs(engine) if h.alive]
 

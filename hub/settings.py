@@ -158,6 +158,10 @@ class Settings(BaseSettings):
     console_session_hours: float = Field(default=12.0, gt=0)
     #: How often a hub writes its heartbeat row (the console's hubs page and presence).
     hub_heartbeat_s: float = Field(default=5.0, gt=0)
+    #: This hub's id in the database (heartbeat, device connections, downlink queue);
+    #: unset, each process draws a new one. A set id is refused at start while
+    #: another hub with it has a fresh heartbeat (docs/scaling.md).
+    hub_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
     idle_timeout_s: float = Field(default=120.0, gt=0)
     #: Time a new TCP connection has to complete its HELLO, however it trickles in.

@@ -30,7 +30,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridges.dispatch import Dispatcher, check_broker
 from bridges.downlink import Downlink
@@ -48,6 +48,9 @@ from hub.registry import CredentialCache, Registry
 from hub.settings import Settings
 from hub.storage import make_engine, migrate
 from hubapp.worker_child import WorkerChild, check_worker
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,7 @@ class HubApp:
         try:
             await asyncio.to_thread(check_broker, self.settings)
             await asyncio.to_thread(migrate, self.settings.effective_database_url)
+            await asyncio.to_thread(refuse_a_taken_hub_id, self.engine, self.settings.hub_id)
             self.credentials.update(await asyncio.to_thread(self.registry.credential_hashes))
         finally:
             if checked is not None:
@@ -443,3 +447,37 @@ def _redact(url: str) -> str:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
+
+
+def _process_runs(pid: int) -> bool:
+    """Whether a process of this host has `pid` (signal 0 checks without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return pid != os.getpid()
+
+
+def refuse_a_taken_hub_id(engine: Engine, hub_id: str | None) -> None:
+    """A set `hub_id` that a running hub already writes heartbeats under stops
+    the start, before this hub touches its devices or its downlink queue. A
+    row left by a process of this host that no longer runs (a SIGKILL, then
+    a restart) does not count: that hub is gone."""
+    if hub_id is None:
+        return
+    found = hubs.holder(engine, hub_id)
+    if found is None:
+        return
+    beat = found.beat
+    if beat.hostname == socket.gethostname() and not _process_runs(beat.pid):
+        return
+    age = (datetime.now(UTC) - found.last_heartbeat).total_seconds()
+    raise ConfigError(
+        f"hub_id {hub_id!r} is in use by a running hub (pid {beat.pid} on "
+        f"{beat.hostname}, heartbeat {age:.0f} s ago); give each hub its own "
+        "hub_id / HUB_HUB_ID",
+        key="hub_id",
+        env="HUB_HUB_ID",
+    )

@@ -60,7 +60,7 @@ from typing import Any
 
 import psutil
 import pytest
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 
 from firmware_sim.device import SimulatedDevice
 from firmware_sim.fleet import FleetStats, run_devices
@@ -605,7 +605,11 @@ def read_stored(database_url: str, device_ids: Iterable[str]) -> Stored:
     telemetry: collections.Counter[str] = collections.Counter()
     runs: collections.Counter[str] = collections.Counter()
     order: dict[str, list[int]] = collections.defaultdict(list)
+    # SQLite keeps the insertion order in rowid; PostgreSQL has none, the
+    # receive time stands in for it.
+    order_by = "rowid" if engine.dialect.name == "sqlite" else "received_at"
     try:
+        has_runs = inspect(engine).has_table("reliability_handler_runs")
         with engine.connect() as conn:
             for chunk_start in range(0, len(ids), 200):
                 chunk = ids[chunk_start : chunk_start + 200]
@@ -614,15 +618,12 @@ def read_stored(database_url: str, device_ids: Iterable[str]) -> Stored:
                 for envelope, device, seq in conn.execute(
                     text(
                         "SELECT envelope_id, device_id, seq FROM telemetry "
-                        f"WHERE device_id IN ({marks}) ORDER BY rowid"
+                        f"WHERE device_id IN ({marks}) ORDER BY {order_by}"
                     ),
                     params,
                 ):
                     telemetry[envelope] += 1
                     order[device].append(int(seq))
-                has_runs = conn.execute(
-                    text("SELECT name FROM sqlite_master WHERE name = 'reliability_handler_runs'")
-                ).first()
                 if has_runs:
                     for (envelope,) in conn.execute(
                         text(
