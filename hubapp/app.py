@@ -18,6 +18,12 @@ that is checked before the hub serves, restarted when it dies (but not when
 its configuration is wrong: then the hub stops with that error), and stopped
 warmly, after the listeners and the dispatcher, so that it finishes the task
 in hand.
+
+A little over 400 lines: `HubApp` is the one place where the pieces meet
+(start and stop order, commands, control messages, heartbeat, reload,
+listeners, readiness and status), and each method is short; the pieces with
+a life of their own are modules beside it (`serve`, `worker_child`,
+`console_child`).
 """
 
 from __future__ import annotations
