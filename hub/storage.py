@@ -14,6 +14,8 @@ ordering rules themselves live in hub/presence.py.
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -169,13 +171,36 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # The busy timeout first: switching a fresh file to WAL needs its lock too,
     # and several processes may open a new database at the same moment.
     cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA journal_mode=WAL")
+    _switch_to_wal(cursor)
     # FULL, not NORMAL: a worker acknowledges its task message to the broker
     # right after the commit, so the commit must survive a power loss too
     # (under NORMAL a WAL commit may be rolled back by one). The cost is one
     # fsync per committed batch; see docs/delivery.md.
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.close()
+
+
+def _switch_to_wal(cursor: Any, patience_s: float = 30.0) -> None:
+    """Put the database in WAL mode, waiting out a writer that holds its lock.
+
+    SQLite answers "database is locked" at once, without calling the busy
+    handler, when this connection would have to upgrade its read lock while
+    another holds the write lock (the deadlock rule): exactly what happens when
+    several processes open a fresh file while one of them migrates it. The mode
+    is stored in the file, so a connection that finds it already set is done.
+    """
+    deadline = time.monotonic() + patience_s
+    pause = 0.005
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.25)
 
 
 def sqlite_path(url: str) -> Path | None:

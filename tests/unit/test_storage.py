@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -59,3 +61,25 @@ def test_sqlite_commits_survive_a_power_loss(tmp_path: Path) -> None:
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     engine.dispose()
+
+
+def test_a_fresh_file_locked_by_a_writer_is_switched_to_wal_once_the_writer_commits(
+    tmp_path: Path,
+) -> None:
+    # A second process opening a new database while the first migrates it: the
+    # switch to WAL is refused at once (no busy handler), so it must be retried.
+    path = tmp_path / "fresh.sqlite3"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE t (i INTEGER)")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO t VALUES (1)")
+    threading.Timer(0.3, lambda: writer.execute("COMMIT")).start()
+
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar() == 1
+    finally:
+        engine.dispose()
+        writer.close()
