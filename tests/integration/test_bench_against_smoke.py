@@ -17,7 +17,7 @@ import pytest
 
 from tests.support.services import require_rabbitmq
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.bench]
 
 ROOT = Path(__file__).resolve().parents[2]
 
