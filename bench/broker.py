@@ -95,6 +95,8 @@ async def _serve(kind: str, ports: Any, stop: EventType) -> None:
             data_dir=Path(data_dir),
             host="127.0.0.1",
             mqtt_port=0,
+            mqtt_ws_port=0,
+            mqtt_wss_port=0,
             mqtt_allow_anonymous=True,
         )
         hub = EmbeddedMqtt(settings, Immediate(), CredentialCache(), no_refresh, Metrics())
