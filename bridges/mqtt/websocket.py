@@ -8,8 +8,9 @@ The listener accepts a WebSocket client exactly as a TCP one (limits per
 source address, `mqtt_max_connections`, the TLS handshake on wss), then
 `WebSocketStream.open` runs the opening handshake within
 `mqtt_connect_timeout_s`: an HTTP GET of path `/mqtt` offering the
-subprotocol `mqtt` ([MQTT-6.0.0-3], [MQTT-6.0.0-4]); anything else is
-answered with an HTTP error and closed. From then on the stream is what
+subprotocol `mqtt` ([MQTT-6.0.0-3], [MQTT-6.0.0-4]); anything else, and
+frames sent before the answer (RFC 6455 4.1), is answered with an HTTP error
+and closed. From then on the stream is what
 `bridges.mqtt.reader.PacketReader` reads from, so that every MQTT check is
 the one TCP clients get:
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from amqtt.adapters import StreamWriterAdapter
@@ -50,6 +52,16 @@ _FIXED_HEADER_BYTES = 5
 _READ_BYTES = 64 * 1024
 
 
+class ByteSink(Protocol):
+    """Where the stream writes (an `asyncio.StreamWriter`; a buffer in the fuzz target)."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def can_write_eof(self) -> bool: ...
+
+    def write_eof(self) -> None: ...
+
+
 class HandshakeFailed(Exception):
     """The client's opening handshake was refused (why, for the DEBUG log)."""
 
@@ -58,7 +70,7 @@ class WebSocketStream:
     """A WebSocket connection on an accepted asyncio stream; see the module docstring."""
 
     def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, max_packet_bytes: int
+        self, reader: asyncio.StreamReader, writer: ByteSink, *, max_packet_bytes: int
     ) -> None:
         self._reader = reader
         self._writer = writer
@@ -66,8 +78,6 @@ class WebSocketStream:
             subprotocols=[SUBPROTOCOL], max_size=max_packet_bytes + _FIXED_HEADER_BYTES
         )
         self._data = bytearray()
-        #: Frames that came right behind the opening request, taken on the first read.
-        self._early: list[Frame] = []
         #: Set once the protocol object sees no more data frames.
         self._ended = False
         #: What the close frame says; `violation` makes it a protocol error.
@@ -86,16 +96,20 @@ class WebSocketStream:
                 events = self._protocol.events_received()
                 request = next((e for e in events if isinstance(e, Request)), None)
                 if request is not None:
-                    self._answer(request)
-                    # Frames sent right behind the request belong to the connection.
-                    self._early = [e for e in events if isinstance(e, Frame)]
+                    self._answer(request, early=any(isinstance(e, Frame) for e in events))
                     return
                 if self._protocol.handshake_exc is not None or not data:
                     self._flush()
                     raise HandshakeFailed(str(self._protocol.handshake_exc or "closed"))
 
-    def _answer(self, request: Request) -> None:
-        if urlsplit(request.path).path != PATH:
+    def _answer(self, request: Request, *, early: bool) -> None:
+        if early:
+            # RFC 6455 4.1: a client waits for the answer before it sends more.
+            # The protocol object already answered a ping among those frames:
+            # that pong must not go out ahead of the HTTP answer.
+            self._protocol.data_to_send()
+            response = self._protocol.reject(400, "frames sent before the handshake answer\n")
+        elif urlsplit(request.path).path != PATH:
             response = self._protocol.reject(404, f"MQTT over WebSockets is served at {PATH}\n")
         else:
             response = self._protocol.accept(request)
@@ -109,12 +123,13 @@ class WebSocketStream:
 
     async def readexactly(self, n: int) -> bytes:
         """`n` bytes of MQTT data; IncompleteReadError once the connection ended."""
-        if self._early:
-            early, self._early = self._early, []
-            self._take(early)
         while len(self._data) < n:
             if self._ended:
-                raise asyncio.IncompleteReadError(bytes(self._data), n)
+                # As asyncio.StreamReader: the partial bytes go with the error,
+                # so a read after it finds the end of stream again, not them.
+                partial = bytes(self._data)
+                self._data.clear()
+                raise asyncio.IncompleteReadError(partial, n)
             await self._pull()
         data = bytes(self._data[:n])
         del self._data[:n]

@@ -318,6 +318,25 @@ def test_no_handshake_within_the_connect_timeout_closes_the_connection(
     assert refused(b, "ws_handshake")
 
 
+def test_frames_sent_before_the_handshake_answer_are_refused(broker: StartBroker) -> None:
+    # RFC 6455 4.1: the client waits for the answer. A ping sent early was once
+    # answered with a pong ahead of the HTTP answer (found by python -m fuzz mqtt).
+    b = broker()
+    request = (
+        b"GET /mqtt HTTP/1.1\r\nHost: hub\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Protocol: mqtt\r\n\r\n"
+    )
+    ping = b"\x89\x82\x00\x00\x00\x00hi"  # masked with the key 0
+    with socket.create_connection(("127.0.0.1", ws_port(b)), timeout=WAIT_S) as sock:
+        sock.sendall(request + ping)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:40]
+    assert refused(b, "ws_handshake")
+
+
 def test_a_websocket_port_in_use_names_its_setting(tmp_path: Path, ca: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
