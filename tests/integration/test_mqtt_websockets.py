@@ -134,6 +134,14 @@ def errors(b: Broker, reason: str) -> bool:
     return counted(b, "hub_protocol_errors_total", reason)
 
 
+#: An opening handshake written by hand, for frames no client library would send.
+OPENING_REQUEST = (
+    b"GET /mqtt HTTP/1.1\r\nHost: hub\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Protocol: mqtt\r\n\r\n"
+)
+
+
 def refused(b: Broker, reason: str) -> bool:
     return counted(b, "hub_connections_refused_total", reason)
 
@@ -158,6 +166,8 @@ def test_qos1_telemetry_over_websockets_is_stored(
     hub = running_hub(mqtt_enabled=True, **settings)
     port = hub.app.mqtt_ws_port if scheme == "ws" else hub.app.mqtt_wss_port
     assert port is not None
+    # The status and the heartbeat name the listener.
+    assert (f"mqtt-{scheme}", port) in {(li.name, li.port) for li in hub.app.listeners()}
     device_id = f"{device_prefix}{scheme}"
     creds = provision([device_id])
     dev = Client(port, device_id, device_id, creds[device_id], websockets=True)
@@ -234,6 +244,27 @@ def test_a_text_frame_closes_the_connection(broker: StartBroker) -> None:
         ws.send("\xc0\x00")  # PINGREQ, but in a text frame [MQTT-6.0.0-1]
         assert closed_by_broker(ws)
     assert errors(b, "malformed_packet")
+
+
+def test_an_unmasked_frame_closes_the_connection(broker: StartBroker) -> None:
+    b = broker()
+    credential = b.provision("dev-1")
+    with socket.create_connection(("127.0.0.1", ws_port(b)), timeout=WAIT_S) as sock:
+        sock.sendall(OPENING_REQUEST)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 101 ")
+        connect = connect_packet("dev-1", "dev-1", credential)
+        # RFC 6455 5.1: a client masks every frame; this one does not.
+        sock.sendall(bytes([0x82, len(connect)]) + connect)
+        rest = b""
+        while chunk := sock.recv(4096):
+            rest += chunk
+    # A close frame (unmasked, from the server): 1002, protocol error, and why.
+    assert rest[0] == 0x88 and rest[2:4] == (1002).to_bytes(2, "big"), rest
+    assert errors(b, "malformed_packet")
+    assert b.dispatcher.data("dev-1") == []
 
 
 def test_a_message_larger_than_the_largest_packet_is_refused(broker: StartBroker) -> None:
@@ -322,14 +353,9 @@ def test_frames_sent_before_the_handshake_answer_are_refused(broker: StartBroker
     # RFC 6455 4.1: the client waits for the answer. A ping sent early was once
     # answered with a pong ahead of the HTTP answer (found by python -m fuzz mqtt).
     b = broker()
-    request = (
-        b"GET /mqtt HTTP/1.1\r\nHost: hub\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-        b"Sec-WebSocket-Protocol: mqtt\r\n\r\n"
-    )
     ping = b"\x89\x82\x00\x00\x00\x00hi"  # masked with the key 0
     with socket.create_connection(("127.0.0.1", ws_port(b)), timeout=WAIT_S) as sock:
-        sock.sendall(request + ping)
+        sock.sendall(OPENING_REQUEST + ping)
         answer = b""
         while chunk := sock.recv(4096):
             answer += chunk
