@@ -108,15 +108,17 @@ class WebSocketStream:
             # The protocol object already answered a ping among those frames:
             # that pong must not go out ahead of the HTTP answer.
             self._protocol.data_to_send()
-            response = self._protocol.reject(400, "frames sent before the handshake answer\n")
+            problem = "frames sent before the handshake answer"
+            response = self._protocol.reject(400, f"{problem}\n")
         elif urlsplit(request.path).path != PATH:
+            problem = f"path {request.path!r}"
             response = self._protocol.reject(404, f"MQTT over WebSockets is served at {PATH}\n")
         else:
             response = self._protocol.accept(request)
+            problem = str(self._protocol.handshake_exc)
         self._protocol.send_response(response)
         self._flush()
         if response.status_code != 101:
-            problem = self._protocol.handshake_exc or f"path {request.path!r}"
             raise HandshakeFailed(f"HTTP {response.status_code}: {problem}")
 
     # -- what PacketReader reads ------------------------------------------------------
@@ -141,7 +143,7 @@ class WebSocketStream:
     async def _pull(self) -> None:
         try:
             data = await self._reader.read(_READ_BYTES)
-        except ConnectionError:
+        except OSError:  # reset, or a TLS error on wss: the client is gone
             data = b""
         if data:
             self._protocol.receive_data(data)
