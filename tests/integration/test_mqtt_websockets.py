@@ -305,6 +305,23 @@ def test_the_acl_applies_over_websockets(broker: StartBroker, clients: Make) -> 
     assert not granted.is_failure
 
 
+def test_the_acl_file_applies_over_websockets(
+    broker: StartBroker, clients: Make, tmp_path: Path
+) -> None:
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite TopicA/#\ntopic deny TopicA/secret\n")
+    b = broker(mqtt_acl_file=acl, mqtt_allow_anonymous=True)
+    c = clients(ws_port(b), "suite")
+    assert not c.connect().is_failure
+    [denied] = c.subscribe("other/#")
+    assert denied.value == 0x80
+    assert not c.subscribe("TopicA/#")[0].is_failure
+    c.publish("TopicA/secret", b"x")
+    c.publish("TopicA/open", b"y")
+    assert c.messages.get(timeout=WAIT_S).topic == "TopicA/open"
+    assert b.counter("hub_acl_refusals_total", action="subscribe") == 1
+
+
 def test_the_connection_limit_counts_websocket_clients(broker: StartBroker, clients: Make) -> None:
     b = broker(mqtt_max_connections=1)
     dev = clients(ws_port(b), "dev-1", "dev-1", b.provision("dev-1"))
