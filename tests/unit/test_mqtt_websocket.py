@@ -123,6 +123,26 @@ def test_a_stream_cut_inside_a_frame_ends_without_its_partial_bytes(how: str) ->
     assert out == b""
 
 
+def test_a_read_past_the_end_takes_the_partial_bytes_with_it() -> None:
+    # As asyncio.StreamReader does. The fuzz target found the bytes handed out
+    # again by the next read, after the reader had reported the end of stream.
+    async def run() -> None:
+        reader, sink = asyncio.StreamReader(), Sink()
+        stream = WebSocketStream(reader, sink, max_packet_bytes=1024)
+        reader.feed_data(REQUEST)
+        await stream.open(5.0)
+        reader.feed_data(frame(STREAM[:10]))
+        reader.feed_eof()
+        with pytest.raises(asyncio.IncompleteReadError) as caught:
+            await stream.readexactly(100)
+        assert caught.value.partial == STREAM[:10]
+        with pytest.raises(asyncio.IncompleteReadError) as again:
+            await stream.readexactly(1)
+        assert again.value.partial == b""
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize(
     ("request_bytes", "status"),
     [
