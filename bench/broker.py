@@ -10,7 +10,10 @@ For QoS 0 and QoS 1, four paho-mqtt publisher processes send a bounded number
 of messages each while one paho subscriber (QoS as published) counts them.
 The rate is the messages delivered to the subscriber per second, from the
 first publish to the last delivery. Prints a table, then one JSON line with
-every figure and the ratio hardened / stock.
+every figure and the ratio hardened / stock. With `--websockets`, the hub's
+broker runs a third time with every client on its MQTT over WebSockets
+listener (`hardened-ws`, paho's `transport="websockets"`, path /mqtt), and the
+JSON line adds the ratio WebSockets / TCP.
 """
 
 from __future__ import annotations
@@ -95,11 +98,14 @@ async def _serve(kind: str, ports: Any, stop: EventType) -> None:
             data_dir=Path(data_dir),
             host="127.0.0.1",
             mqtt_port=0,
+            # 0 is off: the WebSocket run picks a free port for its listener.
+            mqtt_ws_port=_free_port() if kind == "hardened-ws" else 0,
+            mqtt_wss_port=0,
             mqtt_allow_anonymous=True,
         )
         hub = EmbeddedMqtt(settings, Immediate(), CredentialCache(), no_refresh, Metrics())
         await hub.start()
-        ports.put(hub.port)
+        ports.put(hub.ws_port if kind == "hardened-ws" else hub.port)
         await _until(stop)
         await hub.stop()
 
@@ -113,17 +119,24 @@ def _broker_main(kind: str, ports: Any, stop: EventType) -> None:
 # -- clients ---------------------------------------------------------------------------
 
 
-def _client(client_id: str) -> mqtt.Client:
+def _client(client_id: str, websockets: bool = False) -> mqtt.Client:
     client = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv311
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=MQTTProtocolVersion.MQTTv311,
+        transport="websockets" if websockets else "tcp",
     )
+    if websockets:
+        client.ws_set_options(path="/mqtt")
     client.max_inflight_messages_set(100)
     client.max_queued_messages_set(0)
     return client
 
 
-def _publisher_main(port: int, index: int, count: int, qos: int, go: EventType) -> None:
-    client = _client(f"bench-pub-{index}")
+def _publisher_main(
+    port: int, index: int, count: int, qos: int, go: EventType, websockets: bool
+) -> None:
+    client = _client(f"bench-pub-{index}", websockets)
     acked = threading.Event()
     done = [0]
 
@@ -167,7 +180,8 @@ def run_one(kind: str, qos: int, per_publisher: int) -> Result:
         received = [0]
         last = [time.monotonic()]
         subscribed = threading.Event()
-        subscriber = _client(f"bench-sub-{kind}-{qos}")
+        websockets = kind == "hardened-ws"
+        subscriber = _client(f"bench-sub-{kind}-{qos}", websockets)
 
         def on_message(*_args: Any) -> None:
             received[0] += 1
@@ -183,7 +197,7 @@ def run_one(kind: str, qos: int, per_publisher: int) -> Result:
 
         go = ctx.Event()
         publishers = [
-            ctx.Process(target=_publisher_main, args=(port, i, per_publisher, qos, go))
+            ctx.Process(target=_publisher_main, args=(port, i, per_publisher, qos, go, websockets))
             for i in range(PUBLISHERS)
         ]
         for process in publishers:
@@ -213,18 +227,24 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--qos0", type=int, default=5000, help="messages per publisher, QoS 0")
     parser.add_argument("--qos1", type=int, default=2500, help="messages per publisher, QoS 1")
+    parser.add_argument(
+        "--websockets",
+        action="store_true",
+        help="also run the hub's broker with every client over MQTT over WebSockets",
+    )
     args = parser.parse_args(argv)
 
+    kinds = ("stock", "hardened", "hardened-ws") if args.websockets else ("stock", "hardened")
     results: list[Result] = []
     for qos, per_publisher in ((0, args.qos0), (1, args.qos1)):
-        for kind in ("stock", "hardened"):
+        for kind in kinds:
             print(f"{kind} broker, QoS {qos} ...", file=sys.stderr, flush=True)
             results.append(run_one(kind, qos, per_publisher))
 
-    print(f"{'broker':<10} {'QoS':>3} {'sent':>7} {'delivered':>9} {'seconds':>8} {'msg/s':>9}")
+    print(f"{'broker':<11} {'QoS':>3} {'sent':>7} {'delivered':>9} {'seconds':>8} {'msg/s':>9}")
     for r in results:
         print(
-            f"{r.broker:<10} {r.qos:>3} {r.sent:>7} {r.delivered:>9} "
+            f"{r.broker:<11} {r.qos:>3} {r.sent:>7} {r.delivered:>9} "
             f"{r.seconds:>8.2f} {r.rate:>9.0f}"
         )
     summary: dict[str, Any] = {}
@@ -239,6 +259,15 @@ def main(argv: list[str] | None = None) -> None:
             "sent": stock.sent,
             "ratio": round(hardened.rate / stock.rate, 3) if stock.rate else None,
         }
+        ws = next((r for r in results if r.qos == qos and r.broker == "hardened-ws"), None)
+        if ws is not None:
+            summary[f"qos{qos}"] |= {
+                "websockets_msgs_per_s": round(ws.rate, 1),
+                "websockets_delivered": ws.delivered,
+                "ratio_websockets_to_tcp": round(ws.rate / hardened.rate, 3)
+                if hardened.rate
+                else None,
+            }
     print(json.dumps({"benchmark": "broker", "publishers": PUBLISHERS, **summary}))
 
 

@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _env(settings: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    # Off, not on the default ports 8083/8084 that another hub may hold.
+    env.update({"HUB_MQTT_WS_PORT": "0", "HUB_MQTT_WSS_PORT": "0"})
     env.update(settings)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "firmware-sim")])
     return env

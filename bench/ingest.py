@@ -159,6 +159,9 @@ def start_hub(
         # limits per source address would measure themselves, not the hub.
         "HUB_MAX_CONNECTS_PER_ADDRESS_PER_S": "0",
         "HUB_MAX_CONNECTIONS_PER_ADDRESS": "0",
+        # Off, not on the default ports 8083/8084 that another hub may hold.
+        "HUB_MQTT_WS_PORT": "0",
+        "HUB_MQTT_WSS_PORT": "0",
         **(env or {}),
         "HUB_BROKER_URL": broker_url,
         "HUB_DATABASE_URL": database_url,

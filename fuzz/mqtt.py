@@ -10,7 +10,12 @@ The first byte of an input chooses what is fuzzed:
 - bit 0 set, the reader: the rest is a client's whole stream. `PacketReader`
   hands out whole packets, each of which passes the rules again; it reports
   one violation at most and then only end of stream; it never raises and
-  never waits for bytes it already has.
+  never waits for bytes it already has. With bit 2 set too, the stream is
+  WebSocket frames after a valid opening handshake (MQTT over WebSockets,
+  `bridges.mqtt.websocket`): the same reader reads their payload, with the
+  same rules. Seeds mask their frames with the key 0, so mutations of the
+  payload stay readable. (MQTT over TLS adds no parser of ours: its bytes
+  reach this same reader once OpenSSL decrypted them.)
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from collections.abc import Iterator
 from fuzz.instrument import instrumented
 
 with instrumented():
-    from bridges.mqtt.reader import PacketReader
+    from bridges.mqtt.reader import ByteStream, PacketReader
+    from bridges.mqtt.websocket import HandshakeFailed, WebSocketStream
     from hub.mqtt_rules import ProtocolViolation, check_packet
 
 from fuzz.codec_harness import Finding
@@ -33,6 +39,29 @@ MAX_PACKET_BYTES = 1024
 HANG_S = 5.0
 
 _loop = asyncio.new_event_loop()
+
+#: The opening handshake in front of a WebSocket input (paho's, shortened).
+HANDSHAKE = (
+    b"GET /mqtt HTTP/1.1\r\nHost: hub\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Protocol: mqtt\r\n\r\n"
+)
+
+
+class _Sink:
+    """What the WebSocket stream writes back (its handshake answer, pongs, close)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def write_eof(self) -> None:
+        raise AssertionError("can_write_eof is False")
 
 
 def _rules(data: bytes) -> None:
@@ -51,13 +80,26 @@ def _split(packet: bytes) -> tuple[int, int, bytes]:
     return packet[0] >> 4, packet[0] & 0x0F, packet[at + 1 :]
 
 
-async def _read_stream(data: bytes) -> None:
+async def _read_stream(data: bytes, *, websocket: bool) -> None:
     inner = asyncio.StreamReader()
+    source: ByteStream = inner
+    if websocket:
+        # The handshake alone first: a client sends no frame before the answer.
+        inner.feed_data(HANDSHAKE)
+        sink = _Sink()
+        stream = WebSocketStream(inner, sink, max_packet_bytes=MAX_PACKET_BYTES)
+        try:
+            await stream.open(HANG_S)
+        except HandshakeFailed as exc:
+            raise Finding(f"a valid opening handshake was refused: {exc}") from exc
+        if not sink.data.startswith(b"HTTP/1.1 101 "):
+            raise Finding("the opening handshake was not answered with 101")
+        source = stream
     inner.feed_data(data)
     inner.feed_eof()
     violations: list[ProtocolViolation] = []
     reader = PacketReader(
-        inner,
+        source,
         max_packet_bytes=MAX_PACKET_BYTES,
         connect_timeout_s=HANG_S * 4,
         peer="fuzz",
@@ -94,7 +136,10 @@ def one_input(data: bytes) -> None:
         _rules(data)
         return
     try:
-        _loop.run_until_complete(asyncio.wait_for(_read_stream(data[1:]), HANG_S))
+        websocket = bool(data[0] & 4)
+        _loop.run_until_complete(
+            asyncio.wait_for(_read_stream(data[1:], websocket=websocket), HANG_S)
+        )
     except TimeoutError:
         raise Finding(f"the reader waited more than {HANG_S} s on a complete stream") from None
 
@@ -125,7 +170,37 @@ def _connect(flags: int, *fields: bytes, keep_alive: int = 60) -> bytes:
     return _packet(0x10, body)
 
 
+def _frame(payload: bytes, opcode: int = 0x2, *, fin: bool = True) -> bytes:
+    """A client's frame, masked with the key 0 (its payload stays as it is)."""
+    head = bytes([opcode | (0x80 if fin else 0)])
+    n = len(payload)
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    return head + b"\x00\x00\x00\x00" + payload
+
+
+def _websocket_seeds(streams: list[bytes]) -> Iterator[bytes]:
+    """The reader's streams in WebSocket frames: one frame, a frame per packet
+    split in two (a continuation), a ping and a close between; a text frame."""
+    for stream in streams:
+        yield b"\x05" + _frame(stream)
+        half = len(stream) // 2
+        yield b"\x05" + _frame(stream[:half], fin=False) + _frame(stream[half:], 0x0)
+        yield b"\x05" + _frame(stream[:half]) + _frame(b"hi", 0x9) + _frame(stream[half:])
+        yield b"\x05" + _frame(stream) + _frame(b"\x03\xe8", 0x8)
+    yield b"\x05" + _frame(streams[0], 0x1)
+
+
 def seeds() -> Iterator[bytes]:
+    yield from _websocket_seeds([s[1:] for s in _plain_seeds() if s[0] == 1])
+    yield from _plain_seeds()
+
+
+def _plain_seeds() -> Iterator[bytes]:
     connects = [
         _connect(0x02, _text("dev-1")),
         _connect(0xC2, _text("dev-1"), _text("dev-1"), _text("s3cret")),

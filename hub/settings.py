@@ -138,6 +138,10 @@ class Settings(BaseSettings):
     mqtt_max_queued_messages: int = Field(default=1000, ge=0)
     #: Port of MQTT over TLS (0: off; off too while `tls_cert_file` is unset).
     mqtt_tls_port: int = Field(default=8883, ge=0, le=65535)
+    #: Port of MQTT over WebSockets, path /mqtt, subprotocol mqtt (0: off).
+    mqtt_ws_port: int = Field(default=8083, ge=0, le=65535)
+    #: Port of MQTT over secure WebSockets (0: off; off too while `tls_cert_file` is unset).
+    mqtt_wss_port: int = Field(default=8084, ge=0, le=65535)
     #: TLS of the hub's listeners (docs/security.md): its certificate chain and key (PEM),
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -301,6 +305,11 @@ class Settings(BaseSettings):
     def mqtt_tls_enabled(self) -> bool:
         """MQTT over TLS is served: `mqtt_tls_port` is not 0 and a certificate is set."""
         return self.mqtt_tls_port != 0 and self.tls_cert_file is not None
+
+    @property
+    def mqtt_wss_enabled(self) -> bool:
+        """Secure WebSockets are served: `mqtt_wss_port` is not 0 and a certificate is set."""
+        return self.mqtt_wss_port != 0 and self.tls_cert_file is not None
 
     @property
     def listeners(self) -> tuple[TcpListener, ...]:

@@ -86,8 +86,11 @@ class HubApp:
         self.mqtt: Transport | None = None
         #: The embedded broker's listener, when the MQTT side is the embedded broker.
         self.mqtt_listener: ListeningTransport | None = None
-        #: The embedded broker's port of MQTT over TLS, when it serves one.
+        #: The embedded broker's ports of MQTT over TLS, WebSockets and secure
+        #: WebSockets, for those it serves (status and heartbeat listeners).
         self.mqtt_tls_port: int | None = None
+        self.mqtt_ws_port: int | None = None
+        self.mqtt_wss_port: int | None = None
         #: The transports that deliver commands and drop devices on request.
         self.command_transports: list[CommandTransport] = []
         self.http: HttpStatusServer | None = None
@@ -196,6 +199,8 @@ class HubApp:
         await broker.start()
         self.mqtt_listener = broker
         self.mqtt_tls_port = broker.tls_port
+        self.mqtt_ws_port = broker.ws_port
+        self.mqtt_wss_port = broker.wss_port
         if self.settings.mqtt_acl_file is not None:
             self._reloaders.append(broker.reload_acl)
         self._add_command_transport(broker)
@@ -364,10 +369,13 @@ class HubApp:
         if self.mqtt_listener is not None:
             port = self.mqtt_listener.port
             found.append(Listener("mqtt", self.settings.host, port, "embedded broker"))
-            if self.mqtt_tls_port is not None:
-                found.append(
-                    Listener("mqtt-tls", self.settings.host, self.mqtt_tls_port, "MQTT over TLS")
-                )
+            for name, extra_port, what in (
+                ("mqtt-tls", self.mqtt_tls_port, "MQTT over TLS"),
+                ("mqtt-ws", self.mqtt_ws_port, "MQTT over WebSockets"),
+                ("mqtt-wss", self.mqtt_wss_port, "MQTT over secure WebSockets"),
+            ):
+                if extra_port is not None:
+                    found.append(Listener(name, self.settings.host, extra_port, what))
         if self.settings.mqtt_enabled and self.settings.mqtt_external_url:
             # Named so in the heartbeat: send_command hands such a hub the
             # commands of devices no hub holds (hub.commands).

@@ -32,12 +32,14 @@ from bridges.mqtt.listener import (
     ListeningBroker,
     bind_mqtt,
     bind_mqtt_tls,
+    bind_mqtt_ws,
 )
 from bridges.mqtt.reachability import ReachableBroker
 from bridges.mqtt.sessions import SessionBroker
 from bridges.mqtt.state import device_of
 from bridges.mqtt.subscriptions import SubscriptionIndex, SubscriptionTable
 from bridges.mqtt.tap import MqttUplink, TapConfig
+from bridges.mqtt.websocket import PATH as WEBSOCKET_PATH
 from bridges.tls import server_context
 from bridges.transport import ConnectionEvents, EnvelopeSink
 from hub.commands import PendingCommand
@@ -52,6 +54,9 @@ log = logging.getLogger(__name__)
 _LISTENER = "default"
 #: MQTT over TLS: a second listener of the same broker (bridges.mqtt.listener).
 _TLS_LISTENER = "tls"
+#: MQTT over WebSockets and secure WebSockets: two more listeners of the same broker.
+_WS_LISTENER = "ws"
+_WSS_LISTENER = "wss"
 
 
 def _plugin_path(cls: type) -> str:
@@ -67,6 +72,7 @@ class HubBroker(SessionBroker, ReachableBroker, DeliveringBroker, ListeningBroke
         *,
         listen_sockets: dict[str, socket.socket],
         ssl_contexts: dict[str, ssl.SSLContext],
+        websocket_listeners: frozenset[str],
         tap: TapConfig,
         max_packet_bytes: int,
         connect_timeout_s: float,
@@ -87,6 +93,7 @@ class HubBroker(SessionBroker, ReachableBroker, DeliveringBroker, ListeningBroke
         # bridges.mqtt.listener
         self._listen_sockets = listen_sockets
         self._ssl_contexts = ssl_contexts
+        self._websocket_listeners = websocket_listeners
         self._default_listener = _LISTENER
         self._max_packet_bytes = max_packet_bytes
         self._connect_timeout_s = connect_timeout_s
@@ -168,25 +175,40 @@ class EmbeddedMqtt:
         self._broker: HubBroker | None = None
 
     async def start(self) -> None:
-        """Bind `host`:`mqtt_port` (0: a free port), and `mqtt_tls_port` when TLS
-        is on, and start accepting devices. A bad TLS file is a ConfigError
-        raised before any port is bound."""
+        """Bind `host`:`mqtt_port` (0: a free port), `mqtt_tls_port` when TLS
+        is on, `mqtt_ws_port` and `mqtt_wss_port` unless off, and start
+        accepting devices. A bad TLS file is a ConfigError raised before any
+        port is bound."""
         settings = self._settings
         host = settings.host
-        contexts = {_TLS_LISTENER: server_context(settings)} if settings.mqtt_tls_enabled else {}
+        contexts: dict[str, ssl.SSLContext] = {}
+        if settings.mqtt_tls_enabled or settings.mqtt_wss_enabled:
+            # One context for both TLS listeners: the same files, read once.
+            context = server_context(settings)
+            if settings.mqtt_tls_enabled:
+                contexts[_TLS_LISTENER] = context
+            if settings.mqtt_wss_enabled:
+                contexts[_WSS_LISTENER] = context
         sockets = {_LISTENER: await bind_mqtt(host, settings.mqtt_port)}
         try:
-            if contexts:
+            if settings.mqtt_tls_enabled:
                 sockets[_TLS_LISTENER] = await bind_mqtt_tls(host, settings.mqtt_tls_port)
+            if settings.mqtt_ws_port != 0:
+                sockets[_WS_LISTENER] = await bind_mqtt_ws(host, settings.mqtt_ws_port, tls=False)
+            if settings.mqtt_wss_enabled:
+                sockets[_WSS_LISTENER] = await bind_mqtt_ws(host, settings.mqtt_wss_port, tls=True)
         except BaseException:
-            sockets[_LISTENER].close()
+            for sock in sockets.values():
+                sock.close()
             raise
+        websockets = frozenset(sockets) & {_WS_LISTENER, _WSS_LISTENER}
         shown_host = f"[{host}]" if ":" in host else host
         plugin_config = {"access": self._access}
         config = BrokerConfig(
             listeners={
                 name: ListenerConfig(
-                    type=ListenerType.TCP, bind=f"{shown_host}:{sock.getsockname()[1]}"
+                    type=ListenerType.WS if name in websockets else ListenerType.TCP,
+                    bind=f"{shown_host}:{sock.getsockname()[1]}",
                 )
                 for name, sock in sockets.items()
             },
@@ -199,6 +221,7 @@ class EmbeddedMqtt:
             config,
             listen_sockets=sockets,
             ssl_contexts=contexts,
+            websocket_listeners=websockets,
             tap=self._tap,
             max_packet_bytes=self._settings.mqtt_max_packet_bytes,
             connect_timeout_s=self._settings.mqtt_connect_timeout_s,
@@ -225,7 +248,16 @@ class EmbeddedMqtt:
             "allowed" if settings.mqtt_allow_anonymous else "refused",
             settings.mqtt_acl_file or "none",
         )
-        if contexts:
+        for name, what in ((_WS_LISTENER, "WebSockets"), (_WSS_LISTENER, "secure WebSockets")):
+            if name in sockets:
+                log.info(
+                    "MQTT over %s listening on %s:%d (path %s)",
+                    what,
+                    host,
+                    broker.listener_port(name),
+                    WEBSOCKET_PATH,
+                )
+        if _TLS_LISTENER in contexts:
             log.info(
                 "MQTT over TLS listening on %s:%d (client certificate %s, identity %s)",
                 host,
@@ -247,6 +279,20 @@ class EmbeddedMqtt:
         if self._broker is None:
             raise RuntimeError("the embedded MQTT broker is not started")
         return self._broker.listener_port(_TLS_LISTENER)
+
+    @property
+    def ws_port(self) -> int | None:
+        """The port of MQTT over WebSockets; None when it is off."""
+        if self._broker is None:
+            raise RuntimeError("the embedded MQTT broker is not started")
+        return self._broker.listener_port(_WS_LISTENER)
+
+    @property
+    def wss_port(self) -> int | None:
+        """The port of MQTT over secure WebSockets; None when it is off."""
+        if self._broker is None:
+            raise RuntimeError("the embedded MQTT broker is not started")
+        return self._broker.listener_port(_WSS_LISTENER)
 
     @property
     def serving(self) -> bool:

@@ -3,10 +3,11 @@
 Layer: bridges; imports the `hub` core, `bridges.listen`, `bridges.address_gate`,
 the other `bridges.mqtt` modules and amqtt.
 
-- `bind_mqtt` binds `host`:`mqtt_port` (and `bind_mqtt_tls` `mqtt_tls_port`)
-  through `bridges.listen.bind`, so a port in use is a `ConfigError` naming
-  the setting (and the way to bridge from the broker holding it), not an
-  amqtt traceback.
+- `bind_mqtt` binds `host`:`mqtt_port` (and `bind_mqtt_tls` `mqtt_tls_port`,
+  `bind_mqtt_ws` `mqtt_ws_port` and `mqtt_wss_port`) through
+  `bridges.listen.bind`, so a port in use is a `ConfigError` naming the
+  setting (and the way to bridge from the broker holding it), not an amqtt
+  traceback.
 - `ListeningBroker` is amqtt's `Broker` with these overrides:
   `_create_server_instance` serves the socket bound for each listener, with
   the listener's SSL context if it has one (MQTT over TLS: the same broker
@@ -20,6 +21,12 @@ the other `bridges.mqtt` modules and amqtt.
   packets; size limit; CONNECT timeout; keep-alive at 1.5x) and always closes
   the socket at the end (stock amqtt leaves it open when the first packet is
   bad).
+- MQTT over WebSockets (ws and wss) takes the same path: the listener is
+  ours, not amqtt's (which would run the `websockets` server and its TLS
+  before any limit); after the limits and the TLS handshake,
+  `bridges.mqtt.websocket` runs the WebSocket opening handshake (within
+  `mqtt_connect_timeout_s`, a failure counted as `ws_handshake`) and the
+  `PacketReader` reads the payload of its binary frames.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ from prometheus_client import Counter
 
 from bridges.address_gate import AddressGate
 from bridges.listen import PortSetting, bind
-from bridges.mqtt.reader import PacketReader
+from bridges.mqtt.reader import ByteStream, PacketReader
+from bridges.mqtt.websocket import HandshakeFailed, WebSocketStream, WebSocketWriter
 from hub.metrics import Metrics
 from hub.mqtt_rules import ProtocolViolation
 
@@ -64,6 +72,23 @@ _TLS_PORT_SETTING = PortSetting(
 )
 
 
+_WS_PORT_SETTING = PortSetting(
+    what="MQTT over WebSockets",
+    key="mqtt_ws_port",
+    env="HUB_MQTT_WS_PORT",
+    hint="(another broker or web server?)",
+    alternative="or turn it off with 0",
+)
+
+_WSS_PORT_SETTING = PortSetting(
+    what="MQTT over secure WebSockets",
+    key="mqtt_wss_port",
+    env="HUB_MQTT_WSS_PORT",
+    hint="(another broker or web server?)",
+    alternative="or turn it off with 0",
+)
+
+
 async def bind_mqtt(host: str, port: int) -> socket.socket:
     """Bind the broker's listening socket (0: a free port); a busy port is a ConfigError."""
     return await bind(host, port, _PORT_SETTING, backlog=BACKLOG)
@@ -74,6 +99,12 @@ async def bind_mqtt_tls(host: str, port: int) -> socket.socket:
     return await bind(host, port, _TLS_PORT_SETTING, backlog=BACKLOG)
 
 
+async def bind_mqtt_ws(host: str, port: int, *, tls: bool) -> socket.socket:
+    """Bind the socket of MQTT over WebSockets (`tls`: wss); a busy port is a
+    ConfigError naming mqtt_ws_port or mqtt_wss_port."""
+    return await bind(host, port, _WSS_PORT_SETTING if tls else _WS_PORT_SETTING, backlog=BACKLOG)
+
+
 class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     """amqtt's broker on a socket bound by the hub; see the module docstring.
     `bridges.mqtt.broker.HubBroker` sets the attributes below."""
@@ -81,6 +112,8 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     #: The socket bound for each listener name, and the SSL context of a TLS one.
     _listen_sockets: dict[str, socket.socket]
     _ssl_contexts: dict[str, ssl.SSLContext]
+    #: The listeners that speak MQTT inside WebSocket frames (ws, wss).
+    _websocket_listeners: frozenset[str]
     _default_listener: str
     _metrics: Metrics
     _max_packet_bytes: int
@@ -111,13 +144,15 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         port: int,
         ssl_context: Any,
     ) -> Any:
-        if listener_type != ListenerType.TCP:
+        if listener_type not in (ListenerType.TCP, ListenerType.WS):
             return await super()._create_server_instance(
                 listener_name, listener_type, address, port, ssl_context
             )
         # amqtt builds no context (the listener has no "ssl" key): the hub's own
         # (bridges.tls) is used in `stream_connected`, so the TLS handshake
-        # comes after the connection limit and its failures are counted.
+        # comes after the connection limit and its failures are counted. A
+        # WebSocket listener is served here too (not by amqtt's `websockets`
+        # server), for the same reason.
         return await asyncio.start_server(
             partial(self.stream_connected, listener_name=listener_name),
             sock=self._listen_sockets[listener_name],
@@ -193,18 +228,43 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     async def _serve_stream(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
+        if listener_name not in self._websocket_listeners:
+            await self._serve(reader, StreamWriterAdapter(writer), writer, listener_name, None)
+            return
+        ws = WebSocketStream(reader, writer, max_packet_bytes=self._max_packet_bytes)
+        try:
+            await ws.open(self._connect_timeout_s)
+        except (HandshakeFailed, OSError, TimeoutError) as exc:
+            # Counted and logged at DEBUG like a failed TLS handshake: a scan
+            # or a browser pointed at the port must not flood the log.
+            self._metrics.connections_refused.labels("mqtt", "ws_handshake").inc()
+            log.debug("MQTT over WebSockets: handshake with %s failed: %r", _peer(writer), exc)
+            writer.close()  # after the HTTP answer, if there is one
+            return
+        await self._serve(ws, WebSocketWriter(writer, ws), writer, listener_name, ws)
+
+    async def _serve(
+        self,
+        source: ByteStream,
+        adapter: StreamWriterAdapter,
+        writer: asyncio.StreamWriter,
+        listener_name: str,
+        ws: WebSocketStream | None,
+    ) -> None:
+        """amqtt's session over `source` read through a `PacketReader`; `ws`
+        when the packets travel in WebSocket frames."""
         peer_text = _peer(writer)
         packets = PacketReader(
-            reader,
+            source,
             max_packet_bytes=self._max_packet_bytes,
             connect_timeout_s=self._connect_timeout_s,
             max_topic_levels=self._max_topic_levels,
             peer=peer_text,
-            reply=writer.write,
-            on_violation=self._violation,
+            reply=writer.write if ws is None else ws.send,
+            on_violation=self._violation if ws is None else partial(self._ws_violation, ws),
         )
         try:
-            await self._client_connected(listener_name, packets, StreamWriterAdapter(writer))
+            await self._client_connected(listener_name, packets, adapter)
         except Exception:
             # The boundary with amqtt: one connection's failure stays with it.
             self._metrics.protocol_errors.labels("mqtt", "internal_error").inc()
@@ -212,7 +272,13 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         finally:
             # Stock amqtt leaves the socket open when the first packet is not a
             # CONNECT or the CONNECT is refused early; every connection ends here.
+            if ws is not None:
+                ws.close()
             writer.close()
+
+    def _ws_violation(self, ws: WebSocketStream, violation: ProtocolViolation, peer: str) -> None:
+        ws.violation()
+        self._violation(violation, peer)
 
     def _violation(self, violation: ProtocolViolation, peer: str) -> None:
         self._metrics.protocol_errors.labels("mqtt", violation.reason).inc()

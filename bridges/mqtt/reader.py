@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from typing import Protocol
 
 from amqtt.adapters import ReaderAdapter
 
@@ -47,6 +48,15 @@ from hub.mqtt_rules import (
 AckCheck = Callable[[int, int], "str | None"]
 
 
+class ByteStream(Protocol):
+    """What the reader reads a connection from: an `asyncio.StreamReader` (TCP,
+    TLS) or a `bridges.mqtt.websocket.WebSocketStream` (the payload of binary frames)."""
+
+    async def readexactly(self, n: int) -> bytes: ...
+
+    def feed_eof(self) -> None: ...
+
+
 class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
     """amqtt's view of a client connection: whole, checked packets only.
 
@@ -58,7 +68,7 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
 
     def __init__(
         self,
-        inner: asyncio.StreamReader,
+        inner: ByteStream,
         *,
         max_packet_bytes: int,
         connect_timeout_s: float,

@@ -99,7 +99,8 @@ class DemoOptions:
 
 
 def demo_overrides(data_dir: Path) -> dict[str, Any]:
-    """The settings the demo always overrides: free ports on 127.0.0.1, its data folder.
+    """The settings the demo always overrides: free ports on 127.0.0.1 (MQTT over
+    WebSockets off), its data folder.
 
     One native listener replaces any configured `tcp_listeners`, because the
     simulated devices speak the native protocol and the configured ports may
@@ -111,6 +112,9 @@ def demo_overrides(data_dir: Path) -> dict[str, Any]:
         "tcp_port": 0,
         "tcp_listeners": (),
         "mqtt_port": 0,
+        # 0 is off here (not a free port): the demo's devices speak MQTT over TCP.
+        "mqtt_ws_port": 0,
+        "mqtt_wss_port": 0,
         "http_port": 0,
     }
 

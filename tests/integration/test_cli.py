@@ -22,6 +22,8 @@ def hub_cli(
 ) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
     environ["HUB_DATA_DIR"] = str(tmp_path / "data")
+    # Off, not on the default ports 8083/8084 that another hub may hold.
+    environ["HUB_MQTT_WS_PORT"] = environ["HUB_MQTT_WSS_PORT"] = "0"
     environ.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "hubapp.cli", *args],

@@ -29,6 +29,8 @@ pytestmark = pytest.mark.integration
 
 def _env(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    # MQTT over WebSockets off, not on the default ports 8083/8084.
+    env.update({"HUB_MQTT_WS_PORT": "0", "HUB_MQTT_WSS_PORT": "0"})
     env.update({"HUB_DATA_DIR": str(data_dir), "HUB_HOST": "127.0.0.1", **extra})
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "firmware-sim")])
     return env

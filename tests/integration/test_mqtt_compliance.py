@@ -5,6 +5,10 @@ authentication and the topic ACL (the default, `auth`) and with
 `mqtt_allow_anonymous` (`anonymous`, a plain broker). The packets are written
 by hand (`Raw`), so nothing a client library smooths over hides a difference.
 
+The tests of malformed packets run over MQTT over TLS (`auth+tls`) and over
+WebSockets (`auth+ws`) too: each listener reads through the same checks, and
+these prove it (the certificates are made by `hubapp.certificates`).
+
 Each behaviour tested here was missing from stock amqtt 0.12.1. To see that,
 set `HUB_TEST_PLAIN_AMQTT=1`: the same tests then also run against a stock
 `amqtt.broker.Broker` (`plain`), where they are expected to fail.
@@ -17,6 +21,7 @@ import importlib.metadata
 import json
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +30,10 @@ from typing import Any
 
 import pytest
 from amqtt.broker import Broker as StockBroker
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
+from hubapp import certificates
 from tests.integration.test_mqtt_embedded import Broker as HubThread
 from tests.support.processes import wait_until
 
@@ -135,10 +143,11 @@ class Received:
 
 
 class Raw:
-    """A TCP connection speaking MQTT bytes written by hand."""
+    """A TCP connection (over TLS with `tls`) speaking MQTT bytes written by hand."""
 
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
+    def __init__(self, port: int, tls: ssl.SSLContext | None = None) -> None:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT_S)
+        self.sock = sock if tls is None else tls.wrap_socket(sock, server_hostname="127.0.0.1")
         self._buffer = b""
 
     def send(self, data: bytes) -> None:
@@ -150,6 +159,8 @@ class Raw:
             chunk = self.sock.recv(65536)
         except TimeoutError:
             return False
+        except ssl.SSLError as exc:  # the broker closed without a TLS close_notify
+            raise EOFError from exc
         if not chunk:
             raise EOFError
         self._buffer += chunk
@@ -203,6 +214,39 @@ class Raw:
         self.sock.close()
 
 
+class WsRaw(Raw):
+    """The same bytes in binary WebSocket frames (path /mqtt, subprotocol mqtt)."""
+
+    def __init__(self, port: int, tls: ssl.SSLContext | None = None) -> None:
+        self.ws = connect(
+            f"{'wss' if tls else 'ws'}://127.0.0.1:{port}/mqtt",
+            subprotocols=["mqtt"],
+            ssl=tls,
+            open_timeout=WAIT_S,
+            close_timeout=1,
+        )
+        self._buffer = b""
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.ws.send(data)
+        except ConnectionClosed as exc:
+            raise ConnectionError from exc
+
+    def _fill(self, deadline: float) -> bool:
+        try:
+            chunk = self.ws.recv(timeout=max(0.01, deadline - time.monotonic()))
+        except TimeoutError:
+            return False
+        except ConnectionClosed as exc:
+            raise EOFError from exc
+        self._buffer += chunk.encode() if isinstance(chunk, str) else chunk
+        return True
+
+    def close(self) -> None:
+        self.ws.close()
+
+
 # -- the brokers under test ----------------------------------------------------------------
 
 
@@ -217,6 +261,13 @@ class World:
 
     name = ""
     port = 0
+    #: How clients reach the broker: TLS (a client context) and/or WebSockets.
+    tls: ssl.SSLContext | None = None
+    websocket = False
+
+    def raw(self) -> Raw:
+        """A new raw connection to the broker, over the world's transport."""
+        return (WsRaw if self.websocket else Raw)(self.port, self.tls)
 
     def creds(self, client_id: str) -> tuple[str, str] | None:
         return None
@@ -255,7 +306,7 @@ class World:
         return got.payload if got is not None and got.type == PUBLISH else None
 
     def connected(self, client_id: str, **kwargs: Any) -> Raw:
-        raw = Raw(self.port)
+        raw = self.raw()
         raw.send(connect_packet(client_id, self.creds(client_id), **kwargs))
         _present, code = raw.connack()
         assert code == 0, f"CONNECT refused with {code}"
@@ -266,15 +317,31 @@ class World:
 
 
 class HubWorld(World):
-    def __init__(self, data_dir: Path, *, anonymous: bool) -> None:
+    def __init__(
+        self, data_dir: Path, *, anonymous: bool, transport: str = "tcp", ca: Path | None = None
+    ) -> None:
         self.name = "anonymous" if anonymous else "auth"
+        listener: dict[str, Any] = {}
+        if transport == "tls":
+            assert ca is not None
+            listener = {
+                "mqtt_tls_port": free_port(),
+                "tls_cert_file": ca / certificates.HUB_CERT,
+                "tls_key_file": ca / certificates.HUB_KEY,
+            }
+            self.tls = ssl.create_default_context(cafile=str(ca / certificates.CA_CERT))
+        elif transport == "ws":
+            listener = {"mqtt_ws_port": free_port()}
+            self.websocket = True
         self.hub = HubThread(
             data_dir,
             mqtt_allow_anonymous=anonymous,
             mqtt_connect_timeout_s=CONNECT_TIMEOUT_S,
             mqtt_max_packet_bytes=MAX_PACKET,
+            **listener,
         ).start()
-        self.port = self.hub.port
+        port = {"tcp": self.hub.port, "tls": self.hub.mqtt.tls_port, "ws": self.hub.mqtt.ws_port}
+        self.port = port[transport] or 0
         self.anonymous = anonymous
 
     def close(self) -> None:
@@ -352,14 +419,31 @@ class PlainWorld(World):
 WORLDS = ["auth", "anonymous"] + (["plain"] if os.environ.get("HUB_TEST_PLAIN_AMQTT") else [])
 
 
+#: The tests of malformed packets also run over TLS and WebSockets (authenticated).
+EDGE_WORLDS = [*WORLDS, "auth+tls", "auth+ws"]
+
+
+@pytest.fixture(scope="session")
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("compliance-ca")
+    certificates.init_ca(directory)
+    return directory
+
+
 @pytest.fixture(params=WORLDS)
-def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+def world(request: pytest.FixtureRequest, tmp_path: Path, test_ca: Path) -> Iterator[World]:
     made: World
-    if request.param == "plain":
+    name, _, transport = str(request.param).partition("+")
+    if name == "plain":
         made = PlainWorld()
     else:
-        cls = AuthWorld if request.param == "auth" else HubWorld
-        made = cls(tmp_path / "hub", anonymous=request.param == "anonymous")
+        cls = AuthWorld if name == "auth" else HubWorld
+        made = cls(
+            tmp_path / "hub",
+            anonymous=name == "anonymous",
+            transport=transport or "tcp",
+            ca=test_ca,
+        )
     yield made
     made.close()
 
@@ -369,7 +453,7 @@ def raws(world: World) -> Iterator[Callable[..., Raw]]:
     opened: list[Raw] = []
 
     def open_raw() -> Raw:
-        raw = Raw(world.port)
+        raw = world.raw()
         opened.append(raw)
         return raw
 
@@ -416,6 +500,7 @@ BAD_CONNECTS: dict[str, Callable[[tuple[str, str] | None], bytes]] = {
 
 
 @pytest.mark.parametrize("case", list(BAD_CONNECTS))
+@pytest.mark.parametrize("world", EDGE_WORLDS, indirect=True)
 def test_a_malformed_first_packet_closes_the_connection(
     world: World, raws: Callable[..., Raw], case: str
 ) -> None:
@@ -425,6 +510,7 @@ def test_a_malformed_first_packet_closes_the_connection(
 
 
 @pytest.mark.parametrize("level", [3, 5])
+@pytest.mark.parametrize("world", EDGE_WORLDS, indirect=True)
 def test_an_unsupported_protocol_level_gets_connack_1_then_the_close(
     world: World, raws: Callable[..., Raw], level: int
 ) -> None:
@@ -454,6 +540,7 @@ BAD_PACKETS: dict[str, Callable[[World], bytes]] = {
 
 
 @pytest.mark.parametrize("case", list(BAD_PACKETS))
+@pytest.mark.parametrize("world", EDGE_WORLDS, indirect=True)
 def test_a_malformed_packet_closes_the_connection(world: World, case: str) -> None:
     raw = world.connected("c")
     try:
@@ -464,6 +551,7 @@ def test_a_malformed_packet_closes_the_connection(world: World, case: str) -> No
 
 
 @pytest.mark.parametrize("qos", [1, 2])
+@pytest.mark.parametrize("world", EDGE_WORLDS, indirect=True)
 def test_the_wrong_acknowledgement_type_closes_the_connection(world: World, qos: int) -> None:
     raw = world.connected("c")
     try:
@@ -510,6 +598,7 @@ def test_hundreds_of_bad_or_incomplete_first_packets_are_all_closed(world: World
             sock.close()
 
 
+@pytest.mark.parametrize("world", EDGE_WORLDS, indirect=True)
 def test_an_oversized_packet_is_refused_from_its_length_field(world: World) -> None:
     raw = world.connected("c")
     try:

@@ -173,6 +173,7 @@ class Client:
         password: str | None = None,
         *,
         clean_session: bool = True,
+        websockets: bool = False,
     ) -> None:
         self.port = port
         self.client = mqtt.Client(
@@ -180,7 +181,10 @@ class Client:
             client_id=client_id,
             protocol=MQTTProtocolVersion.MQTTv311,
             clean_session=clean_session,
+            transport="websockets" if websockets else "tcp",
         )
+        if websockets:
+            self.client.ws_set_options(path="/mqtt")
         if username is not None:
             self.client.username_pw_set(username, password)
         self.connack: ReasonCode | None = None

@@ -286,6 +286,9 @@ def hub_env(options: HubOptions) -> dict[str, str]:
         HUB_HOST="127.0.0.1",
         HUB_TCP_PORT=str(options.tcp_port),
         HUB_MQTT_PORT=str(options.mqtt_port),
+        # MQTT over WebSockets is off (0), not on its default ports 8083/8084.
+        HUB_MQTT_WS_PORT="0",
+        HUB_MQTT_WSS_PORT="0",
         HUB_HTTP_PORT=str(options.http_port),
         HUB_MQTT_ENABLED="true" if options.mqtt else "false",
         HUB_BROKER_RETRY_INTERVAL_S="0.5",

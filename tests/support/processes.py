@@ -200,6 +200,9 @@ def make_test_settings(data_dir: Path, **overrides: Any) -> Settings:
         "host": "127.0.0.1",
         "tcp_port": 0,
         "mqtt_port": 0,
+        # 0 turns these off (not a free port): a test that wants them picks free ports.
+        "mqtt_ws_port": 0,
+        "mqtt_wss_port": 0,
         "http_port": 0,
         "mqtt_enabled": False,
         "broker_retry_interval_s": 0.3,
