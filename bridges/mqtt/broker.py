@@ -21,6 +21,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from amqtt.contexts import BrokerConfig, ListenerConfig, ListenerType
 from amqtt.session import Session
@@ -83,7 +84,8 @@ class HubBroker(SessionBroker, ReachableBroker, DeliveringBroker, ListeningBroke
         self._topic_root = topic_root
         self._events = events
         self._metrics = metrics
-        self._tap = tap
+        # The fast path of each connection asks this broker's subscription index.
+        self._tap = replace(tap, subscribed=self.has_subscribers)
         # bridges.mqtt.listener
         self._listen_sockets = listen_sockets
         self._ssl_contexts = ssl_contexts

@@ -81,6 +81,13 @@ class DeliveringBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             self._index.add(topic_filter)
         return result
 
+    def has_subscribers(self, topic: str) -> bool:
+        """Whether some session (online or a stored persistent one) holds a
+        subscription matching `topic`: then a device's publish there takes
+        amqtt's path, which delivers it (bridges.mqtt.tap, the fast path)."""
+        table = self._subscriptions
+        return any(table.get(topic_filter) for topic_filter in self._index.matching(topic, table))
+
     def matching_filters(self, topic: str) -> list[str]:
         """The subscribed filters that match `topic` (bridges.mqtt.subscriptions)."""
         return self._index.matching(topic, self._subscriptions)

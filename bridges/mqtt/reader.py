@@ -35,6 +35,7 @@ from hub.mqtt_rules import (
     PROTOCOL_VIOLATION,
     PUBACK,
     PUBCOMP,
+    PUBLISH,
     PUBREC,
     ConnectInfo,
     PacketTooLarge,
@@ -45,6 +46,12 @@ from hub.mqtt_rules import (
 #: Asks the connection's protocol state whether an acknowledgement fits its
 #: flow: (packet type, packet identifier) -> None, or why it does not.
 AckCheck = Callable[[int, int], "str | None"]
+#: The fast path of device uplink (bridges.mqtt.tap, docs/mqtt.md "The fast
+#: path"): (fixed-header flags, body) of a checked PUBLISH -> True when it took
+#: the packet (amqtt never sees it), False to hand it to amqtt as usual.
+FastPublish = Callable[[int, bytes], bool]
+#: Packets the fast path takes in a row before the reader yields to the loop.
+_FAST_TURN = 32
 
 
 class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
@@ -78,6 +85,8 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         self.connect: ConnectInfo | None = None
         #: Set by the protocol handler once attached (see `AckCheck`).
         self.check_ack: AckCheck | None = None
+        #: Set by the protocol handler once its device's session runs.
+        self.fast_publish: FastPublish | None = None
         self.failed: str | None = None
         self._buffer = bytearray()
         self._last_packet = asyncio.get_running_loop().time()
@@ -120,43 +129,54 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
     # -- one packet --------------------------------------------------------------------
 
     async def _read_packet(self) -> bytes:
-        """The next complete, checked packet; b"" (end of stream) once the
-        client closed or broke the protocol."""
+        """The next complete, checked packet for amqtt; b"" (end of stream) once
+        the client closed or broke the protocol. Packets the fast path takes
+        (`fast_publish`) are read here one after the other, never handed out."""
         # Let the handler's task for the packet just handed out run first: it
-        # may pause this connection (backpressure) before the next is read.
+        # may pause this connection (backpressure) before the next is read,
+        # and takes its place among the connection's PUBACKs (bridges.mqtt.acks).
         await asyncio.sleep(0)
-        if self.paused:
-            await self._resume.wait()
-            # Not reading was our own doing; the client's silence counts from now.
+        taken = 0
+        while True:
+            if self.paused:
+                await self._resume.wait()
+                # Not reading was our own doing; the client's silence counts from now.
+                self._last_packet = asyncio.get_running_loop().time()
+            try:
+                async with asyncio.timeout_at(self._deadline()):
+                    packet = await self._receive()
+            except TimeoutError:
+                if self.connect is None:
+                    self._fail(
+                        ProtocolViolation(
+                            f"no CONNECT within {self._connect_timeout_s:.1f} s "
+                            "(mqtt_connect_timeout_s)",
+                            reason=CONNECT_TIMEOUT,
+                        )
+                    )
+                else:
+                    self._fail(
+                        ProtocolViolation(
+                            f"silent for 1.5 times its keep-alive of {self.connect.keep_alive_s} s",
+                            reason=KEEPALIVE_TIMEOUT,
+                        )
+                    )
+                return b""
+            except ProtocolViolation as exc:
+                self._fail(exc)
+                return b""
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return b""  # the client went away, possibly mid-packet
+            # Every packet is activity, those of the fast path too [MQTT-3.1.2-24].
             self._last_packet = asyncio.get_running_loop().time()
-        try:
-            async with asyncio.timeout_at(self._deadline()):
-                packet = await self._receive()
-        except TimeoutError:
-            if self.connect is None:
-                self._fail(
-                    ProtocolViolation(
-                        f"no CONNECT within {self._connect_timeout_s:.1f} s "
-                        "(mqtt_connect_timeout_s)",
-                        reason=CONNECT_TIMEOUT,
-                    )
-                )
-            else:
-                self._fail(
-                    ProtocolViolation(
-                        f"silent for 1.5 times its keep-alive of {self.connect.keep_alive_s} s",
-                        reason=KEEPALIVE_TIMEOUT,
-                    )
-                )
-            return b""
-        except ProtocolViolation as exc:
-            self._fail(exc)
-            return b""
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return b""  # the client went away, possibly mid-packet
-        self._last_packet = asyncio.get_running_loop().time()
-        self.packets += 1
-        return packet
+            self.packets += 1
+            if packet is not None:
+                return packet
+            taken += 1
+            if taken % _FAST_TURN == 0:
+                # Buffered packets are read without a suspension: let the
+                # other connections (and the dispatcher's flush) have a turn.
+                await asyncio.sleep(0)
 
     def _deadline(self) -> float | None:
         """When the packet being read must be complete (event loop time)."""
@@ -167,7 +187,8 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         # [MQTT-3.1.2-24]: disconnect after one and a half keep-alive periods.
         return self._last_packet + 1.5 * self.connect.keep_alive_s
 
-    async def _receive(self) -> bytes:
+    async def _receive(self) -> bytes | None:
+        """One packet, whole and checked; None when the fast path took it."""
         header = await self._inner.readexactly(1)
         if not header:
             raise asyncio.IncompleteReadError(b"", 1)
@@ -211,6 +232,12 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
             problem = self.check_ack(packet_type, int.from_bytes(body[:2], "big"))
             if problem is not None:
                 raise ProtocolViolation(problem, reason=PROTOCOL_VIOLATION)
+        elif (
+            packet_type == PUBLISH
+            and self.fast_publish is not None
+            and self.fast_publish(flags, body)
+        ):
+            return None  # taken by the fast path: amqtt never sees it
         return bytes(header) + bytes(length_bytes) + body
 
     async def _connect_body(self, length: int) -> bytes:
