@@ -90,6 +90,10 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         self.failed: str | None = None
         self._buffer = bytearray()
         self._last_packet = asyncio.get_running_loop().time()
+        self._watchdog: asyncio.TimerHandle | None = None
+        # The task waiting in `_receive`, and why the watchdog cancelled it.
+        self._reading: asyncio.Task[object] | None = None
+        self._silent: ProtocolViolation | None = None
         self._resume = asyncio.Event()
         self._resume.set()
 
@@ -137,38 +141,33 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         # and takes its place among the connection's PUBACKs (bridges.mqtt.acks).
         await asyncio.sleep(0)
         taken = 0
+        loop = asyncio.get_running_loop()
         while True:
             if self.paused:
                 await self._resume.wait()
                 # Not reading was our own doing; the client's silence counts from now.
-                self._last_packet = asyncio.get_running_loop().time()
+                self._last_packet = loop.time()
+            self._watch()
+            task = self._reading = asyncio.current_task()
             try:
-                async with asyncio.timeout_at(self._deadline()):
-                    packet = await self._receive()
-            except TimeoutError:
-                if self.connect is None:
-                    self._fail(
-                        ProtocolViolation(
-                            f"no CONNECT within {self._connect_timeout_s:.1f} s "
-                            "(mqtt_connect_timeout_s)",
-                            reason=CONNECT_TIMEOUT,
-                        )
-                    )
-                else:
-                    self._fail(
-                        ProtocolViolation(
-                            f"silent for 1.5 times its keep-alive of {self.connect.keep_alive_s} s",
-                            reason=KEEPALIVE_TIMEOUT,
-                        )
-                    )
-                return b""
+                packet = await self._receive()
             except ProtocolViolation as exc:
                 self._fail(exc)
                 return b""
             except (asyncio.IncompleteReadError, ConnectionError):
+                self._unwatch()
                 return b""  # the client went away, possibly mid-packet
+            except asyncio.CancelledError:
+                silent, self._silent = self._silent, None
+                if silent is not None and task is not None and task.uncancel() == 0:
+                    self._fail(silent)  # the watchdog's cancel, and only that
+                    return b""
+                self._unwatch()  # the connection is being closed by the hub
+                raise
+            finally:
+                self._reading = None
             # Every packet is activity, those of the fast path too [MQTT-3.1.2-24].
-            self._last_packet = asyncio.get_running_loop().time()
+            self._last_packet = loop.time()
             self.packets += 1
             if packet is not None:
                 return packet
@@ -177,6 +176,53 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
                 # Buffered packets are read without a suspension: let the
                 # other connections (and the dispatcher's flush) have a turn.
                 await asyncio.sleep(0)
+
+    # -- the CONNECT timeout and the keep-alive ----------------------------------------
+
+    def _watch(self) -> None:
+        """Arm the watchdog for the packet being read. One timer per
+        connection, moved only when it fires (a timeout per read cost a timer
+        per packet): it compares the deadline then with the last packet's time."""
+        if self._watchdog is None and self.failed is None:
+            deadline = self._deadline()
+            if deadline is not None:
+                self._watchdog = asyncio.get_running_loop().call_at(deadline, self._expire)
+
+    def _unwatch(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _expire(self) -> None:
+        self._watchdog = None
+        if self.paused or self.failed is not None or self._reading is None:
+            # Not reading (backpressure, or amqtt handling the last packet):
+            # the next read arms the watchdog again and finds the deadline.
+            return
+        deadline = self._deadline()
+        if deadline is None:
+            return  # keep-alive 0 [MQTT-3.1.2-10]
+        if asyncio.get_running_loop().time() < deadline:
+            self._watch()  # packets came since: the deadline moved on
+            return
+        if self.connect is None:
+            violation = ProtocolViolation(
+                f"no CONNECT within {self._connect_timeout_s:.1f} s (mqtt_connect_timeout_s)",
+                reason=CONNECT_TIMEOUT,
+            )
+        else:
+            violation = ProtocolViolation(
+                f"silent for 1.5 times its keep-alive of {self.connect.keep_alive_s} s",
+                reason=KEEPALIVE_TIMEOUT,
+            )
+        # Ends the read waiting in `_receive`, as `asyncio.timeout` would.
+        self._silent = violation
+        self._reading.cancel()
+
+    def stop_watching(self) -> None:
+        """The connection ended: no timeout may fire for it any more."""
+        self._unwatch()
+        self.failed = self.failed or "closed"
 
     def _deadline(self) -> float | None:
         """When the packet being read must be complete (event loop time)."""
@@ -228,6 +274,7 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         )
         if info is not None:
             self.connect = info
+            self._unwatch()  # from now on the keep-alive's deadline, not the CONNECT's
         elif packet_type in (PUBACK, PUBREC, PUBCOMP) and self.check_ack is not None:
             problem = self.check_ack(packet_type, int.from_bytes(body[:2], "big"))
             if problem is not None:
@@ -252,6 +299,7 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         return head + rest
 
     def _fail(self, violation: ProtocolViolation) -> None:
+        self._unwatch()
         self.failed = violation.reason
         if violation.connack is not None:
             with contextlib.suppress(ConnectionError, RuntimeError):  # the client is gone

@@ -274,6 +274,7 @@ class BridgingHandler(QosFlowHandler):
     async def stop(self) -> None:
         if self.framed is not None:
             self.framed.fast_publish = None
+            self.framed.stop_watching()
         if self.acks is not None:
             # Nothing more is written on this connection; messages still waiting
             # become durable unacknowledged (the device sends them again).

@@ -74,6 +74,7 @@ class RawClient:
     client_id: str
     username: str | None = None
     password: str | None = None
+    keepalive_s: int = 60
     pubacks: list[int] = field(default_factory=list)
     deliveries: list[Delivery] = field(default_factory=list)
     other: queue.Queue[tuple[int, bytes]] = field(default_factory=queue.Queue)
@@ -83,7 +84,8 @@ class RawClient:
         self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=WAIT_S)
         self._lock = threading.Lock()
         flags = 0x02 | (0xC0 if self.username is not None else 0)
-        body = _text("MQTT") + bytes([4, flags]) + struct.pack(">H", 60) + _text(self.client_id)
+        body = _text("MQTT") + bytes([4, flags]) + struct.pack(">H", self.keepalive_s)
+        body += _text(self.client_id)
         if self.username is not None:
             body += _text(self.username) + _text(self.password or "")
         self.sock.sendall(_packet(0x10, body))
@@ -271,6 +273,28 @@ def test_a_retained_publish_is_kept_for_later_subscribers(
     assert wait_until(lambda: len(watcher.deliveries) == 1, timeout=WAIT_S)
     assert watcher.deliveries[0].seq == 2 and watcher.deliveries[0].retain
     assert [e.seq for e in b.dispatcher.data("dev-1")] == [1, 2]
+
+
+def test_fast_path_publishes_count_as_activity_for_the_keepalive(
+    broker: StartBroker,  # noqa: F811
+    raw_clients: Callable[..., RawClient],
+) -> None:
+    b = broker()
+    credential = b.provision("dev-1")
+    dev = raw_clients(b.port, "dev-1", "dev-1", credential, keepalive_s=1)
+    topic = "devices/dev-1/telemetry"
+    # 3 s of publishes 0.4 s apart and no PINGREQ: twice the 1.5 s allowed for
+    # silence [MQTT-3.1.2-24], never silent that long.
+    for seq in range(1, 9):
+        dev.publish(topic, telemetry(seq), seq % 2, packet_id=seq)
+        time.sleep(0.4)
+    assert wait_until(lambda: len(dev.pubacks) == 4, timeout=WAIT_S)
+    assert not dev.closed.is_set()
+    assert b.counter("hub_protocol_errors_total", transport="mqtt", reason="keepalive_timeout") == 0
+    # Silent from now on: closed after one and a half keep-alives.
+    assert dev.closed.wait(WAIT_S)
+    assert b.counter("hub_protocol_errors_total", transport="mqtt", reason="keepalive_timeout") == 1
+    assert [e.seq for e in b.dispatcher.data("dev-1")] == list(range(1, 9))
 
 
 # -- the whole pipeline, a subscriber joining and leaving a stream in full flow --------------
