@@ -101,6 +101,7 @@ class AckSequencer:
         self._flush_scheduled = False
         self._unflushed_bytes = 0
         self._draining: asyncio.Task[None] | None = None
+        self._watched: asyncio.Future[None] | None = None
         self.closed = False
 
     def attach(self, reader: Pausable) -> None:
@@ -122,7 +123,9 @@ class AckSequencer:
         self._queue.append(entry)
         if future is None or future.done():
             self._schedule_flush()
-        else:
+        elif future is not self._watched:
+            # A batch's envelopes may share one future: one callback for them all.
+            self._watched = future
             future.add_done_callback(self._future_done)
         self._update_pause()
 

@@ -103,6 +103,7 @@ class HubBroker(SessionBroker, ReachableBroker, DeliveringBroker, ListeningBroke
         self._max_queued = max_queued_messages
         self._subscriptions: SubscriptionTable[list[tuple[Session, int]]] = SubscriptionTable()
         self._index = SubscriptionIndex()
+        self._subscribed_topics = {}
         # bridges.mqtt.reachability
         self._reachable = {}
         # bridges.mqtt.sessions

@@ -115,9 +115,11 @@ class MqttUplink:
         return self.submit_parsed(parsed, topic, data)
 
     def submit_parsed(
-        self, parsed: DeviceTopic, topic: str, data: bytes | bytearray
+        self, parsed: DeviceTopic, topic: str, data: bytes | bytearray, *, shared: bool = False
     ) -> asyncio.Future[None] | None:
-        """`submit` for a topic already parsed (the fast path parses it first)."""
+        """`submit` for a topic already parsed (the fast path parses it first).
+        With `shared`, the future may be the one of the envelope's whole batch
+        (`EnvelopeSink.submit_batched`): never cancel it."""
         self._received.inc()
         try:
             envelope = envelope_from_payload(parsed, bytes(data), limits=self._limits)
@@ -128,6 +130,8 @@ class MqttUplink:
             )
             return None
         try:
+            if shared:
+                return self._dispatcher.submit_batched(envelope)
             return self._dispatcher.submit(envelope)
         except DispatchError as exc:
             # Shutting down: the device gets no acknowledgement and sends again.
@@ -218,6 +222,7 @@ class BridgingHandler(QosFlowHandler):
         self.acks: AckSequencer | None = None
         # Uplink topics this connection published on, parsed (the fast path).
         self._own_topics: dict[str, DeviceTopic | None] = {}
+        self._consumed: asyncio.Future[None] | None = None
         # The message amqtt's message loop took from the session's queue and
         # has not handled yet, and one the broker passed on ahead of the loop
         # because the connection ended (see bridges.mqtt.delivery, `_handle_disconnect`).
@@ -386,7 +391,7 @@ class BridgingHandler(QosFlowHandler):
             if qos == QOS_1:
                 packet_id = int.from_bytes(body[at : at + 2], "big")
                 at += 2
-            durable = self.tap.uplink.submit_parsed(parsed, topic, body[at:])
+            durable = self.tap.uplink.submit_parsed(parsed, topic, body[at:], shared=True)
         except Exception:
             # The boundary with amqtt: a bug here must not kill the connection;
             # amqtt's path, with its own tap, handles the packet instead.
@@ -394,7 +399,10 @@ class BridgingHandler(QosFlowHandler):
             self.tap.metrics.protocol_errors.labels("mqtt", "bridge_error").inc()
             return False
         if qos == QOS_0:
-            if durable is not None:
+            if durable is not None and durable is not self._consumed:
+                # One callback per batch future (the dispatcher retrieves a
+                # batch's failure itself; this is for a refusal at shutdown).
+                self._consumed = durable
                 durable.add_done_callback(_consume)
         elif self.acks is not None:
             self.acks.add_fast(packet_id, durable)
