@@ -11,7 +11,9 @@ stay small (low latency) when the hub is quiet. See docs/delivery.md.
 
 The publisher thread owns one broker connection with publisher confirms. A
 batch is one task message (its envelopes as a list); when RabbitMQ confirms
-it, every envelope's future resolves and the bridges acknowledge the devices.
+it, every envelope's future resolves and the bridges acknowledge the devices
+(`submit_batched` hands out one future per batch instead, shared by the
+envelopes submitted that way: the MQTT fast path's, bridges.mqtt.tap).
 When RabbitMQ is unreachable the batch goes to the local spool instead, which
 also resolves the futures; spooled batches are replayed in order once the
 broker is back, and new batches queue behind them. When the spool is full the

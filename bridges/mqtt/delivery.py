@@ -7,7 +7,9 @@ amqtt.
 (docs/mqtt.md, "What we override in amqtt"):
 
 - `add_subscription`: indexes the filter (bridges.mqtt.subscriptions); a
-  repeated SUBSCRIBE replaces the QoS [MQTT-3.8.4-3].
+  repeated SUBSCRIBE replaces the QoS [MQTT-3.8.4-3]. With
+  `_del_subscription`, it also forgets the `has_subscribers` answers, which
+  the fast path of device uplink asks per message (bridges.mqtt.tap).
 - `_handle_subscription` / `_send_retained`: retained messages only for the
   filter just subscribed, checked against the ACL, at most at the granted
   QoS [MQTT-3.3.1-6]. `_publish_retained_messages_for_subscription` (stock

@@ -17,6 +17,12 @@ packet, [MQTT-3.1.2-24]) and backpressure between packets. A violation is
 counted and logged once, and from then on the reader reports end of stream,
 which makes amqtt end the connection the way it does for a lost client (so
 the will is published, [MQTT-3.1.2-8]).
+
+A PUBLISH the fast path takes (`fast_publish`, set by bridges.mqtt.tap once
+a device's session runs; docs/mqtt.md, "The fast path") is never handed to
+amqtt: the reader goes on to the next packet. The CONNECT timeout and the
+keep-alive are one watchdog timer per connection (not a timeout per read),
+which cancels the read waiting when the deadline it finds has passed.
 """
 
 from __future__ import annotations

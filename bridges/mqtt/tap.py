@@ -27,6 +27,14 @@ connection nor any other client. It pauses the connection's reader while too
 many of its messages wait to become durable (backpressure,
 `max_inflight_per_connection`), and answers refused CONNECTs with the
 fitting return code.
+
+The fast path (docs/mqtt.md, "The fast path"): once a device's session runs,
+the packet reader offers each checked PUBLISH to `_fast_publish` first. A
+QoS 0 or 1 PUBLISH, not retained, on the device's own uplink topic, that the
+ACL allows and nobody subscribes to, is bridged there and never reaches
+amqtt; its PUBACK is the connection's `AckSequencer`'s (bridges.mqtt.acks),
+in which every QoS 1 PUBLISH of the connection, fast or not, takes its place
+as it is read, so PUBACKs leave in order.
 """
 
 from __future__ import annotations
