@@ -275,6 +275,30 @@ def test_a_retained_publish_is_kept_for_later_subscribers(
     assert [e.seq for e in b.dispatcher.data("dev-1")] == [1, 2]
 
 
+def test_a_taken_over_connections_pending_pubacks_go_nowhere(
+    broker: StartBroker,  # noqa: F811
+    raw_clients: Callable[..., RawClient],
+) -> None:
+    b = broker()
+    b.dispatcher.hold_all = True
+    credential = b.provision("dev-1")
+    old = raw_clients(b.port, "dev-1", "dev-1", credential)
+    topic = "devices/dev-1/telemetry"
+    for seq in (1, 2, 3):
+        old.publish(topic, telemetry(seq), 1, packet_id=seq)
+    assert wait_until(lambda: len(b.dispatcher.data("dev-1")) == 3, timeout=WAIT_S)
+
+    new = raw_clients(b.port, "dev-1", "dev-1", credential)  # the same client id
+    assert old.closed.wait(WAIT_S)  # [MQTT-3.1.4-2]
+    release_newest_first(b)
+    new.publish(topic, telemetry(4), 1, packet_id=1)  # the id 1 again, a new message
+    assert wait_until(lambda: new.pubacks == [1], timeout=WAIT_S)
+    time.sleep(0.3)  # anything more would be an old connection's PUBACK on the new one
+    assert new.pubacks == [1] and old.pubacks == []
+    # Still made durable, unacknowledged: the device sends them again (seq: stored once).
+    assert [e.seq for e in b.dispatcher.data("dev-1")] == [1, 2, 3, 4]
+
+
 def test_fast_path_publishes_count_as_activity_for_the_keepalive(
     broker: StartBroker,  # noqa: F811
     raw_clients: Callable[..., RawClient],
