@@ -99,6 +99,7 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         self._watchdog: asyncio.TimerHandle | None = None
         # The task waiting in `_receive`, and why the watchdog cancelled it.
         self._reading: asyncio.Task[object] | None = None
+        self._task: asyncio.Task[object] | None = None
         self._silent: ProtocolViolation | None = None
         self._resume = asyncio.Event()
         self._resume.set()
@@ -154,7 +155,12 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
                 # Not reading was our own doing; the client's silence counts from now.
                 self._last_packet = loop.time()
             self._watch()
-            task = self._reading = asyncio.current_task()
+            task = self._task
+            if task is None:
+                # amqtt reads the CONNECT in the connection's task, and every
+                # later packet in its handler's reader task: looked up once each.
+                task = self._task = asyncio.current_task()
+            self._reading = task
             try:
                 packet = await self._receive()
             except ProtocolViolation as exc:
@@ -281,6 +287,7 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         if info is not None:
             self.connect = info
             self._unwatch()  # from now on the keep-alive's deadline, not the CONNECT's
+            self._task = None  # and another task reads (see `_read_packet`)
         elif packet_type in (PUBACK, PUBREC, PUBCOMP) and self.check_ack is not None:
             problem = self.check_ack(packet_type, int.from_bytes(body[:2], "big"))
             if problem is not None:
