@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bridges.mqtt.acks import AckSequencer
+from bridges.mqtt.acks import DRAIN_BYTES, AckSequencer
 from hub.errors import DispatchError
 
 
@@ -159,5 +159,34 @@ def test_nothing_is_written_after_close_and_slow_turns_are_released() -> None:
         await settle()
         assert conn.writes == []
         assert not conn.reader.paused
+
+    asyncio.run(main())
+
+
+def test_the_reader_pauses_while_unread_pubacks_drain() -> None:
+    async def main() -> None:
+        drained = asyncio.Event()
+        writes: list[bytes] = []
+        reader = Reader()
+
+        async def drain() -> None:
+            await drained.wait()  # the client reads nothing until told
+
+        acks = AckSequencer(
+            write=writes.append,
+            drain=drain,
+            judge=lambda f: True,
+            max_inflight=1_000_000,
+        )
+        acks.attach(reader)
+        # 64 KiB of PUBACKs (4 bytes each), none read by the client.
+        for packet_id in range(DRAIN_BYTES // 4):
+            acks.add_fast(packet_id % 65535 + 1, None)
+        await settle()
+        assert sum(map(len, writes)) == DRAIN_BYTES
+        assert reader.paused  # not read further while they wait in the send buffer
+        drained.set()
+        await settle()
+        assert not reader.paused
 
     asyncio.run(main())
