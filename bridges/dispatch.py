@@ -11,7 +11,9 @@ stay small (low latency) when the hub is quiet. See docs/delivery.md.
 
 The publisher thread owns one broker connection with publisher confirms. A
 batch is one task message (its envelopes as a list); when RabbitMQ confirms
-it, every envelope's future resolves and the bridges acknowledge the devices.
+it, every envelope's future resolves and the bridges acknowledge the devices
+(`submit_batched` hands out one future per batch instead, shared by the
+envelopes submitted that way: the MQTT fast path's, bridges.mqtt.tap).
 When RabbitMQ is unreachable the batch goes to the local spool instead, which
 also resolves the futures; spooled batches are replayed in order once the
 broker is back, and new batches queue behind them. When the spool is full the
@@ -89,20 +91,42 @@ class Dispatcher:
         if loop is None or self._stopping:
             raise DispatchError("the dispatcher is not running")
         future: asyncio.Future[None] = loop.create_future()
+        batch = self._batch_for(envelope)
+        batch.futures.append(future)
+        self._added(batch, loop)
+        return future
+
+    def submit_batched(self, envelope: Envelope) -> asyncio.Future[None]:
+        """`submit`, but the future returned is the batch's own, shared by every
+        envelope submitted this way into the same batch: one future and one
+        resolution per batch instead of per envelope. It resolves once this
+        envelope (with its batch) is durable. Nobody may cancel it."""
+        loop = self._loop
+        if loop is None or self._stopping:
+            raise DispatchError("the dispatcher is not running")
+        batch = self._batch_for(envelope)
+        shared = batch.shared
+        if shared is None:
+            shared = batch.shared = loop.create_future()
+        self._added(batch, loop)
+        return shared
+
+    def _batch_for(self, envelope: Envelope) -> Batch:
         batch = self._open.get(envelope.kind)
         if batch is None:
             batch = self._open[envelope.kind] = Batch(envelope.kind)
         batch.envelopes.append(envelope)
-        batch.futures.append(future)
+        return batch
+
+    def _added(self, batch: Batch, loop: asyncio.AbstractEventLoop) -> None:
         if len(batch.envelopes) >= self._max:
-            self._hand_over(self._open.pop(envelope.kind))
+            self._hand_over(self._open.pop(batch.kind))
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             if self._settings.batch_window_ms > 0:
                 loop.call_later(self._settings.batch_window_ms / 1000, self._flush)
             else:
                 loop.call_soon(self._flush)
-        return future
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -124,6 +148,14 @@ class Dispatcher:
         """Called on the loop when the thread has made a batch durable (or given up)."""
         self._thread_busy -= 1
         failed = 0
+        shared = batch.shared
+        if shared is not None and not shared.done():
+            if error is None:
+                shared.set_result(None)
+            else:
+                shared.set_exception(error)
+                shared.exception()  # retrieved: reported once, as below
+                failed += len(batch.envelopes) - len(batch.futures)
         for future in batch.futures:
             if future.done():
                 continue

@@ -46,6 +46,9 @@ class Batch:
     kind: Kind
     envelopes: list[Envelope] = field(default_factory=list)
     futures: list[asyncio.Future[None]] = field(default_factory=list)
+    #: One future for every envelope submitted with `Dispatcher.submit_batched`
+    #: (None until the first): resolved with the batch, like `futures`.
+    shared: asyncio.Future[None] | None = None
 
     def body(self) -> list[dict[str, Any]]:
         return [e.to_dict() for e in self.envelopes]

@@ -25,6 +25,11 @@ class EnvelopeSink(Protocol):
 
     def submit(self, envelope: Envelope) -> asyncio.Future[None]: ...
 
+    def submit_batched(self, envelope: Envelope) -> asyncio.Future[None]:
+        """`submit`, where the future may be shared by the other envelopes of
+        its batch (one future per batch, bridges.dispatch); never cancel it."""
+        ...
+
 
 class ConnectionEvents(Protocol):
     """Told when a device becomes reachable for commands on a transport of this

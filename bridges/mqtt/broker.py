@@ -21,6 +21,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from amqtt.contexts import BrokerConfig, ListenerConfig, ListenerType
 from amqtt.session import Session
@@ -89,7 +90,8 @@ class HubBroker(SessionBroker, ReachableBroker, DeliveringBroker, ListeningBroke
         self._topic_root = topic_root
         self._events = events
         self._metrics = metrics
-        self._tap = tap
+        # The fast path of each connection asks this broker's subscription index.
+        self._tap = replace(tap, subscribed=self.has_subscribers)
         # bridges.mqtt.listener
         self._listen_sockets = listen_sockets
         self._ssl_contexts = ssl_contexts
@@ -108,6 +110,7 @@ class HubBroker(SessionBroker, ReachableBroker, DeliveringBroker, ListeningBroke
         self._max_queued = max_queued_messages
         self._subscriptions: SubscriptionTable[list[tuple[Session, int]]] = SubscriptionTable()
         self._index = SubscriptionIndex()
+        self._subscribed_topics = {}
         # bridges.mqtt.reachability
         self._reachable = {}
         # bridges.mqtt.sessions

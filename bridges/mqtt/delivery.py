@@ -7,7 +7,9 @@ amqtt.
 (docs/mqtt.md, "What we override in amqtt"):
 
 - `add_subscription`: indexes the filter (bridges.mqtt.subscriptions); a
-  repeated SUBSCRIBE replaces the QoS [MQTT-3.8.4-3].
+  repeated SUBSCRIBE replaces the QoS [MQTT-3.8.4-3]. With
+  `_del_subscription`, it also forgets the `has_subscribers` answers, which
+  the fast path of device uplink asks per message (bridges.mqtt.tap).
 - `_handle_subscription` / `_send_retained`: retained messages only for the
   filter just subscribed, checked against the ACL, at most at the granted
   QoS [MQTT-3.3.1-6]. `_publish_retained_messages_for_subscription` (stock
@@ -49,6 +51,10 @@ from bridges.mqtt.tap import BridgingHandler
 
 log = logging.getLogger(__name__)
 
+#: Topics whose `has_subscribers` answer is kept (bounded: topics are the
+#: devices' own, a few each).
+_SUBSCRIBED_TOPICS_KEPT = 65536
+
 #: SUBACK return code of a refused subscription.
 REFUSED = 0x80
 #: The QoS of the PUBLISH being broadcast, set around amqtt's handling of it
@@ -65,6 +71,8 @@ class DeliveringBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     _access: DeviceAccess
     _index: SubscriptionIndex
     _max_queued: int
+    #: `has_subscribers` by topic, forgotten at every (un)subscription.
+    _subscribed_topics: dict[str, bool]
 
     # -- subscriptions -----------------------------------------------------------------
 
@@ -79,7 +87,30 @@ class DeliveringBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
                 if holder.client_id == session.client_id:
                     holders[index] = (session, result)
             self._index.add(topic_filter)
+            self._subscribed_topics.clear()
         return result
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        deleted: int = super()._del_subscription(a_filter, session)
+        if deleted:
+            self._subscribed_topics.clear()
+        return deleted
+
+    def has_subscribers(self, topic: str) -> bool:
+        """Whether some session (online or a stored persistent one) holds a
+        subscription matching `topic`: then a device's publish there takes
+        amqtt's path, which delivers it (bridges.mqtt.tap, the fast path)."""
+        known = self._subscribed_topics
+        found = known.get(topic)
+        if found is None:
+            # Remembered until the next subscription or unsubscription: a busy
+            # device topic is looked up in the index once, not per message.
+            table = self._subscriptions
+            found = any(table.get(f) for f in self._index.matching(topic, table))
+            if len(known) >= _SUBSCRIBED_TOPICS_KEPT:
+                known.clear()
+            known[topic] = found
+        return found
 
     def matching_filters(self, topic: str) -> list[str]:
         """The subscribed filters that match `topic` (bridges.mqtt.subscriptions)."""

@@ -17,6 +17,12 @@ packet, [MQTT-3.1.2-24]) and backpressure between packets. A violation is
 counted and logged once, and from then on the reader reports end of stream,
 which makes amqtt end the connection the way it does for a lost client (so
 the will is published, [MQTT-3.1.2-8]).
+
+A PUBLISH the fast path takes (`fast_publish`, set by bridges.mqtt.tap once
+a device's session runs; docs/mqtt.md, "The fast path") is never handed to
+amqtt: the reader goes on to the next packet. The CONNECT timeout and the
+keep-alive are one watchdog timer per connection (not a timeout per read),
+which cancels the read waiting when the deadline it finds has passed.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from hub.mqtt_rules import (
     PROTOCOL_VIOLATION,
     PUBACK,
     PUBCOMP,
+    PUBLISH,
     PUBREC,
     ConnectInfo,
     PacketTooLarge,
@@ -46,6 +53,12 @@ from hub.mqtt_rules import (
 #: Asks the connection's protocol state whether an acknowledgement fits its
 #: flow: (packet type, packet identifier) -> None, or why it does not.
 AckCheck = Callable[[int, int], "str | None"]
+#: The fast path of device uplink (bridges.mqtt.tap, docs/mqtt.md "The fast
+#: path"): (fixed-header flags, body) of a checked PUBLISH -> True when it took
+#: the packet (amqtt never sees it), False to hand it to amqtt as usual.
+FastPublish = Callable[[int, bytes], bool]
+#: Packets the fast path takes in a row before the reader yields to the loop.
+_FAST_TURN = 32
 
 
 class ByteStream(Protocol):
@@ -88,9 +101,16 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         self.connect: ConnectInfo | None = None
         #: Set by the protocol handler once attached (see `AckCheck`).
         self.check_ack: AckCheck | None = None
+        #: Set by the protocol handler once its device's session runs.
+        self.fast_publish: FastPublish | None = None
         self.failed: str | None = None
         self._buffer = bytearray()
         self._last_packet = asyncio.get_running_loop().time()
+        self._watchdog: asyncio.TimerHandle | None = None
+        # The task waiting in `_receive`, and why the watchdog cancelled it.
+        self._reading: asyncio.Task[object] | None = None
+        self._task: asyncio.Task[object] | None = None
+        self._silent: ProtocolViolation | None = None
         self._resume = asyncio.Event()
         self._resume.set()
 
@@ -130,43 +150,101 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
     # -- one packet --------------------------------------------------------------------
 
     async def _read_packet(self) -> bytes:
-        """The next complete, checked packet; b"" (end of stream) once the
-        client closed or broke the protocol."""
+        """The next complete, checked packet for amqtt; b"" (end of stream) once
+        the client closed or broke the protocol. Packets the fast path takes
+        (`fast_publish`) are read here one after the other, never handed out."""
         # Let the handler's task for the packet just handed out run first: it
-        # may pause this connection (backpressure) before the next is read.
+        # may pause this connection (backpressure) before the next is read,
+        # and takes its place among the connection's PUBACKs (bridges.mqtt.acks).
         await asyncio.sleep(0)
-        if self.paused:
-            await self._resume.wait()
-            # Not reading was our own doing; the client's silence counts from now.
-            self._last_packet = asyncio.get_running_loop().time()
-        try:
-            async with asyncio.timeout_at(self._deadline()):
+        taken = 0
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.paused:
+                await self._resume.wait()
+                # Not reading was our own doing; the client's silence counts from now.
+                self._last_packet = loop.time()
+            self._watch()
+            task = self._task
+            if task is None:
+                # amqtt reads the CONNECT in the connection's task, and every
+                # later packet in its handler's reader task: looked up once each.
+                task = self._task = asyncio.current_task()
+            self._reading = task
+            try:
                 packet = await self._receive()
-        except TimeoutError:
-            if self.connect is None:
-                self._fail(
-                    ProtocolViolation(
-                        f"no CONNECT within {self._connect_timeout_s:.1f} s "
-                        "(mqtt_connect_timeout_s)",
-                        reason=CONNECT_TIMEOUT,
-                    )
-                )
-            else:
-                self._fail(
-                    ProtocolViolation(
-                        f"silent for 1.5 times its keep-alive of {self.connect.keep_alive_s} s",
-                        reason=KEEPALIVE_TIMEOUT,
-                    )
-                )
-            return b""
-        except ProtocolViolation as exc:
-            self._fail(exc)
-            return b""
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return b""  # the client went away, possibly mid-packet
-        self._last_packet = asyncio.get_running_loop().time()
-        self.packets += 1
-        return packet
+            except ProtocolViolation as exc:
+                self._fail(exc)
+                return b""
+            except (asyncio.IncompleteReadError, ConnectionError):
+                self._unwatch()
+                return b""  # the client went away, possibly mid-packet
+            except asyncio.CancelledError:
+                silent, self._silent = self._silent, None
+                if silent is not None and task is not None and task.uncancel() == 0:
+                    self._fail(silent)  # the watchdog's cancel, and only that
+                    return b""
+                self._unwatch()  # the connection is being closed by the hub
+                raise
+            finally:
+                self._reading = None
+            # Every packet is activity, those of the fast path too [MQTT-3.1.2-24].
+            self._last_packet = loop.time()
+            self.packets += 1
+            if packet is not None:
+                return packet
+            taken += 1
+            if taken % _FAST_TURN == 0:
+                # Buffered packets are read without a suspension: let the
+                # other connections (and the dispatcher's flush) have a turn.
+                await asyncio.sleep(0)
+
+    # -- the CONNECT timeout and the keep-alive ----------------------------------------
+
+    def _watch(self) -> None:
+        """Arm the watchdog for the packet being read. One timer per
+        connection, moved only when it fires (a timeout per read cost a timer
+        per packet): it compares the deadline then with the last packet's time."""
+        if self._watchdog is None and self.failed is None:
+            deadline = self._deadline()
+            if deadline is not None:
+                self._watchdog = asyncio.get_running_loop().call_at(deadline, self._expire)
+
+    def _unwatch(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _expire(self) -> None:
+        self._watchdog = None
+        if self.paused or self.failed is not None or self._reading is None:
+            # Not reading (backpressure, or amqtt handling the last packet):
+            # the next read arms the watchdog again and finds the deadline.
+            return
+        deadline = self._deadline()
+        if deadline is None:
+            return  # keep-alive 0 [MQTT-3.1.2-10]
+        if asyncio.get_running_loop().time() < deadline:
+            self._watch()  # packets came since: the deadline moved on
+            return
+        if self.connect is None:
+            violation = ProtocolViolation(
+                f"no CONNECT within {self._connect_timeout_s:.1f} s (mqtt_connect_timeout_s)",
+                reason=CONNECT_TIMEOUT,
+            )
+        else:
+            violation = ProtocolViolation(
+                f"silent for 1.5 times its keep-alive of {self.connect.keep_alive_s} s",
+                reason=KEEPALIVE_TIMEOUT,
+            )
+        # Ends the read waiting in `_receive`, as `asyncio.timeout` would.
+        self._silent = violation
+        self._reading.cancel()
+
+    def stop_watching(self) -> None:
+        """The connection ended: no timeout may fire for it any more."""
+        self._unwatch()
+        self.failed = self.failed or "closed"
 
     def _deadline(self) -> float | None:
         """When the packet being read must be complete (event loop time)."""
@@ -177,7 +255,8 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         # [MQTT-3.1.2-24]: disconnect after one and a half keep-alive periods.
         return self._last_packet + 1.5 * self.connect.keep_alive_s
 
-    async def _receive(self) -> bytes:
+    async def _receive(self) -> bytes | None:
+        """One packet, whole and checked; None when the fast path took it."""
         header = await self._inner.readexactly(1)
         if not header:
             raise asyncio.IncompleteReadError(b"", 1)
@@ -217,10 +296,18 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         )
         if info is not None:
             self.connect = info
+            self._unwatch()  # from now on the keep-alive's deadline, not the CONNECT's
+            self._task = None  # and another task reads (see `_read_packet`)
         elif packet_type in (PUBACK, PUBREC, PUBCOMP) and self.check_ack is not None:
             problem = self.check_ack(packet_type, int.from_bytes(body[:2], "big"))
             if problem is not None:
                 raise ProtocolViolation(problem, reason=PROTOCOL_VIOLATION)
+        elif (
+            packet_type == PUBLISH
+            and self.fast_publish is not None
+            and self.fast_publish(flags, body)
+        ):
+            return None  # taken by the fast path: amqtt never sees it
         return bytes(header) + bytes(length_bytes) + body
 
     async def _connect_body(self, length: int) -> bytes:
@@ -235,6 +322,7 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         return head + rest
 
     def _fail(self, violation: ProtocolViolation) -> None:
+        self._unwatch()
         self.failed = violation.reason
         if violation.connack is not None:
             with contextlib.suppress(ConnectionError, RuntimeError):  # the client is gone

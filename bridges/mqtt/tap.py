@@ -27,12 +27,21 @@ connection nor any other client. It pauses the connection's reader while too
 many of its messages wait to become durable (backpressure,
 `max_inflight_per_connection`), and answers refused CONNECTs with the
 fitting return code.
+
+The fast path (docs/mqtt.md, "The fast path"): once a device's session runs,
+the packet reader offers each checked PUBLISH to `_fast_publish` first. A
+QoS 0 or 1 PUBLISH, not retained, on the device's own uplink topic, that the
+ACL allows and nobody subscribes to, is bridged there and never reaches
+amqtt; its PUBACK is the connection's `AckSequencer`'s (bridges.mqtt.acks),
+in which every QoS 1 PUBLISH of the connection, fast or not, takes its place
+as it is read, so PUBACKs leave in order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -42,6 +51,7 @@ from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import ApplicationMessage, Session
 
+from bridges.mqtt.acks import AckSequencer
 from bridges.mqtt.auth import BAD_CREDENTIAL, UNKNOWN_DEVICE, DeviceAccess
 from bridges.mqtt.qos import QosFlowHandler
 from bridges.mqtt.reader import PacketReader
@@ -49,10 +59,13 @@ from bridges.mqtt.state import device_of, state_of
 from bridges.transport import EnvelopeSink
 from hub.errors import DispatchError, EnvelopeError, HubError
 from hub.metrics import Metrics
-from hub.topics import DEFAULT_LIMITS, PayloadLimits, parse_topic
+from hub.topics import DEFAULT_LIMITS, DeviceTopic, PayloadLimits, parse_topic
 from hub.uplink import envelope_from_payload, presence_envelope
 
 log = logging.getLogger(__name__)
+
+#: Parsed topics kept per connection for the fast path (devices use a few).
+_OWN_TOPICS_KEPT = 16
 
 
 def _consume(future: asyncio.Future[None]) -> None:
@@ -82,6 +95,16 @@ class MqttUplink:
         self._metrics = metrics
         self._root = topic_root
         self._limits = limits
+        # Looked up once: `labels()` costs a lock and a dict lookup per call.
+        self._received = metrics.messages_received.labels("mqtt")
+        self._invalid = metrics.invalid_payloads.labels("mqtt")
+
+    def own_topic(self, topic: str, sender: str) -> DeviceTopic | None:
+        """What `topic` names when it is an uplink topic of `sender`; else None."""
+        parsed = parse_topic(topic, self._root)
+        if parsed is None or parsed.device_id != sender:
+            return None
+        return parsed
 
     def submit(
         self, topic: str, data: bytes | bytearray, *, sender: str | None
@@ -97,16 +120,26 @@ class MqttUplink:
         parsed = parse_topic(topic, self._root)
         if parsed is None or (sender is not None and parsed.device_id != sender):
             return None
-        self._metrics.messages_received.labels("mqtt").inc()
+        return self.submit_parsed(parsed, topic, data)
+
+    def submit_parsed(
+        self, parsed: DeviceTopic, topic: str, data: bytes | bytearray, *, shared: bool = False
+    ) -> asyncio.Future[None] | None:
+        """`submit` for a topic already parsed (the fast path parses it first).
+        With `shared`, the future may be the one of the envelope's whole batch
+        (`EnvelopeSink.submit_batched`): never cancel it."""
+        self._received.inc()
         try:
             envelope = envelope_from_payload(parsed, bytes(data), limits=self._limits)
         except EnvelopeError as exc:
-            self._metrics.invalid_payloads.labels("mqtt").inc()
+            self._invalid.inc()
             log.warning(
                 "MQTT payload refused: device=%s topic=%s reason=%s", parsed.device_id, topic, exc
             )
             return None
         try:
+            if shared:
+                return self._dispatcher.submit_batched(envelope)
             return self._dispatcher.submit(envelope)
         except DispatchError as exc:
             # Shutting down: the device gets no acknowledgement and sends again.
@@ -168,6 +201,10 @@ class TapConfig:
     #: With an ACL file: its rules may narrow what a device's publish bridges
     #: (connections then get an `AclBridgingHandler`). None without a file.
     acl: DeviceAccess | None = None
+    #: Whether some session holds a subscription matching a topic (the
+    #: broker's subscription index): a publish there takes the slow path, so
+    #: that amqtt delivers it. Set by the broker; None turns the fast path off.
+    subscribed: Callable[[str], bool] | None = None
 
 
 class BridgingHandler(QosFlowHandler):
@@ -188,11 +225,12 @@ class BridgingHandler(QosFlowHandler):
         # Set by the broker once this connection's session handling has ended
         # (a newer connection with the same client id waits for it).
         self.finished = asyncio.Event()
-        # Set when this message's PUBACK went out (or was given up); the next
-        # QoS 1 message of the connection waits for it, so PUBACKs leave in
-        # the order the PUBLISHes came (MQTT 3.1.1 section 4.6, message ordering).
-        self._ack_tail: asyncio.Event | None = None
-        self._inflight = 0
+        # The connection's PUBACKs, in the order the QoS 1 PUBLISHes came (MQTT
+        # 3.1.1 section 4.6), those of the fast path and amqtt's (bridges.mqtt.acks).
+        self.acks: AckSequencer | None = None
+        # Uplink topics this connection published on, parsed (the fast path).
+        self._own_topics: dict[str, DeviceTopic | None] = {}
+        self._consumed: asyncio.Future[None] | None = None
         # The message amqtt's message loop took from the session's queue and
         # has not handled yet, and one the broker passed on ahead of the loop
         # because the connection ended (see bridges.mqtt.delivery, `_handle_disconnect`).
@@ -201,13 +239,29 @@ class BridgingHandler(QosFlowHandler):
 
     def attach(self, session: Session, reader: ReaderAdapter, writer: object) -> None:
         super().attach(session, reader, writer)
+        self.acks = AckSequencer(
+            write=self._write_acks,
+            drain=self._drain,
+            judge=self._may_acknowledge,
+            max_inflight=self.tap.max_inflight,
+            on_acked=self.tap.metrics.messages_acked.labels("mqtt").inc,
+        )
         if isinstance(reader, PacketReader):
             self.framed = reader
             reader.peer = f"{session.client_id} ({device_of(session)})"
+            self.acks.attach(reader)
 
     async def start(self) -> None:
         await super().start()
         self.started = True
+        if (
+            self.framed is not None
+            and self.tap.subscribed is not None
+            and device_of(self.session) is not None
+        ):
+            # From the next packet on, the reader offers each PUBLISH to the
+            # fast path first (docs/mqtt.md, "The fast path").
+            self.framed.fast_publish = self._fast_publish
         if not self.counted:
             self.counted = True
             self.connected_at = datetime.now(UTC)
@@ -229,6 +283,16 @@ class BridgingHandler(QosFlowHandler):
         message: ApplicationMessage | None = await super().mqtt_deliver_next_message()
         self.taken = message
         return message
+
+    async def stop(self) -> None:
+        if self.framed is not None:
+            self.framed.fast_publish = None
+            self.framed.stop_watching()
+        if self.acks is not None:
+            # Nothing more is written on this connection; messages still waiting
+            # become durable unacknowledged (the device sends them again).
+            self.acks.close()
+        await super().stop()
 
     def handle_read_timeout(self) -> None:
         """amqtt calls this after each keep-alive period without a packet. The
@@ -292,27 +356,101 @@ class BridgingHandler(QosFlowHandler):
     async def _publish_qos1(
         self, publish_packet: PublishPacket, durable: asyncio.Future[None] | None
     ) -> None:
-        previous, mine = self._ack_tail, asyncio.Event()
-        self._ack_tail = mine
-        self._inflight += 1
-        if self.framed is not None and self._inflight >= self.tap.max_inflight:
-            self.framed.pause()
+        acks = self.acks
+        # Taken before the first await: the reader reads the next packet only
+        # after this task has started (bridges.mqtt.reader), so this PUBACK's
+        # place comes before those of every later PUBLISH, fast or slow.
+        turn = acks.add_slow() if acks is not None else None
         try:
             ok = durable is None or await wait_durable(durable, self._describe(publish_packet))
-            if previous is not None:
-                await previous.wait()
+            if turn is not None:
+                await turn.wait()
             if ok:
                 # The stock flow: queue for the broker's subscribers, send PUBACK.
                 await super().handle_publish(publish_packet)
                 if durable is not None:
                     self.tap.metrics.messages_acked.labels("mqtt").inc()
         finally:
-            mine.set()
-            if self._ack_tail is mine:
-                self._ack_tail = None
-            self._inflight -= 1
-            if self.framed is not None and self._inflight < self.tap.max_inflight:
-                self.framed.resume()
+            if acks is not None and turn is not None:
+                acks.finish(turn)
+
+    # -- the fast path --------------------------------------------------------------
+
+    def _fast_publish(self, flags: int, body: bytes) -> bool:
+        """The reader offers a checked PUBLISH here first (docs/mqtt.md, "The
+        fast path"). A QoS 0 or 1 PUBLISH of this connection's device, on one
+        of its own uplink topics that the ACL lets it publish on, not
+        retained, and with no subscription matching it, is bridged here and
+        never reaches amqtt: True. Anything else goes to amqtt: False."""
+        qos = (flags >> 1) & 0x03
+        if qos == QOS_2 or flags & 0x01:
+            return False  # QoS 2 and retained messages: amqtt's flows
+        try:
+            size = int.from_bytes(body[:2], "big")
+            topic = body[2 : 2 + size].decode()  # UTF-8 checked by the reader
+            parsed = self._own_topic(topic)
+            if parsed is None:
+                return False
+            subscribed = self.tap.subscribed
+            if subscribed is None or subscribed(topic):
+                return False  # a subscriber: amqtt delivers it (at its QoS)
+            at = 2 + size
+            packet_id = 0
+            if qos == QOS_1:
+                packet_id = int.from_bytes(body[at : at + 2], "big")
+                at += 2
+            durable = self.tap.uplink.submit_parsed(parsed, topic, body[at:], shared=True)
+        except Exception:
+            # The boundary with amqtt: a bug here must not kill the connection;
+            # amqtt's path, with its own tap, handles the packet instead.
+            log.exception("MQTT fast path failed on a publish: device=%s", device_of(self.session))
+            self.tap.metrics.protocol_errors.labels("mqtt", "bridge_error").inc()
+            return False
+        if qos == QOS_0:
+            if durable is not None and durable is not self._consumed:
+                # One callback per batch future (the dispatcher retrieves a
+                # batch's failure itself; this is for a refusal at shutdown).
+                self._consumed = durable
+                durable.add_done_callback(_consume)
+        elif self.acks is not None:
+            self.acks.add_fast(packet_id, durable)
+        return True
+
+    def _own_topic(self, topic: str) -> DeviceTopic | None:
+        """The device's own uplink topic `topic` names, if its ACL allows it."""
+        known = self._own_topics
+        if topic in known:
+            parsed = known[topic]
+        else:
+            device_id = device_of(self.session)
+            parsed = None if device_id is None else self.tap.uplink.own_topic(topic, device_id)
+            if len(known) >= _OWN_TOPICS_KEPT:
+                known.clear()  # a device naming ever new topics: bounded
+            known[topic] = parsed
+        if parsed is None:
+            return None
+        acl = self.tap.acl
+        if acl is not None and not acl.may_publish(self.session, topic):
+            return None  # refused: amqtt counts, logs and acknowledges it
+        return parsed
+
+    def _write_acks(self, data: bytes) -> None:
+        writer = self.writer
+        if writer is None or self._closed:
+            raise ConnectionError("the connection is closed")
+        writer.write(data)
+
+    async def _drain(self) -> None:
+        writer = self.writer
+        if writer is not None and not self._closed:
+            await writer.drain()
+
+    def _may_acknowledge(self, future: asyncio.Future[None]) -> bool:
+        return may_acknowledge(future, self._describe_connection())
+
+    def _describe_connection(self) -> str:
+        client_id = self.session.client_id if self.session is not None else None
+        return f"device={device_of(self.session)} client_id={client_id}"
 
     def _describe(self, publish_packet: PublishPacket) -> str:
         client_id = self.session.client_id if self.session is not None else None

@@ -66,6 +66,9 @@ class HeldDispatcher:
             future.set_result(None)
         return future
 
+    def submit_batched(self, envelope: Envelope) -> asyncio.Future[None]:
+        return self.submit(envelope)  # a future per envelope: held one by one
+
     def release(self) -> None:
         def resolve() -> None:
             self.hold_all = False
