@@ -210,10 +210,24 @@ class WebSocketWriter(StreamWriterAdapter):  # type: ignore[misc]  # amqtt is un
         if not self.is_closed:
             self._pending += data
 
-    async def drain(self) -> None:
+    def send_now(self, data: bytes) -> None:
+        """Send what is pending and `data` as one frame now, without a drain.
+
+        For writers that never drain after a write (the acknowledgement
+        sequencer, bridges.mqtt.acks): bytes only leave in frames, so a write
+        that waits for a drain that never comes would never be sent.
+        """
+        if not self.is_closed:
+            self._pending += data
+            self._send_pending()
+
+    def _send_pending(self) -> None:
         if self._pending and not self.is_closed:
             data, self._pending = bytes(self._pending), bytearray()
             self._stream.send(data)
+
+    async def drain(self) -> None:
+        self._send_pending()
         await super().drain()
 
     async def close(self) -> None:
