@@ -166,6 +166,9 @@ class EmbeddedMqtt:
             acl=self._access if settings.mqtt_acl_file is not None else None,
         )
         self._broker: HubBroker | None = None
+        #: The SSL context of each TLS listener; the broker reads this very dict
+        #: at each handshake, so `use_tls_context` changes it in place.
+        self._ssl_contexts: dict[str, ssl.SSLContext] = {}
 
     async def start(self) -> None:
         """Bind `host`:`mqtt_port` (0: a free port), and `mqtt_tls_port` when TLS
@@ -173,7 +176,10 @@ class EmbeddedMqtt:
         raised before any port is bound."""
         settings = self._settings
         host = settings.host
-        contexts = {_TLS_LISTENER: server_context(settings)} if settings.mqtt_tls_enabled else {}
+        contexts = self._ssl_contexts
+        contexts.clear()
+        if settings.mqtt_tls_enabled:
+            contexts[_TLS_LISTENER] = server_context(settings)
         sockets = {_LISTENER: await bind_mqtt(host, settings.mqtt_port)}
         try:
             if contexts:
@@ -225,6 +231,11 @@ class EmbeddedMqtt:
             "allowed" if settings.mqtt_allow_anonymous else "refused",
             settings.mqtt_acl_file or "none",
         )
+        if settings.mqtt_password_file is not None and settings.mqtt_acl_file is None:
+            log.warning(
+                "mqtt_password_file is set without mqtt_acl_file: its service users may "
+                "connect but neither publish nor subscribe (only the ACL file grants them rights)"
+            )
         if contexts:
             log.info(
                 "MQTT over TLS listening on %s:%d (client certificate %s, identity %s)",
@@ -283,9 +294,16 @@ class EmbeddedMqtt:
         task.add_done_callback(self._background.discard)
         return True
 
-    def reload_acl(self) -> None:
-        """Read `mqtt_acl_file` again (SIGHUP), keeping every connection; the
-        rules in force stay when the file no longer parses. Nothing without a file."""
+    def use_tls_context(self, context: ssl.SSLContext) -> None:
+        """Serve the TLS handshakes that follow with `context` (SIGHUP reloaded
+        the TLS files); connections already up keep theirs."""
+        for name in self._ssl_contexts:
+            self._ssl_contexts[name] = context
+
+    def reload_access(self) -> None:
+        """Read `mqtt_acl_file` and `mqtt_password_file` again (SIGHUP), keeping
+        every connection; what is in force stays when a file no longer parses.
+        Nothing without either file."""
         self._access.reload()
 
     async def disconnect_device(self, device_id: str) -> int:
