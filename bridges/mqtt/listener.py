@@ -161,37 +161,6 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         finally:
             self._open_connections -= 1
 
-    async def tls_accepted(self, conn: socket.socket, host: str, listener_name: str) -> None:
-        """One socket of a TLS listener, admitted by `_TlsAcceptor`: the server
-        side of the handshake within `mqtt_connect_timeout_s`, with the SSL
-        context in force now (SIGHUP may replace it), then the MQTT stream.
-        A failed handshake (no TLS, a client certificate refused: another CA,
-        expired, revoked) is counted, logged at DEBUG (a scan must not flood
-        the log) and closes the socket."""
-        gate = self._address_gate
-        try:
-            loop = asyncio.get_running_loop()
-            reader = asyncio.StreamReader(loop=loop)
-            protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-            try:
-                transport, _ = await loop.connect_accepted_socket(
-                    lambda: protocol,
-                    conn,
-                    ssl=self._ssl_contexts[listener_name],
-                    ssl_handshake_timeout=self._connect_timeout_s,
-                )
-            except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-                self._metrics.connections_refused.labels("mqtt", "tls_handshake").inc()
-                log.debug("MQTT over TLS: handshake with %s failed: %s", host, exc)
-                conn.close()
-                return
-            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-            await self._serve_stream(reader, writer, listener_name)
-        finally:
-            self._open_connections -= 1
-            if gate is not None:
-                gate.release(host)
-
     def _refused_at_limit(self) -> None:
         """Count a connection closed at `mqtt_max_connections`; log at most one
         line per interval, so a flood of connections cannot flood the log."""
@@ -250,7 +219,8 @@ class _TlsAcceptor:
         self._name = listener_name
         self._sock = broker._listen_sockets[listener_name]
         self._sock.setblocking(False)
-        self._connections: set[asyncio.Task[None]] = set()
+        #: Connections still in their TLS handshake (cancelled by `close`).
+        self._handshakes: set[asyncio.Future[None]] = set()
         self._logged_at = -LIMIT_LOG_INTERVAL_S
         self._loop = asyncio.ensure_future(self._accept())
 
@@ -284,12 +254,50 @@ class _TlsAcceptor:
                 broker._refused_at_limit()
                 continue
             broker._open_connections += 1
-            task = asyncio.ensure_future(broker.tls_accepted(conn, host, self._name))
-            self._connections.add(task)
-            task.add_done_callback(self._connections.discard)
+            task = asyncio.ensure_future(self._connection(conn, host))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _connection(self, conn: socket.socket, host: str) -> None:
+        """One admitted socket: the server side of the handshake within
+        `mqtt_connect_timeout_s`, with the SSL context in force now (SIGHUP may
+        replace it), then the MQTT stream. A failed handshake (no TLS, a client
+        certificate refused: another CA, expired, revoked) is counted, logged
+        at DEBUG (a scan must not flood the log) and closes the socket."""
+        broker = self._broker
+        task = asyncio.current_task()
+        try:
+            loop = asyncio.get_running_loop()
+            reader = asyncio.StreamReader(loop=loop)
+            protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+            try:
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: protocol,
+                    conn,
+                    ssl=broker._ssl_contexts[self._name],
+                    ssl_handshake_timeout=broker._connect_timeout_s,
+                )
+            except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+                broker._metrics.connections_refused.labels("mqtt", "tls_handshake").inc()
+                log.debug("MQTT over TLS: handshake with %s failed: %s", host, exc)
+                conn.close()
+                return
+            except asyncio.CancelledError:
+                conn.close()  # the listener closed during the handshake
+                raise
+            # Past the handshake: amqtt owns the connection now (and closes it).
+            self._handshakes.discard(task)
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            await broker._serve_stream(reader, writer, self._name)
+        finally:
+            broker._open_connections -= 1
+            if broker._address_gate is not None:
+                broker._address_gate.release(host)
 
     def close(self) -> None:
         self._loop.cancel()
+        for task in list(self._handshakes):
+            task.cancel()
 
     async def wait_closed(self) -> None:
         await asyncio.gather(self._loop, return_exceptions=True)
