@@ -1,22 +1,27 @@
 """Service users (`mqtt_password_file`) on the real embedded broker, with paho clients.
 
 The broker runs in process with a dispatcher double (as in test_mqtt_acl.py);
-the password file is written by `mosquitto_passwd`, as an operator would.
+the last test sends SIGHUP to a real `hub run`. The password file is written
+by `mosquitto_passwd`, as an operator would.
 """
 
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.integration.test_embedded import _env
 from tests.integration.test_mqtt_acl import received
 from tests.integration.test_mqtt_embedded import WAIT_S, Broker, Client, acked, telemetry
-from tests.support.processes import wait_until
+from tests.support.processes import ROOT, wait_until
+from tests.support.services import free_port
 
 Make = Callable[..., Client]
 
@@ -176,3 +181,46 @@ def test_a_reload_reads_the_password_file_again(
     assert not clients(b.port, "writer-3", "writer", "w").connect().is_failure
     assert wait_until(reader.client.is_connected, timeout=WAIT_S)
     assert not reader.disconnected.is_set()
+
+
+def test_sighup_reloads_the_password_file_of_hub_run(tmp_path: Path, clients: Make) -> None:
+    # No ACL file: the password file alone is reason enough to reload on SIGHUP.
+    passwords = tmp_path / "passwords"
+    passwd(passwords, "first", "one", create=True)
+    mqtt_port = free_port()
+    env = _env(tmp_path / "data", HUB_MQTT_PASSWORD_FILE=str(passwords))
+    log = (tmp_path / "hub.log").open("w+")
+    ports = ["--tcp-port", str(free_port()), "--http-port", str(free_port())]
+    hub = subprocess.Popen(
+        [sys.executable, "-m", "hubapp.cli", "run", "--no-worker", *ports],
+        cwd=ROOT,
+        env={**env, "HUB_MQTT_PORT": str(mqtt_port)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def output() -> str:
+        return (tmp_path / "hub.log").read_text()
+
+    try:
+        assert wait_until(lambda: "Press Ctrl+C" in output(), timeout=90), output()
+        assert "neither publish nor subscribe" in output()  # no ACL file: a warning
+        first = clients(mqtt_port, "first-1", "first", "one")
+        assert not first.connect().is_failure
+        assert clients(mqtt_port, "second-1", "second", "two").connect().is_failure
+        passwd(passwords, "second", "two")
+        hub.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "reloaded (2 users)" in output(), timeout=WAIT_S), output()
+        assert not clients(mqtt_port, "second-2", "second", "two").connect().is_failure
+        assert hub.poll() is None and first.client.is_connected()
+        assert not first.disconnected.is_set()
+    finally:
+        hub.send_signal(signal.SIGTERM)
+        try:
+            hub.wait(60)
+        except subprocess.TimeoutExpired:
+            hub.kill()
+            hub.wait(10)
+        log.close()
+    assert hub.returncode == 0, output()
