@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from hub.errors import ConfigError
 from tests.integration.test_embedded import _env
 from tests.integration.test_mqtt_acl import received
 from tests.integration.test_mqtt_embedded import WAIT_S, Broker, Client, acked, telemetry
@@ -181,6 +182,15 @@ def test_a_reload_reads_the_password_file_again(
     assert not clients(b.port, "writer-3", "writer", "w").connect().is_failure
     assert wait_until(reader.client.is_connected, timeout=WAIT_S)
     assert not reader.disconnected.is_set()
+
+
+def test_a_plain_text_password_is_a_config_error_naming_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "passwords"
+    passwd(path, "reader", "reader-secret", create=True)
+    with path.open("a") as f:
+        f.write("ops:plaintext\n")
+    with pytest.raises(ConfigError, match=r"passwords, line 2: user 'ops': .*plain passwords"):
+        Broker(tmp_path / "hub", mqtt_password_file=path)
 
 
 def test_sighup_reloads_the_password_file_of_hub_run(tmp_path: Path, clients: Make) -> None:
