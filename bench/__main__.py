@@ -1,4 +1,4 @@
-"""`python -m bench`: the benchmark command (ingest, connections, against).
+"""`python -m bench`: the benchmark command (ingest, connections, tls-connections, against).
 
 Layer: benchmarks; may import anything.
 
@@ -29,6 +29,7 @@ examples:
       --plot docs/img/throughput.png --out results.json
   python -m bench ingest --transport tcp --no-baseline --duration 20 --profile hub.txt
   python -m bench ingest --transport tcp --tls --devices 20 --duration 20
+  python -m bench ingest --transport mqtt --tls --devices 20 --duration 20
 
 Each run measures the hub, then the baseline (a hand-written server calling
 task.delay() once per message), each with a fresh vhost, database, worker and
@@ -139,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument(
         "--tls",
         action="store_true",
-        help="TCP: measure the hub's TLS listener against its clear one in one run "
-        "(the ratio TLS/clear; no baseline)",
+        help="measure the hub's TLS listener against its clear one in one run, TCP or "
+        "MQTT (the ratio TLS/clear; no baseline)",
     )
     only = ingest.add_mutually_exclusive_group()
     only.add_argument("--no-baseline", action="store_true", help="measure the hub only")
@@ -248,6 +249,53 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="stdout: only the JSON line (the table goes to stderr)"
     )
     conns.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
+    tls_conns = sub.add_parser(
+        "tls-connections",
+        help="memory and handshake time per TLS device connection, against clear text",
+        description="N idle native TCP devices held by a clear listener, then by a TLS one "
+        "(each on a fresh hub): hub memory per connection, and the handshake and "
+        "connect-to-HELLO-ack times of new connections made while they are held.",
+        epilog="examples:\n  python -m bench tls-connections\n"
+        "  python -m bench tls-connections --devices 200 --probes 50 --hold 2\n\n"
+        "See docs/benchmarks.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tls_conns.add_argument(
+        "--devices", type=_positive_int, default=5000, help="devices held (default: 5000)"
+    )
+    tls_conns.add_argument(
+        "--probes",
+        type=_positive_int,
+        default=200,
+        help="connections timed one after another while they are held (default: 200)",
+    )
+    tls_conns.add_argument(
+        "--hold", type=float, default=5.0, help="seconds to hold the fleet (default: 5)"
+    )
+    tls_conns.add_argument(
+        "--connect-rate",
+        type=float,
+        default=300.0,
+        help="new connections per second, both fleets (default: 300; 0: all at once)",
+    )
+    tls_conns.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=300.0,
+        help="most seconds to wait for the fleet to connect (default: 300)",
+    )
+    tls_conns.add_argument(
+        "--loop",
+        choices=["asyncio", "uvloop"],
+        default="asyncio",
+        help="event loop of the hub (default: asyncio)",
+    )
+    tls_conns.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
+    tls_conns.add_argument(
+        "--json", action="store_true", help="stdout: only the JSON line (the table goes to stderr)"
+    )
+    tls_conns.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     return parser  # fmt: skip
 
 
@@ -352,6 +400,27 @@ def _connections(args: argparse.Namespace) -> None:
     _emit(result, connections_table(result), args)
 
 
+def _tls_connections(args: argparse.Namespace) -> None:
+    from bench.tls_connections import (
+        TlsConnectionsConfig,
+        run_tls_connections,
+        tls_connections_table,
+    )
+
+    result = run_tls_connections(
+        TlsConnectionsConfig(
+            devices=args.devices,
+            probes=args.probes,
+            hold_s=args.hold,
+            connect_rate=args.connect_rate,
+            connect_timeout_s=args.connect_timeout,
+            loop=args.loop,
+            quiet=args.quiet,
+        )
+    )
+    _emit(result, tls_connections_table(result), args)
+
+
 def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
     """`against ... -- INGEST_OPTIONS`: argparse cannot take options after a positional
     and `--` for a subcommand, so the options for `bench ingest` are split off here."""
@@ -372,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                 from bench.against import against_command
 
                 against_command(args, passthrough, _emit, build_parser)
+            elif args.command == "tls-connections":
+                _tls_connections(args)
             else:
                 _connections(args)
     except BenchError as exc:

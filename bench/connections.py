@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import shutil
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -77,19 +79,38 @@ def _last(child: Child, kind: str) -> dict[str, Any] | None:
     return next((r for r in reversed(child.json_lines()) if r.get("type") == kind), None)
 
 
+#: Measures, while the fleet is held, new connections to a port: (port, a
+#: device id and credential it may use) -> figures (bench.tls_connections).
+Probe = Callable[[int, str, str], dict[str, Any]]
+
+
 def measure_transport(
-    transport: str, devices: int, cfg: ConnectionsConfig, folder: Path, broker_url: str
+    transport: str,
+    devices: int,
+    cfg: ConnectionsConfig,
+    folder: Path,
+    broker_url: str,
+    *,
+    hub_env: dict[str, str] | None = None,
+    fleet_args: tuple[str, ...] = (),
+    probe: Probe | None = None,
 ) -> dict[str, Any]:
+    """One fresh hub holding `devices` idle devices of `transport`: its memory and
+    CPU; `hub_env` and `fleet_args` add to the hub's and the fleet's settings
+    (TLS), and `probe`, when given, runs while the fleet is held."""
     folder.mkdir(parents=True)
     prefix = f"c{transport}-"
     credentials = make_credentials(prefix, devices)
+    probe_device, probe_credential = f"{prefix}probe", secrets.token_urlsafe(16)
     credentials_file = folder / "credentials.json"
     credentials_file.write_text(json.dumps(credentials), "utf-8")
     database_url = f"sqlite:///{folder / 'hub.sqlite3'}"
-    provision_hub(database_url, credentials)
+    provision_hub(database_url, {**credentials, probe_device: probe_credential})
     hub_cfg = IngestConfig(transport=transport, loop=cfg.loop)
     with contextlib.ExitStack() as stack:
-        hub, ports = start_hub(hub_cfg, folder, broker_url, database_url, mqtt=transport == "mqtt")
+        hub, ports = start_hub(
+            hub_cfg, folder, broker_url, database_url, mqtt=transport == "mqtt", env=hub_env
+        )
         stack.callback(hub.stop)
         time.sleep(1.0)  # let the freshly started hub settle before the idle reading
         rss_idle = hub.rss()
@@ -100,7 +121,7 @@ def measure_transport(
             "--host", LOCALHOST, "--port", str(ports[transport]),
             "--credentials", str(credentials_file), "--messages", "0", "--linger",
             "--duration", str(bound_s), "--give-up", str(cfg.connect_timeout_s),
-            "--drain-timeout", "5",
+            "--drain-timeout", "5", *fleet_args,
         ]  # fmt: skip
         if cfg.connect_rate:
             argv += ["--connect-rate", str(cfg.connect_rate)]
@@ -141,6 +162,7 @@ def measure_transport(
             rss_peak = max(rss_peak, hub.rss())
             time.sleep(0.5)
         rss_connected = hub.rss()
+        probed = None if probe is None else probe(ports[transport], probe_device, probe_credential)
         status = _status(ports.get("http"))
         held = (status.get("devices_connected") or {}).get(transport)
         progress = _last(fleet, "progress") or {}
@@ -168,6 +190,7 @@ def measure_transport(
         "hub_cpu_s": round(cpu_hub, 2),
         "fleet_cpu_s": result.get("cpu_s"),
         "fleet_max_rss_mb": round(result["max_rss_kb"] / 1024, 1) if result else None,
+        **({} if probed is None else {"probe": probed}),
     }
 
 

@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--progress-interval", type=float, default=2.0)
     parser.add_argument("--fault", metavar="NAME[:ARG]", help=f"inject a fault: {FAULT_HELP}")
     parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
-    parser.add_argument("--tls", action="store_true", help="TCP devices connect over TLS")
+    parser.add_argument(
+        "--tls", action="store_true", help="devices connect over TLS (TCP, or MQTT on the TLS port)"
+    )
     parser.add_argument("--cafile", help="with --tls: the CA that signs the hub's certificate")
     args = parser.parse_args(argv)
     if args.messages is None and args.duration is None:

@@ -1,10 +1,12 @@
-"""`python -m bench ingest --tls`: TCP ingest over TLS against the clear listener, in one run.
+"""`python -m bench ingest --tls`: ingest over TLS against the clear listener, in one run.
 
 Layer: benchmarks; may import anything.
 
-One hub process (`hub run --no-worker`) serves the native protocol on two
-listeners, one in the clear and one with `tls = true`, with a test CA made by
-`hubapp.certificates`; one `celery -A tasks worker` stores for both. The same
+One hub process (`hub run --no-worker`) serves, with a test CA made by
+`hubapp.certificates`, either (`--transport tcp`) the native protocol on two
+listeners, one in the clear and one with `tls = true`, or (`--transport
+mqtt`) the embedded broker on `mqtt_port` and on `mqtt_tls_port`, at the
+QoS of `--qos` (1 by default); one `celery -A tasks worker` stores for both. The same
 fleet (bench.fleet_runner) runs against the clear port, then, with devices of
 its own, against the TLS port: each is measured as in `bench.ingest` (acked
 and stored per second, latency, CPU, memory), and the result has the ratio
@@ -37,12 +39,24 @@ from bench.ingest import (
     start_hub,
     start_worker,
 )
-from bench.services import LOCALHOST, BenchError, QueueProbe, Vhost, log, raise_fd_limit
+from bench.services import (
+    LOCALHOST,
+    BenchError,
+    QueueProbe,
+    Vhost,
+    free_port,
+    log,
+    raise_fd_limit,
+)
+
+#: The hub's listeners measured, clear and TLS, by the name `hub run` prints.
+_LISTENERS = {"tcp": ("tcp/native", "tcp/native+tls"), "mqtt": ("mqtt", "mqtt-tls")}
 
 _CONFIG = """\
 tls_cert_file = "{cert}"
 tls_key_file = "{key}"
-
+"""
+_TCP_LISTENERS = """
 [[tcp_listeners]]
 port = 0
 codec = "native"
@@ -69,8 +83,9 @@ def run_tls_ingest(cfg: IngestConfig) -> dict[str, Any]:
     from hub.storage import make_engine
     from hubapp import certificates
 
-    if cfg.transport != "tcp":
-        raise BenchError("--tls measures the TCP listeners: use it with --transport tcp")
+    if cfg.transport not in _LISTENERS:
+        raise BenchError(f"--tls measures --transport tcp or mqtt, not {cfg.transport}")
+    mqtt = cfg.transport == "mqtt"
     raise_fd_limit()
     folder = Path(tempfile.mkdtemp(prefix="hub-bench-tls-"))
     results: dict[str, Any] = {}
@@ -79,9 +94,12 @@ def run_tls_ingest(cfg: IngestConfig) -> dict[str, Any]:
         certificates.init_ca(ca)
         config = folder / "hub.toml"
         config.write_text(
-            _CONFIG.format(cert=ca / certificates.HUB_CERT, key=ca / certificates.HUB_KEY),
+            _CONFIG.format(cert=ca / certificates.HUB_CERT, key=ca / certificates.HUB_KEY)
+            + ("" if mqtt else _TCP_LISTENERS),
             "utf-8",
         )
+        # 0 would turn MQTT over TLS off, so the port is picked here.
+        hub_env = {"HUB_CONFIG": str(config), "HUB_MQTT_TLS_PORT": str(free_port())}
         runs = {name: f"{name[0]}{uuid.uuid4().hex[:6]}-" for name in ("clear", "tls")}
         credentials = {name: make_credentials(p, cfg.devices) for name, p in runs.items()}
         database_url = cfg.database_url or f"sqlite:///{folder / 'hub.sqlite3'}"
@@ -100,15 +118,13 @@ def run_tls_ingest(cfg: IngestConfig) -> dict[str, Any]:
             }
             worker = start_worker("hub", "tasks", queue, worker_env, cfg, folder, probe)
             stack.callback(worker.stop)
-            hub, _ = start_hub(
-                cfg, folder, vhost.url, database_url, mqtt=False, env={"HUB_CONFIG": str(config)}
-            )
+            hub, _ = start_hub(cfg, folder, vhost.url, database_url, mqtt=mqtt, env=hub_env)
             stack.callback(hub.stop)
             ports = _listener_ports(hub.log_text())
             roles = Roles(server=[hub], worker=worker, http_port=ports.get("http"))
             engine = make_engine(database_url)
             stack.callback(engine.dispose)
-            for name, listener in (("clear", "tcp/native"), ("tls", "tcp/native+tls")):
+            for name, listener in zip(("clear", "tls"), _LISTENERS[cfg.transport], strict=True):
                 port = ports[listener]
                 credentials_file = folder / f"{name}-credentials.json"
                 credentials_file.write_text(json.dumps(credentials[name]), "utf-8")
@@ -128,7 +144,7 @@ def run_tls_ingest(cfg: IngestConfig) -> dict[str, Any]:
     clear, tls = results["clear"], results["tls"]
     return {
         "benchmark": "ingest-tls",
-        "transport": "tcp",
+        "transport": cfg.transport,
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("quiet", "systems")},
@@ -148,8 +164,9 @@ def tls_table(result: dict[str, Any]) -> str:
     def row(label: str, a: Any, b: Any, r: Any = "") -> str:
         return f"{label:<28}{a!s:>14}{b!s:>14}{r!s:>10}"
 
+    what = "TCP" if result["transport"] == "tcp" else f"MQTT QoS {result['config']['qos']}"
     lines = [
-        f"TCP ingest over TLS against the clear listener ({clear['devices']} devices)",
+        f"{what} ingest over TLS against the clear listener ({clear['devices']} devices)",
         row("", "clear", "TLS", "TLS/clear"),
         row("acked per s", clear["acked_per_s"], tls["acked_per_s"], ratio["acked_per_s"]),
         row("stored per s", clear["stored_per_s"], tls["stored_per_s"], ratio["stored_per_s"]),

@@ -24,7 +24,8 @@ sockets itself: a socket refused by its address's limits, or beyond
 `tcp_max_connections` (connections and handshakes in progress together), is
 closed before any TLS work, and an
 admitted one gets its handshake (`loop.connect_accepted_socket`) within
-`hello_timeout_s`. A failed handshake is counted
+`hello_timeout_s`, with the context in force at its accept (SIGHUP replaces
+it: `use_tls_context`). A failed handshake is counted
 (`hub_connections_refused_total{reason="tls_handshake"}`) and closes only that
 socket.
 """
@@ -206,7 +207,7 @@ class TcpServer:
         )
         if self._ssl is not None:
             self._sock = sock
-            self._accepting = asyncio.ensure_future(self._accept_tls(sock, self._ssl))
+            self._accepting = asyncio.ensure_future(self._accept_tls(sock))
             return
         context = self.context
         try:
@@ -217,7 +218,13 @@ class TcpServer:
             sock.close()
             raise
 
-    async def _accept_tls(self, sock: socket.socket, ssl_context: ssl.SSLContext) -> None:
+    def use_tls_context(self, ssl_context: ssl.SSLContext) -> None:
+        """Serve the handshakes that follow with `ssl_context` (SIGHUP reloaded
+        the TLS files); connections already up keep theirs. Nothing in the clear."""
+        if self._ssl is not None:
+            self._ssl = ssl_context
+
+    async def _accept_tls(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -241,7 +248,9 @@ class TcpServer:
                     gate.release(host)
                 self.refused_at_limit()
                 continue
-            task = asyncio.ensure_future(self._handshake(conn, ssl_context, host))
+            # The context in force now: a reload (SIGHUP) may have replaced it.
+            assert self._ssl is not None
+            task = asyncio.ensure_future(self._handshake(conn, self._ssl, host))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
 

@@ -12,6 +12,11 @@ does not verify is refused either way), checked against `tls_crl_file`
 handshake). Every file is read at start: a missing or bad one is a
 one-line `ConfigError` naming the setting, never a traceback.
 
+`reloaded_context(settings)` is what SIGHUP does: the same files read again
+into a new context, which the listeners use for the handshakes that follow
+(connections already up keep theirs); a file that no longer loads keeps the
+old context and logs one line naming its setting.
+
 `certificate_identity(peercert, mode)` reads the device id from a verified
 peer certificate (`ssl.SSLObject.getpeercert()`): its subject CN (`cn`) or
 its first DNS subject alternative name (`san`), as Mosquitto's
@@ -20,12 +25,15 @@ its first DNS subject alternative name (`san`), as Mosquitto's
 
 from __future__ import annotations
 
+import logging
 import ssl
 from pathlib import Path
 from typing import Any, Literal
 
 from hub.errors import ConfigError
 from hub.settings import Settings
+
+log = logging.getLogger(__name__)
 
 IdentityMode = Literal["off", "cn", "san"]
 
@@ -110,6 +118,23 @@ def server_context(settings: Settings) -> ssl.SSLContext:
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     context.verify_mode = (
         ssl.CERT_REQUIRED if settings.tls_require_certificate else ssl.CERT_OPTIONAL
+    )
+    return context
+
+
+def reloaded_context(settings: Settings) -> ssl.SSLContext | None:
+    """A new server context from the TLS files as they are on disk now (SIGHUP),
+    or None when one of them no longer loads: one line naming the setting is
+    logged, and the listeners keep serving the context they have."""
+    try:
+        context = server_context(settings)
+    except ConfigError as exc:
+        log.error("TLS files not reloaded, the listeners keep the previous ones: %s", exc)
+        return None
+    log.info(
+        "TLS files reloaded: %s%s",
+        settings.tls_cert_file,
+        f", CRL {settings.tls_crl_file}" if settings.tls_crl_file is not None else "",
     )
     return context
 

@@ -155,6 +155,8 @@ class Settings(BaseSettings):
     tls_identity: Literal["off", "cn", "san"] = "off"
     #: An ACL file in Mosquitto's acl_file syntax (docs/mqtt.md, "ACL file"); SIGHUP reloads it.
     mqtt_acl_file: Path | None = None
+    #: Service users in Mosquitto's password file format (docs/security.md); SIGHUP reloads it.
+    mqtt_password_file: Path | None = None
     http_port: int = Field(default=8080, ge=0, le=65535)
     #: Port of `hub console`, the web console and HTTP API (a process of its own).
     console_port: int = Field(default=8081, ge=0, le=65535)
@@ -226,6 +228,7 @@ class Settings(BaseSettings):
         "tls_ca_file",
         "tls_crl_file",
         "mqtt_acl_file",
+        "mqtt_password_file",
         mode="before",
     )
     @classmethod

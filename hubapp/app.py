@@ -32,6 +32,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -42,7 +43,7 @@ from bridges.dispatch import Dispatcher, check_broker
 from bridges.downlink import Downlink
 from bridges.http_status import HttpStatusServer, Readiness
 from bridges.tcp import TcpServer, listener_ssl_context
-from bridges.tls import server_context
+from bridges.tls import reloaded_context, server_context
 from bridges.transport import CommandTransport, ListeningTransport, Transport
 from bridges.worker_stats import poll as poll_worker_stats
 from hub import __version__, hubs
@@ -94,8 +95,11 @@ class HubApp:
         #: The transports that deliver commands and drop devices on request.
         self.command_transports: list[CommandTransport] = []
         self.http: HttpStatusServer | None = None
-        #: What SIGHUP reloads (`reload`): the embedded broker's ACL file.
+        #: What SIGHUP reloads (`reload`): the embedded broker's ACL and
+        #: password files, and the TLS files of every TLS listener.
         self._reloaders: list[Callable[[], None]] = []
+        #: What takes a reloaded SSL context: each TLS listener.
+        self._tls_listeners: list[Callable[[ssl.SSLContext], None]] = []
         self._worker: WorkerChild | None = None
         self._heartbeat: asyncio.Future[None] | None = None
         self._beat_write: asyncio.Future[None] | None = None
@@ -149,9 +153,13 @@ class HubApp:
                 )
                 await server.start()
                 self.tcp_servers.append(server)
+                if server.tls:
+                    self._tls_listeners.append(server.use_tls_context)
                 self._add_command_transport(server)
             if self.settings.mqtt_enabled:
                 await self._start_mqtt()
+            if self._tls_listeners:
+                self._reloaders.append(self._reload_tls)
             self.http = HttpStatusServer(
                 self.settings.host,
                 self.settings.http_port,
@@ -184,6 +192,8 @@ class HubApp:
             self._add_command_transport(bridge, notes_delivery=False)
             if self.settings.mqtt_acl_file is not None:
                 log.warning("mqtt_acl_file is ignored: the external broker applies its own ACL")
+            if self.settings.mqtt_password_file is not None:
+                log.warning("mqtt_password_file is ignored: the external broker has its own users")
             return
         from bridges.mqtt.broker import EmbeddedMqtt
 
@@ -201,8 +211,10 @@ class HubApp:
         self.mqtt_tls_port = broker.tls_port
         self.mqtt_ws_port = broker.ws_port
         self.mqtt_wss_port = broker.wss_port
-        if self.settings.mqtt_acl_file is not None:
-            self._reloaders.append(broker.reload_acl)
+        if self.mqtt_tls_port is not None or self.mqtt_wss_port is not None:
+            self._tls_listeners.append(broker.use_tls_context)
+        if self.settings.mqtt_acl_file is not None or self.settings.mqtt_password_file is not None:
+            self._reloaders.append(broker.reload_access)
         self._add_command_transport(broker)
 
     def _add_command_transport(
@@ -293,10 +305,19 @@ class HubApp:
                 log.exception("could not write the hub's heartbeat")
             await asyncio.sleep(self.settings.hub_heartbeat_s)
 
+    def _reload_tls(self) -> None:
+        """Read the TLS files again into one new context for every TLS listener;
+        when one no longer loads, all keep the context they have (one line logged)."""
+        context = reloaded_context(self.settings)
+        if context is not None:
+            for use in self._tls_listeners:
+                use(context)
+
     def reload(self) -> None:
-        """Reload what can change while the hub runs (SIGHUP): the MQTT ACL
-        file. No connection is dropped; a file that no longer parses leaves the
-        rules in force and logs why."""
+        """Reload what can change while the hub runs (SIGHUP): the MQTT ACL and
+        password files and the TLS files (certificate, key, CA, CRL). No
+        connection is dropped; a file that no longer loads leaves what is in
+        force and logs why."""
         if not self._reloaders:
             log.info("reload requested (SIGHUP): nothing to reload")
         for reload in self._reloaders:
@@ -330,6 +351,7 @@ class HubApp:
         self.tcp_servers.clear()
         self.command_transports.clear()
         self._reloaders.clear()
+        self._tls_listeners.clear()
         if self.mqtt is not None:
             await self.mqtt.stop()
             self.mqtt = None

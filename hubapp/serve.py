@@ -44,7 +44,8 @@ def raise_open_file_limit() -> int | None:
 
 #: Each ends with the same clean stop.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-#: Reloads what can be reloaded (the MQTT ACL file), keeping every connection.
+#: Reloads what can be reloaded (the MQTT ACL and password files, the TLS
+#: files), keeping every connection.
 RELOAD_SIGNAL = signal.SIGHUP
 
 
@@ -55,7 +56,8 @@ async def serve(
 
     A stop closes the listeners, makes every accepted message durable, and
     lets the in-hub worker finish its task (docs/delivery.md, "Stopping").
-    SIGHUP reloads the MQTT ACL file without dropping any connection.
+    SIGHUP reloads the MQTT ACL and password files and the TLS certificate,
+    key, CA and CRL files, without dropping any connection.
     """
     out = out or sys.stdout
     open_files = raise_open_file_limit()

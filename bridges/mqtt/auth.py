@@ -15,9 +15,13 @@ credential, or, over TLS with `tls_identity` = cn/san, with a client
 certificate signed by `tls_ca_file` that names it (bridges.tls,
 docs/security.md): the certificate is then its credential, any username must
 be the same device id, and a certificate naming a device the registry does not
-hold is refused (`unknown_device`). Its session's `SessionState` (bridges.mqtt.state) then carries
-the device id; the bridge trusts only that, never the topic, to decide whose
-message it is.
+hold is refused (`unknown_device`). A client whose username is in the
+password file (`mqtt_password_file`, Mosquitto's format, `hub.passwords`) is a
+service user, not a device: it logs in with that file's password, and only
+the ACL file's rules (its `user` section and the patterns) grant it anything;
+without an ACL file it may do nothing. Its session's `SessionState`
+(bridges.mqtt.state) then carries the device id (or the user's name); the
+bridge trusts only that, never the topic, to decide whose message it is.
 
 For a PUBLISH the ACL is asked once, by amqtt through `DeviceTopicPlugin`
 when the message is handed to the broker. A will is checked when its CONNECT
@@ -38,12 +42,13 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from bridges.address_gate import AddressGate
-from bridges.mqtt.state import device_of, state_of
+from bridges.mqtt.state import device_of, identity_of, state_of
 from bridges.tls import certificate_identity
 from hub.acl import Access, ClientRules, load_acl
 from hub.envelope import validate_device_id
 from hub.errors import AuthError, ConfigError, EnvelopeError
 from hub.metrics import Metrics
+from hub.passwords import PasswordFile, load_passwords
 from hub.registry import CredentialCache
 from hub.settings import Settings
 from hub.topics import may_publish, may_subscribe
@@ -91,6 +96,11 @@ class DeviceAccess:
         self._credentials = credentials
         self._refresh = refresh_credentials
         self._metrics = metrics
+        self._password_path = settings.mqtt_password_file
+        #: The service users (None: no password file); a ConfigError at start.
+        self._passwords: PasswordFile | None = (
+            None if self._password_path is None else load_passwords(self._password_path)
+        )
         gate = AddressGate(settings, metrics, "mqtt")
         #: The broker's limits per source address (bridges.mqtt.listener); a
         #: refused credential counts against its address here.
@@ -118,6 +128,8 @@ class DeviceAccess:
             # broker, where clean session 0 keeps it [MQTT-3.1.2-4].
             session.is_anonymous = False
             return True
+        if self._passwords is not None and username in self._passwords:
+            return self._authenticate_service_user(session, self._passwords, username)
         try:
             device_id = validate_device_id(username)
         except EnvelopeError:
@@ -147,6 +159,20 @@ class DeviceAccess:
                 return self._refuse(session, device_id, UNKNOWN_DEVICE)
         return self._accept(session, device_id)
 
+    def _authenticate_service_user(
+        self, session: Session, passwords: PasswordFile, name: str
+    ) -> bool:
+        """A service user of the password file: its password, then the ACL decides."""
+        if not passwords.verify(name, session.password):
+            return self._refuse(session, name, BAD_CREDENTIAL)
+        if session.will_flag and not self._will_allowed(session, None, name):
+            return self._refuse(session, name, WILL_TOPIC)
+        state = state_of(session)
+        state.authenticated, state.device_id, state.refusal = True, None, None
+        state.service_user = name
+        session.is_anonymous = False
+        return True
+
     def _accept(self, session: Session, device_id: str) -> bool:
         if session.will_flag and not self._will_allowed(session, device_id):
             # amqtt publishes a will without asking the topic ACL, so a will on
@@ -157,22 +183,40 @@ class DeviceAccess:
         session.is_anonymous = False
         return True
 
-    def _will_allowed(self, session: Session, device_id: str | None) -> bool:
+    def _will_allowed(
+        self, session: Session, device_id: str | None, service_user: str | None = None
+    ) -> bool:
         """Whether a CONNECT's will topic is one its client may publish on."""
+        if service_user is not None:
+            return False  # no ACL file: a service user may publish nothing
         if device_id is None:
             return True  # anonymous: a plain broker
         return may_publish(device_id, session.will_topic or "", self._root)
 
     def reload(self) -> None:
-        """Read the ACL file again (`AclFileAccess`); without one, nothing to do."""
+        """Read the password file again (and the ACL file: `AclFileAccess`). A
+        file that no longer parses keeps what is in force (one line logged);
+        sessions already connected stay, whatever the new file says."""
+        if self._password_path is None:
+            return
+        try:
+            passwords = load_passwords(self._password_path)
+        except ConfigError as exc:
+            log.error("MQTT password file not reloaded, the previous users stay: %s", exc)
+            return
+        self._passwords = passwords
+        log.info(
+            "MQTT password file %s reloaded (%d users)", self._password_path, len(passwords.users)
+        )
 
     def may_take_client_id(self, session: Session, holder: str | None) -> bool:
         """Whether the authenticated `session` may take over a client id that
-        `holder` holds (a device id; None for an anonymous client): only the
-        same device may, so that no device can disconnect another, or take its
-        persistent session's subscriptions and queued commands, by naming its
-        client id. Counts and logs a refusal (`client_id_in_use`)."""
-        if device_of(session) == holder:
+        `holder` holds (`identity_of`: a device, a service user, None for an
+        anonymous client): only the same device (or user) may, so that no
+        device can disconnect another, or take its persistent session's
+        subscriptions and queued commands, by naming its client id. Counts and
+        logs a refusal (`client_id_in_use`)."""
+        if identity_of(session) == holder:
             return True
         return self._refuse(session, device_of(session), CLIENT_ID_IN_USE)
 
@@ -199,14 +243,22 @@ class DeviceAccess:
 
     # -- publish and subscribe ---------------------------------------------------
 
+    def _not_a_device_may(self, session: Session) -> bool:
+        """What a client that is not a device may do before any ACL file: an
+        anonymous one (only with mqtt_allow_anonymous) anything, a plain broker
+        for them; a service user nothing, as only the ACL file grants it rights."""
+        state = state_of(session)
+        if state.service_user is not None:
+            return self.has_acl_file and state.authenticated
+        return self._allow_anonymous and state.authenticated
+
     def may_publish(self, session: Session | None, topic: str) -> bool:
         """Whether the client may publish on `topic`. Pure; counts nothing."""
         if session is None:
             return False
         device_id = device_of(session)
         if device_id is None:
-            # Only reachable with mqtt_allow_anonymous: a plain broker for them.
-            return self._allow_anonymous and state_of(session).authenticated
+            return self._not_a_device_may(session)
         return may_publish(device_id, topic, self._root)
 
     def may_subscribe(self, session: Session | None, topic_filter: str) -> bool:
@@ -214,7 +266,7 @@ class DeviceAccess:
             return False
         device_id = device_of(session)
         if device_id is None:
-            return self._allow_anonymous and state_of(session).authenticated
+            return self._not_a_device_may(session)
         return may_subscribe(device_id, topic_filter, self._root)
 
     def check(self, session: Session | None, topic: str, action: str) -> bool:
@@ -278,6 +330,7 @@ class AclFileAccess(DeviceAccess):
         """Read the file again. A file that no longer parses keeps the rules in
         force (logged); connections are never dropped either way. Sessions pick
         the new rules up at their next check."""
+        super().reload()
         try:
             acl = load_acl(self._path)
         except ConfigError as exc:
@@ -290,7 +343,9 @@ class AclFileAccess(DeviceAccess):
         state = state_of(session)
         rules = state.acl_rules
         if rules is None or state.acl_generation != self._generation:
-            rules = self._acl.rules_for(device_id, session.client_id or "")
+            # A service user's name picks its `user` section and fills %u.
+            name = device_id if device_id is not None else state.service_user
+            rules = self._acl.rules_for(name, session.client_id or "")
             state.acl_rules, state.acl_generation = rules, self._generation
             state.acl_publish = {}
         return rules
@@ -303,12 +358,15 @@ class AclFileAccess(DeviceAccess):
             return rules.allows(topic, access)
         return not rules.denies(topic)
 
-    def _will_allowed(self, session: Session, device_id: str | None) -> bool:
+    def _will_allowed(
+        self, session: Session, device_id: str | None, service_user: str | None = None
+    ) -> bool:
         topic = session.will_topic or ""
         if device_id is not None and not may_publish(device_id, topic, self._root):
             return False
         # Compiled for this CONNECT only: its state may not be the session's yet.
-        rules = self._acl.rules_for(device_id, session.client_id or "")
+        name = device_id if device_id is not None else service_user
+        rules = self._acl.rules_for(name, session.client_id or "")
         if device_id is None or self._acl.has_user(device_id):
             return rules.allows(topic, Access.WRITE)
         return not rules.denies(topic)

@@ -176,6 +176,9 @@ class EmbeddedMqtt:
             acl=self._access if settings.mqtt_acl_file is not None else None,
         )
         self._broker: HubBroker | None = None
+        #: The SSL context of each TLS listener; the broker reads this very dict
+        #: at each handshake, so `use_tls_context` changes it in place.
+        self._ssl_contexts: dict[str, ssl.SSLContext] = {}
 
     async def start(self) -> None:
         """Bind `host`:`mqtt_port` (0: a free port), `mqtt_tls_port` when TLS
@@ -184,7 +187,10 @@ class EmbeddedMqtt:
         port is bound."""
         settings = self._settings
         host = settings.host
-        contexts: dict[str, ssl.SSLContext] = {}
+        # The same dict stays the broker's, so a SIGHUP reload (`use_tls_context`)
+        # reaches the listeners' next handshakes.
+        contexts = self._ssl_contexts
+        contexts.clear()
         if settings.mqtt_tls_enabled or settings.mqtt_wss_enabled:
             # One context for both TLS listeners: the same files, read once.
             context = server_context(settings)
@@ -260,6 +266,11 @@ class EmbeddedMqtt:
                     broker.listener_port(name),
                     WEBSOCKET_PATH,
                 )
+        if settings.mqtt_password_file is not None and settings.mqtt_acl_file is None:
+            log.warning(
+                "mqtt_password_file is set without mqtt_acl_file: its service users may "
+                "connect but neither publish nor subscribe (only the ACL file grants them rights)"
+            )
         if _TLS_LISTENER in contexts:
             log.info(
                 "MQTT over TLS listening on %s:%d (client certificate %s, identity %s)",
@@ -332,9 +343,16 @@ class EmbeddedMqtt:
         task.add_done_callback(self._background.discard)
         return True
 
-    def reload_acl(self) -> None:
-        """Read `mqtt_acl_file` again (SIGHUP), keeping every connection; the
-        rules in force stay when the file no longer parses. Nothing without a file."""
+    def use_tls_context(self, context: ssl.SSLContext) -> None:
+        """Serve the TLS handshakes that follow with `context` (SIGHUP reloaded
+        the TLS files); connections already up keep theirs."""
+        for name in self._ssl_contexts:
+            self._ssl_contexts[name] = context
+
+    def reload_access(self) -> None:
+        """Read `mqtt_acl_file` and `mqtt_password_file` again (SIGHUP), keeping
+        every connection; what is in force stays when a file no longer parses.
+        Nothing without either file."""
         self._access.reload()
 
     async def disconnect_device(self, device_id: str) -> int:

@@ -10,10 +10,11 @@ the other `bridges.mqtt` modules and amqtt.
   traceback.
 - `ListeningBroker` is amqtt's `Broker` with these overrides:
   `_create_server_instance` serves the socket bound for each listener, with
-  the listener's SSL context if it has one (MQTT over TLS: the same broker
-  and accept path, so the same limits, authentication and ACL; the TLS
-  handshake, after the connection limit, has `mqtt_connect_timeout_s` and a
-  failed one is counted, `tls_handshake`); `stream_connected` closes at once
+  the listener's SSL context if it has one (MQTT over TLS: the same broker,
+  limits, authentication and ACL; `_TlsAcceptor` accepts its sockets, and
+  the TLS handshake, after the connection limits, has
+  `mqtt_connect_timeout_s`, uses the context in force at its accept (SIGHUP
+  replaces it) and is counted when it fails, `tls_handshake`); `stream_connected` closes at once
   (counted) a connection refused by the limits per source address
   (bridges.address_gate, docs/security.md) or beyond `mqtt_max_connections`,
   and reads the
@@ -149,10 +150,12 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
                 listener_name, listener_type, address, port, ssl_context
             )
         # amqtt builds no context (the listener has no "ssl" key): the hub's own
-        # (bridges.tls) is used in `stream_connected`, so the TLS handshake
-        # comes after the connection limit and its failures are counted. A
+        # (bridges.tls) is used by `_TlsAcceptor`, so the TLS handshake comes
+        # after the connection limits and its failures are counted. A
         # WebSocket listener is served here too (not by amqtt's `websockets`
-        # server), for the same reason.
+        # server), for the same reason; wss is a TLS listener like mqtt-tls.
+        if listener_name in self._ssl_contexts:
+            return _TlsAcceptor(self, listener_name)
         return await asyncio.start_server(
             partial(self.stream_connected, listener_name=listener_name),
             sock=self._listen_sockets[listener_name],
@@ -189,25 +192,9 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             return
         self._open_connections += 1
         try:
-            context = self._ssl_contexts.get(listener_name)
-            if context is None or await self._handshake(writer, context):
-                await self._serve_stream(reader, writer, listener_name)
+            await self._serve_stream(reader, writer, listener_name)
         finally:
             self._open_connections -= 1
-
-    async def _handshake(self, writer: asyncio.StreamWriter, context: ssl.SSLContext) -> bool:
-        """The server side of the TLS handshake, within `mqtt_connect_timeout_s`.
-        A failure (no TLS, a client certificate refused: another CA, expired,
-        revoked) is counted, logged at DEBUG (a scan must not flood the log)
-        and closes the connection."""
-        try:
-            await writer.start_tls(context, ssl_handshake_timeout=self._connect_timeout_s)
-        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-            self._metrics.connections_refused.labels("mqtt", "tls_handshake").inc()
-            log.debug("MQTT over TLS: handshake with %s failed: %s", _peer(writer), exc)
-            writer.transport.abort()
-            return False
-        return True
 
     def _refused_at_limit(self) -> None:
         """Count a connection closed at `mqtt_max_connections`; log at most one
@@ -283,6 +270,103 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     def _violation(self, violation: ProtocolViolation, peer: str) -> None:
         self._metrics.protocol_errors.labels("mqtt", violation.reason).inc()
         log.warning("MQTT client %s: %s; closing the connection", peer, violation)
+
+
+class _TlsAcceptor:
+    """The accept loop of a TLS listener, in place of `asyncio.Server` (amqtt
+    only closes it): a socket refused by its address's limits or beyond
+    `mqtt_max_connections` is closed before any TLS work, and an admitted one
+    gets its handshake from `loop.connect_accepted_socket`, as TCP over TLS
+    does (bridges.tcp). Not `StreamWriter.start_tls` on an accepted stream:
+    under uvloop that handshake often never completes."""
+
+    def __init__(self, broker: ListeningBroker, listener_name: str) -> None:
+        self._broker = broker
+        self._name = listener_name
+        self._sock = broker._listen_sockets[listener_name]
+        self._sock.setblocking(False)
+        #: Connections still in their TLS handshake (cancelled by `close`).
+        self._handshakes: set[asyncio.Future[None]] = set()
+        self._logged_at = -LIMIT_LOG_INTERVAL_S
+        self._loop = asyncio.ensure_future(self._accept())
+
+    async def _accept(self) -> None:
+        try:
+            await self._accept_until_closed()
+        finally:
+            self._sock.close()  # as `asyncio.Server.close` closes its socket
+
+    async def _accept_until_closed(self) -> None:
+        loop = asyncio.get_running_loop()
+        broker, gate = self._broker, self._broker._address_gate
+        while True:
+            try:
+                conn, address = await loop.sock_accept(self._sock)
+            except OSError as exc:  # out of descriptors: let some close first
+                now = loop.time()
+                if now - self._logged_at >= LIMIT_LOG_INTERVAL_S:
+                    log.warning("MQTT over TLS: accept failed: %s", exc)
+                    self._logged_at = now
+                await asyncio.sleep(0.1)
+                continue
+            host = str(address[0])
+            if gate is not None and not gate.admit(host):
+                conn.close()  # counted by the gate
+                continue
+            if broker._open_connections >= broker._max_connections:
+                conn.close()
+                if gate is not None:
+                    gate.release(host)
+                broker._refused_at_limit()
+                continue
+            broker._open_connections += 1
+            task = asyncio.ensure_future(self._connection(conn, host))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _connection(self, conn: socket.socket, host: str) -> None:
+        """One admitted socket: the server side of the handshake within
+        `mqtt_connect_timeout_s`, with the SSL context in force now (SIGHUP may
+        replace it), then the MQTT stream. A failed handshake (no TLS, a client
+        certificate refused: another CA, expired, revoked) is counted, logged
+        at DEBUG (a scan must not flood the log) and closes the socket."""
+        broker = self._broker
+        task = asyncio.current_task()
+        try:
+            loop = asyncio.get_running_loop()
+            reader = asyncio.StreamReader(loop=loop)
+            protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+            try:
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: protocol,
+                    conn,
+                    ssl=broker._ssl_contexts[self._name],
+                    ssl_handshake_timeout=broker._connect_timeout_s,
+                )
+            except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+                broker._metrics.connections_refused.labels("mqtt", "tls_handshake").inc()
+                log.debug("MQTT over TLS: handshake with %s failed: %s", host, exc)
+                conn.close()
+                return
+            except asyncio.CancelledError:
+                conn.close()  # the listener closed during the handshake
+                raise
+            # Past the handshake: amqtt owns the connection now (and closes it).
+            self._handshakes.discard(task)
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            await broker._serve_stream(reader, writer, self._name)
+        finally:
+            broker._open_connections -= 1
+            if broker._address_gate is not None:
+                broker._address_gate.release(host)
+
+    def close(self) -> None:
+        self._loop.cancel()
+        for task in list(self._handshakes):
+            task.cancel()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(self._loop, return_exceptions=True)
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:

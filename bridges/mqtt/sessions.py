@@ -37,7 +37,7 @@ from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
 from bridges.mqtt.auth import DeviceAccess
-from bridges.mqtt.state import device_of, state_of
+from bridges.mqtt.state import identity_of, state_of
 from bridges.mqtt.tap import AclBridgingHandler, BridgingHandler, TapConfig
 from hub.metrics import Metrics
 
@@ -140,7 +140,7 @@ class SessionBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         ):
             await self._refuse_connect(client_session, handler, reader, writer)
             return
-        self._claims[client_id] = device_of(client_session)
+        self._claims[client_id] = identity_of(client_session)
         try:
             await self._take_over(client_id)
             session = await self._continue_session(client_session)
@@ -160,7 +160,8 @@ class SessionBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
                 handler.finished.set()
 
     def _holder_of(self, client_id: str) -> object:
-        """The device (None: an anonymous client) a client id is bound to, or
+        """Who (`identity_of`: a device, a service user, None for an anonymous
+        client) a client id is bound to, or
         `_FREE`: bound while a connection or a persistent session holds it, or
         an accepted CONNECT is on its way to taking it."""
         if client_id in self._claims:
@@ -170,7 +171,7 @@ class SessionBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             return _FREE
         session = entry[0]
         if session.transitions.is_connected() or not session.clean_session:
-            return device_of(session)
+            return identity_of(session)
         return _FREE
 
     async def _take_over(self, client_id: str) -> None:

@@ -30,6 +30,9 @@ class SessionState:
     #: The device it authenticated as; None for an anonymous client. The
     #: bridge trusts only this, never the topic, to decide whose message it is.
     device_id: str | None = None
+    #: The service user (`mqtt_password_file`) it logged in as; None for a
+    #: device or an anonymous client. Only the ACL file grants it anything.
+    service_user: str | None = None
     #: Why its CONNECT was refused (chooses the CONNACK return code).
     refusal: str | None = None
     #: Its CONNECT was just accepted; amqtt asks once more, answered yes.
@@ -62,3 +65,16 @@ def device_of(session: Session | None) -> str | None:
         return None
     state: SessionState | None = session.attributes.get(_KEY)
     return state.device_id if state is not None else None
+
+
+def identity_of(session: Session | None) -> str | None:
+    """Who a session is, for the ownership of its client id: the device id, a
+    marked service user name (no device id holds a NUL), or None (anonymous)."""
+    if session is None:
+        return None
+    state: SessionState | None = session.attributes.get(_KEY)
+    if state is None:
+        return None
+    if state.service_user is not None:
+        return f"\x00user:{state.service_user}"
+    return state.device_id

@@ -50,7 +50,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from firmware_sim.device import AckHook, ConnectionEnd, SimulatedDevice
 from firmware_sim.faults import Fault
-from firmware_sim.options import FleetOptions
+from firmware_sim.options import FleetOptions, client_ssl_context
 from firmware_sim.outbox import FaultySocket
 from firmware_sim.pacing import ConnectLimiter
 from firmware_sim.summary import FleetStats
@@ -110,6 +110,8 @@ class _Link:
         client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        if device.ssl_context is not None:
+            client.tls_set_context(device.ssl_context)
         if isinstance(client, _FaultyClient) and device.fault is not None:
             client.fault = device.fault
             client.event_loop = loop
@@ -321,6 +323,12 @@ class MqttDevice(SimulatedDevice[bytes]):
         self.keepalive_s = max(1, math.ceil(options.keepalive_s))
         self.fault = options.fault
         self.topic_root = options.topic_root
+        #: With `options.tls`: MQTT over TLS (`mqtt_tls_port`), one context per fleet.
+        self.ssl_context = (
+            client_ssl_context(options.tls_ca_file, options.tls_cert_file, options.tls_key_file)
+            if options.tls
+            else None
+        )
         self.telemetry_topic = data_topic(options.topic_root, device_id, Kind.TELEMETRY)
         self.command_topic = command_topic(options.topic_root, device_id)
         # Command results awaiting their PUBACK: command id -> (topic, payload).

@@ -11,6 +11,8 @@ next to it. Change one field of a copy with `dataclasses.replace`.
 
 from __future__ import annotations
 
+import functools
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +37,10 @@ class FleetOptions:
     allow). With `linger` it stays connected answering commands until the run
     is stopped or `duration_s` ends. `codec` and `max_frame_bytes` apply to
     TCP, `qos` and `topic_root` to MQTT. `fault`, when given, transforms every
-    write a device makes (see `firmware_sim.faults`). With `tls`, TCP devices
-    connect over TLS, trusting `tls_ca_file` (else the system's CAs) and
-    presenting `tls_cert_file` / `tls_key_file` when given.
+    write a device makes (see `firmware_sim.faults`). With `tls`, devices (TCP,
+    and MQTT on the broker's TLS port) connect over TLS, trusting `tls_ca_file`
+    (else the system's CAs) and presenting `tls_cert_file` / `tls_key_file`
+    when given.
     """
 
     transport: str
@@ -83,3 +86,16 @@ class FleetOptions:
             raise ValueError("qos must be 0 or 1")
         if self.tls_key_file is not None and self.tls_cert_file is None:
             raise ValueError("tls_key_file needs tls_cert_file")
+
+
+@functools.cache
+def client_ssl_context(
+    ca_file: Path | None, cert_file: Path | None, key_file: Path | None
+) -> ssl.SSLContext:
+    """The client side of TLS (TCP and MQTT devices alike), made once per set of files."""
+    # One context for every device of a fleet: loading the CA per connection
+    # would cost more than the handshake it serves.
+    context = ssl.create_default_context(cafile=ca_file)
+    if cert_file is not None:
+        context.load_cert_chain(cert_file, key_file)
+    return context

@@ -20,12 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ssl
 import time
-from pathlib import Path
 
 from firmware_sim.device import AckHook, ConnectionEnd, SimulatedDevice
-from firmware_sim.options import FleetOptions
+from firmware_sim.options import FleetOptions, client_ssl_context
 from firmware_sim.outbox import Outbox
 from firmware_sim.pacing import ConnectLimiter
 from firmware_sim.summary import FleetStats
@@ -138,7 +136,7 @@ class TcpDevice(SimulatedDevice[Telemetry]):
         self._ping_seq = 0
         self._link: _Link | None = None
         self._ssl_context = (
-            _client_context(options.tls_ca_file, options.tls_cert_file, options.tls_key_file)
+            client_ssl_context(options.tls_ca_file, options.tls_cert_file, options.tls_key_file)
             if options.tls
             else None
         )
@@ -292,15 +290,3 @@ class TcpDevice(SimulatedDevice[Telemetry]):
                 link.send(Ping(self._ping_seq))
                 idle = 0.0
             await asyncio.sleep(self.keepalive_s - idle)
-
-
-@functools.cache
-def _client_context(
-    ca_file: Path | None, cert_file: Path | None, key_file: Path | None
-) -> ssl.SSLContext:
-    # One context for every device of a fleet: loading the CA per connection
-    # would cost more than the handshake it serves.
-    context = ssl.create_default_context(cafile=ca_file)
-    if cert_file is not None:
-        context.load_cert_chain(cert_file, key_file)
-    return context

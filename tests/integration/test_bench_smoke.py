@@ -92,6 +92,44 @@ def test_tcp_ingest_over_tls_benchmark_stores_every_message_of_both_listeners() 
     assert "TLS/clear" in stderr
 
 
+def test_mqtt_ingest_over_tls_benchmark_stores_every_message_of_both_listeners() -> None:
+    require_rabbitmq()
+    result, stderr = _run_bench(
+        "ingest", "--transport", "mqtt", "--tls", "--devices", "4", "--duration", "3",
+        "--rate", "50", "--json", "--quiet",
+    )  # fmt: skip
+
+    assert result["benchmark"] == "ingest-tls"
+    assert result["transport"] == "mqtt" and result["config"]["qos"] == 1
+    for listener in ("clear", "tls"):
+        measured = result[listener]
+        assert measured.keys() >= SYSTEM_KEYS, listener
+        assert measured["sent"] > 0, listener
+        assert measured["stored"] == measured["acknowledged"] == measured["sent"], listener
+        assert measured["errors"] == 0, listener
+    assert set(result["ratio"]) == {"acked_per_s", "stored_per_s"}
+    assert "MQTT QoS 1 ingest over TLS" in stderr and "TLS/clear" in stderr
+
+
+def test_tls_connections_benchmark_prints_memory_and_handshake_figures() -> None:
+    require_rabbitmq()
+    result, stderr = _run_bench(
+        "tls-connections", "--devices", "20", "--probes", "5", "--hold", "1", "--json",
+        "--quiet",
+    )  # fmt: skip
+
+    assert result["benchmark"] == "tls-connections"
+    for listener in ("clear", "tls"):
+        measured = result[listener]
+        assert measured["held_by_hub"] == measured["devices"] == 20, listener
+        assert "rss_kb_per_connection" in measured, listener
+        probe = measured["probe"]
+        assert probe["failed"] == 0, listener
+        assert set(probe["handshake_ms"]) == set(probe["login_ms"]) == {"p50", "p99"}, listener
+    assert set(result["ratio"]) == {"rss_kb_per_connection", "login_ms_p50"}
+    assert "handshake ms p50" in stderr and "TLS/clear" in stderr
+
+
 def test_mqtt_ingest_benchmark_stores_every_message_of_hub_and_baseline() -> None:
     require_rabbitmq()
     result, _ = _run_bench(

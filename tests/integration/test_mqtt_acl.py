@@ -188,7 +188,7 @@ def test_a_reload_takes_effect_without_disconnecting_anyone(
     assert sub.messages.get(timeout=WAIT_S).payload == b"before"
 
     path.write_text("topic readwrite #\ntopic deny room/a\n")
-    b.call_soon(b.mqtt.reload_acl)
+    b.call_soon(b.mqtt.reload_access)
     assert acked(pub.publish("room/a", b"after"))
     pub.publish("room/b", b"other")
     assert sub.messages.get(timeout=WAIT_S).payload == b"other"
@@ -196,7 +196,7 @@ def test_a_reload_takes_effect_without_disconnecting_anyone(
     assert sub.subscribe("room/a")[0].is_failure
     # A file that no longer parses keeps the rules in force.
     path.write_text("topic readwrite #\nnonsense\n")
-    b.call_soon(b.mqtt.reload_acl)
+    b.call_soon(b.mqtt.reload_access)
     assert sub.subscribe("room/a")[0].is_failure
     assert not sub.subscribe("room/c")[0].is_failure
     assert sub.client.is_connected() and pub.client.is_connected()
