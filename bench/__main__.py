@@ -29,6 +29,7 @@ examples:
       --plot docs/img/throughput.png --out results.json
   python -m bench ingest --transport tcp --no-baseline --duration 20 --profile hub.txt
   python -m bench ingest --transport tcp --tls --devices 20 --duration 20
+  python -m bench ingest --transport mqtt --against rabbitmq-mqtt --duration 20
 
 Each run measures the hub, then the baseline (a hand-written server calling
 task.delay() once per message), each with a fresh vhost, database, worker and
@@ -36,7 +37,10 @@ the same fleet, and prints both with the ratio hub/baseline. Needs RabbitMQ on
 127.0.0.1:5672 (guest/guest) and rabbitmqctl; the MQTT baseline also needs
 the mosquitto binary. With --tls, one hub serves a clear and a TLS listener,
 and the same fleet is measured against each (the ratio TLS/clear, no
-baseline). See docs/benchmarks.md.
+baseline). With --against rabbitmq-mqtt, the baseline is replaced by
+RabbitMQ's own MQTT plugin on a private node of the run's own (the same
+fleet publishes to it; messages counted in a durable queue). See
+docs/benchmarks.md.
 """
 
 _CONNECTIONS_EPILOG = """\
@@ -126,10 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ingest.add_argument(
         "--loop",
-        choices=["asyncio", "uvloop"],
-        default="asyncio",
-        help="event loop of the hub and of the baseline server "
-        "(default: asyncio, what `hub run` uses)",
+        choices=["auto", "asyncio", "uvloop"],
+        default="auto",
+        help="event loop of the hub (its event_loop setting) and of the baseline server "
+        "(default: auto, what `hub run` uses: uvloop where installed); the table "
+        "reports the loop the hub says it runs on",
+    )
+    ingest.add_argument(
+        "--against",
+        choices=["rabbitmq-mqtt"],
+        help="MQTT: measure RabbitMQ's own MQTT plugin (a private node, messages counted "
+        "in a durable queue) instead of the baseline, with the ratio hub/plugin",
+    )
+    ingest.add_argument(
+        "--paho",
+        action="store_true",
+        help="MQTT: paho-based simulated devices (subscribed to their command topic) "
+        "instead of the lean raw-socket publishers",
     )
     ingest.add_argument(
         "--database-url",
@@ -239,9 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conns.add_argument(
         "--loop",
-        choices=["asyncio", "uvloop"],
-        default="asyncio",
-        help="event loop of the hub (default: asyncio)",
+        choices=["auto", "asyncio", "uvloop"],
+        default="auto",
+        help="the hub's event_loop setting (default: auto, uvloop where installed)",
     )
     conns.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
     conns.add_argument(
@@ -263,6 +280,10 @@ def _ingest(args: argparse.Namespace) -> None:
     from bench.ingest import IngestConfig, run_ingest
     from bench.report import ingest_table, sweep_table
 
+    if args.against and args.transport != "mqtt":
+        raise BenchError("--against rabbitmq-mqtt compares MQTT ingest: add --transport mqtt")
+    if args.against and (args.no_baseline or args.tls):
+        raise BenchError("--against replaces the baseline: leave out --no-baseline and --tls")
     if args.plot and not args.sweep:
         raise BenchError("--plot needs --sweep (throughput against the number of devices)")
     if args.plot:
@@ -285,6 +306,8 @@ def _ingest(args: argparse.Namespace) -> None:
             worker_concurrency=args.worker_concurrency,
             worker_pool=args.worker_pool,
             loop=args.loop,
+            lean=not args.paho,
+            against=args.against,
             database_url=args.database_url,
             baseline=not args.no_baseline,
             systems=["baseline"] if args.baseline_only else ["hub", "baseline"],
