@@ -30,6 +30,7 @@ examples:
   python -m bench ingest --transport tcp --no-baseline --duration 20 --profile hub.txt
   python -m bench ingest --transport tcp --tls --devices 20 --duration 20
   python -m bench ingest --transport mqtt --against rabbitmq-mqtt --duration 20
+  python -m bench ingest --fleet 10,100,1000 --duration 10 --plot docs/img/fleet.png
 
 Each run measures the hub, then the baseline (a hand-written server calling
 task.delay() once per message), each with a fresh vhost, database, worker and
@@ -190,9 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="run once per device count (e.g. 10,50,200)",
     )
     ingest.add_argument(
+        "--fleet",
+        type=_device_counts,
+        metavar="N,N,...",
+        help="throughput against fleet size: per device count, a TCP hub run and an MQTT "
+        "run against RabbitMQ's MQTT plugin (--transport and --against are ignored)",
+    )
+    ingest.add_argument(
         "--plot",
         metavar="PNG",
-        help="with --sweep: plot throughput against devices (needs matplotlib)",
+        help="with --sweep or --fleet: plot throughput against devices (needs matplotlib)",
     )
     ingest.add_argument(
         "--profile",
@@ -280,12 +288,12 @@ def _ingest(args: argparse.Namespace) -> None:
     from bench.ingest import IngestConfig, run_ingest
     from bench.report import ingest_table, sweep_table
 
-    if args.against and args.transport != "mqtt":
+    if args.against and args.transport != "mqtt" and not args.fleet:
         raise BenchError("--against rabbitmq-mqtt compares MQTT ingest: add --transport mqtt")
     if args.against and (args.no_baseline or args.tls):
         raise BenchError("--against replaces the baseline: leave out --no-baseline and --tls")
-    if args.plot and not args.sweep:
-        raise BenchError("--plot needs --sweep (throughput against the number of devices)")
+    if args.plot and not (args.sweep or args.fleet):
+        raise BenchError("--plot needs --sweep or --fleet (throughput against fleet size)")
     if args.plot:
         from bench.plot import require_matplotlib
 
@@ -321,6 +329,9 @@ def _ingest(args: argparse.Namespace) -> None:
             quiet=args.quiet,
         )
 
+    if args.fleet:
+        _fleet(args, config(args.devices))
+        return
     if args.tls:
         from bench.tls_ingest import run_tls_ingest, tls_table
 
@@ -351,6 +362,20 @@ def _ingest(args: argparse.Namespace) -> None:
         from bench.plot import plot_sweep
 
         plot_sweep(result, Path(args.plot))
+        table += f"\n\nplot written to {args.plot}"
+    _emit(result, table, args)
+
+
+def _fleet(args: argparse.Namespace, base: Any) -> None:
+    from bench.fleet_sweep import fleet_table, plot_fleet, run_fleet_sweep
+    from bench.report import ingest_table
+
+    if args.sweep or args.tls or args.profile or args.profile_worker:
+        raise BenchError("--fleet makes its own runs: leave out --sweep, --tls and --profile")
+    result = run_fleet_sweep(base, args.fleet)
+    table = "\n\n".join([*(ingest_table(r) for r in result["runs"]), fleet_table(result)])
+    if args.plot:
+        plot_fleet(result, Path(args.plot))
         table += f"\n\nplot written to {args.plot}"
     _emit(result, table, args)
 

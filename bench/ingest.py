@@ -295,6 +295,23 @@ class Sampler:
         self.rss_start = self.rss()
         self.rss_peak = self.rss_start
         self._before = self._cpu()
+        self._writes_before = self.write_syscalls()
+
+    def write_syscalls(self) -> int | None:
+        """write/send system calls of the server processes so far (Linux /proc io)."""
+        total = 0
+        for server in self.roles.server:
+            try:
+                total += int(server.ps.io_counters().write_count)
+            except (psutil.Error, AttributeError, NotImplementedError):
+                return None
+        return total
+
+    def write_syscalls_used(self) -> int | None:
+        after = self.write_syscalls()
+        if after is None or self._writes_before is None:
+            return None
+        return after - self._writes_before
 
     def rss(self) -> int:
         return sum(s.rss() for s in self.roles.server)
@@ -512,6 +529,7 @@ def measure(
         )  # fmt: skip
         sampler.sample_rss()
         cpu = sampler.cpu_used(float(result["cpu_s"]))
+        writes = sampler.write_syscalls_used()
         metrics = _hub_metrics(roles.http_port)
         for profiler in profilers:
             with contextlib.suppress(BenchError):
@@ -547,6 +565,8 @@ def measure(
         "cpu_us_per_message": {
             role: round(cpu[role] / n * 1e6, 1) for role in ("server", "worker", "fleet")
         },
+        # Fewer writes per message is what coalescing ACKs buys (one per batch).
+        "server_write_syscalls_per_message": round(writes / n, 3) if writes is not None else None,
         "server_rss_mb": {
             "start": round(sampler.rss_start / 2**20, 1),
             "peak": round(sampler.rss_peak / 2**20, 1),

@@ -128,6 +128,7 @@ def ingest_table(result: dict[str, Any]) -> str:
         line("CPU s: rabbitmq (shared server)", "cpu_s", "rabbitmq", digits=1),
         line("CPU s: other processes", "cpu_s", "others", digits=1),
         line("server RSS MB (peak)", "server_rss_mb", "peak", digits=1),
+        line("server write syscalls/message", "server_write_syscalls_per_message", digits=3),
     ]  # fmt: skip
     if get(hub, "dispatch", "mean_batch_size") is not None:
         out.append(line("mean batch (messages/task)", "dispatch", "mean_batch_size", digits=1))
