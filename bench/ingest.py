@@ -9,7 +9,9 @@ vhost and a fresh database, with the same simulated fleet:
   `celery -A tasks worker`, the fleet (bench.fleet_runner) as a third process;
 - baseline: the server a user would write by hand (bench.baseline_tcp, or
   bench.baseline_mqtt behind a Mosquitto of its own), one
-  `celery -A bench.baseline_tasks worker` with the same options, the same fleet.
+  `celery -A bench.baseline_tasks worker` with the same options, the same fleet;
+- or, with `against="rabbitmq-mqtt"`, instead of the baseline: RabbitMQ's own
+  MQTT plugin on a private node, the same fleet (bench.rabbitmq_mqtt).
 
 For each it records what the devices saw (messages acknowledged per second),
 what the workers stored (rows in the database, waited for until every

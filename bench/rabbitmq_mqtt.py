@@ -249,6 +249,8 @@ class _DepthWatch:
     def __init__(self, url: str) -> None:
         self._probe = QueueProbe(url)
         self.depth = 0
+        #: The queue answered at least once (the probe is this thread's alone).
+        self.seen = False
         self.last_growth_at = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="queue-depth", daemon=True)
@@ -257,6 +259,8 @@ class _DepthWatch:
     def _run(self) -> None:
         while not self._stop.is_set():
             found = self._probe.depth(QUEUE)
+            if found is not None:
+                self.seen = True
             if found is not None and found[0] > self.depth:
                 self.depth = found[0]
                 self.last_growth_at = time.time()
@@ -287,7 +291,7 @@ def run_rabbitmq_mqtt(cfg: Any, folder: Path) -> dict[str, Any]:
             raise BenchError(f"the private RabbitMQ node {node.name} has no process")
         watch = _DepthWatch(node.url)
         stack.callback(watch.close)
-        wait_until(lambda: watch._probe.depth(QUEUE) is not None, 30, f"the queue {QUEUE}")
+        wait_until(lambda: watch.seen, 30, f"the queue {QUEUE}")
         if not cfg.quiet:
             log(
                 f"rabbitmq-mqtt: node {node.name}, MQTT on {LOCALHOST}:{node.mqtt_port}; "
