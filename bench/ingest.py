@@ -337,7 +337,8 @@ class Sampler:
     def cpu_used(self, fleet_cpu_s: float) -> dict[str, float]:
         """CPU seconds since the sampler was made; "others" is the rest of the machine."""
         after = self._cpu()
-        cpu = {k: round(after[k] - self._before[k], 2) for k in self._before}
+        # A process that went away (a node stopped) has no "after": leave it out.
+        cpu = {k: round(after[k] - self._before[k], 2) for k in self._before if k in after}
         cpu["fleet"] = fleet_cpu_s
         ours = cpu["server"] + cpu["worker"] + cpu["fleet"] + cpu.get("rabbitmq", 0.0)
         cpu["others"] = round(max(cpu.pop("machine") - ours, 0.0), 2)
