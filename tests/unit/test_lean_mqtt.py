@@ -184,7 +184,7 @@ def test_lean_devices_publish_every_message_once_within_their_window() -> None:
         "devices/lean-1/telemetry",
         "devices/lean-2/telemetry",
     }
-    assert 1 <= broker.max_unacked <= 2 * 4
+    assert 1 <= broker.max_unacked <= 4  # the window, per device and connection
 
 
 def test_lean_devices_at_qos0_count_written_messages_as_acknowledged() -> None:
