@@ -101,7 +101,13 @@ def plot_fleet(result: dict[str, Any], path: Path) -> None:
         values = [
             _point(result, n, transport, system).get("stored_per_s", float("nan")) for n in counts
         ]
-        ax.plot(counts, values, styles[label], label=label)
+        line = ax.plot(counts, values, styles[label], label=label)[0]
+        for n, value in zip(counts, values, strict=True):
+            if _point(result, n, transport, system).get("all_stored") is False:
+                ax.annotate(
+                    "not all stored", (n, value), textcoords="offset points", xytext=(4, 6),
+                    fontsize=7, color=line.get_color(),
+                )  # fmt: skip
     first = result["runs"][0]
     cfg = first["config"]
     length = f"{cfg['duration_s']:g} s" if cfg.get("duration_s") else f"{cfg['messages']} msg"

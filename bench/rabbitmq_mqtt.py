@@ -325,6 +325,10 @@ def run_rabbitmq_mqtt(cfg: Any, folder: Path) -> dict[str, Any]:
         with contextlib.suppress(BenchError):
             wait_until(lambda: watch.depth >= acknowledged, 30, "the queue to hold every message")
         time.sleep(0.3)
+        if watch.depth < acknowledged or summary["errors"]:
+            # The node's folder goes at the end: keep what it said about it.
+            log(f"rabbitmq-mqtt: not every message arrived; the node's log ends:\n"
+                f"{node.log_tail(3000)}")  # fmt: skip
         cpu = {"server": round(process_cpu_s(node_proc) - cpu_before, 2)}
         cpu["fleet"] = float(result["cpu_s"])
         stored = watch.depth
