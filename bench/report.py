@@ -179,9 +179,10 @@ def sweep_table(runs: list[dict[str, Any]]) -> str:
 
 
 def connections_table(result: dict[str, Any]) -> str:
+    loops = sorted({str(r.get("event_loop")) for n in ("tcp", "mqtt") if (r := result.get(n))})
     out = [
         f"connections: idle authenticated devices held by one hub process "
-        f"({result['machine']['cpus']} CPUs)",
+        f"({result['machine']['cpus']} CPUs; hub event loop: {', '.join(loops) or '-'})",
         "",
         f"  {'transport':<10} {'devices':>8} {'connected':>10} {'held':>8} {'connect s':>10} "
         f"{'hub RSS MB':>11} {'KB/conn':>8} {'hub CPU s':>10}",
