@@ -212,3 +212,13 @@ def test_a_bad_credential_refuses_the_device_for_good() -> None:
     assert summary.errors == 0
     assert summary.refused_reasons == {"Bad user name or password": 1}
     assert len(broker.connects) == 1  # not retried
+
+
+def test_firmware_sim_mqtt_offers_the_lean_publishers() -> None:
+    from click.testing import CliRunner
+
+    from firmware_sim.cli import main
+
+    result = CliRunner().invoke(main, ["mqtt", "--help"])
+    assert result.exit_code == 0
+    assert "--lean" in result.output and "Raw-socket publishers" in result.output
