@@ -30,6 +30,8 @@ examples:
   python -m bench ingest --transport tcp --no-baseline --duration 20 --profile hub.txt
   python -m bench ingest --transport tcp --tls --devices 20 --duration 20
   python -m bench ingest --transport mqtt --tls --devices 20 --duration 20
+  python -m bench ingest --transport mqtt --against rabbitmq-mqtt --duration 20
+  python -m bench ingest --fleet 10,100,1000 --duration 10 --plot docs/img/fleet.png
 
 Each run measures the hub, then the baseline (a hand-written server calling
 task.delay() once per message), each with a fresh vhost, database, worker and
@@ -37,7 +39,10 @@ the same fleet, and prints both with the ratio hub/baseline. Needs RabbitMQ on
 127.0.0.1:5672 (guest/guest) and rabbitmqctl; the MQTT baseline also needs
 the mosquitto binary. With --tls, one hub serves a clear and a TLS listener,
 and the same fleet is measured against each (the ratio TLS/clear, no
-baseline). See docs/benchmarks.md.
+baseline). With --against rabbitmq-mqtt, the baseline is replaced by
+RabbitMQ's own MQTT plugin on a private node of the run's own (the same
+fleet publishes to it; messages counted in a durable queue). See
+docs/benchmarks.md.
 """
 
 _CONNECTIONS_EPILOG = """\
@@ -127,10 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ingest.add_argument(
         "--loop",
-        choices=["asyncio", "uvloop"],
-        default="asyncio",
-        help="event loop of the hub and of the baseline server "
-        "(default: asyncio, what `hub run` uses)",
+        choices=["auto", "asyncio", "uvloop"],
+        default="auto",
+        help="event loop of the hub (its event_loop setting) and of the baseline server "
+        "(default: auto, what `hub run` uses: uvloop where installed); the table "
+        "reports the loop the hub says it runs on",
+    )
+    ingest.add_argument(
+        "--against",
+        choices=["rabbitmq-mqtt"],
+        help="MQTT: measure RabbitMQ's own MQTT plugin (a private node, messages counted "
+        "in a durable queue) instead of the baseline, with the ratio hub/plugin",
+    )
+    ingest.add_argument(
+        "--paho",
+        action="store_true",
+        help="MQTT: paho-based simulated devices (subscribed to their command topic) "
+        "instead of the lean raw-socket publishers",
     )
     ingest.add_argument(
         "--database-url",
@@ -174,9 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="run once per device count (e.g. 10,50,200)",
     )
     ingest.add_argument(
+        "--fleet",
+        type=_device_counts,
+        metavar="N,N,...",
+        help="throughput against fleet size: per device count, a TCP hub run and an MQTT "
+        "run against RabbitMQ's MQTT plugin (--transport and --against are ignored)",
+    )
+    ingest.add_argument(
         "--plot",
         metavar="PNG",
-        help="with --sweep: plot throughput against devices (needs matplotlib)",
+        help="with --sweep or --fleet: plot throughput against devices (needs matplotlib)",
     )
     ingest.add_argument(
         "--profile",
@@ -240,9 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conns.add_argument(
         "--loop",
-        choices=["asyncio", "uvloop"],
-        default="asyncio",
-        help="event loop of the hub (default: asyncio)",
+        choices=["auto", "asyncio", "uvloop"],
+        default="auto",
+        help="the hub's event_loop setting (default: auto, uvloop where installed)",
     )
     conns.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
     conns.add_argument(
@@ -311,8 +336,12 @@ def _ingest(args: argparse.Namespace) -> None:
     from bench.ingest import IngestConfig, run_ingest
     from bench.report import ingest_table, sweep_table
 
-    if args.plot and not args.sweep:
-        raise BenchError("--plot needs --sweep (throughput against the number of devices)")
+    if args.against and args.transport != "mqtt" and not args.fleet:
+        raise BenchError("--against rabbitmq-mqtt compares MQTT ingest: add --transport mqtt")
+    if args.against and (args.no_baseline or args.tls):
+        raise BenchError("--against replaces the baseline: leave out --no-baseline and --tls")
+    if args.plot and not (args.sweep or args.fleet):
+        raise BenchError("--plot needs --sweep or --fleet (throughput against fleet size)")
     if args.plot:
         from bench.plot import require_matplotlib
 
@@ -333,6 +362,8 @@ def _ingest(args: argparse.Namespace) -> None:
             worker_concurrency=args.worker_concurrency,
             worker_pool=args.worker_pool,
             loop=args.loop,
+            lean=not args.paho,
+            against=args.against,
             database_url=args.database_url,
             baseline=not args.no_baseline,
             systems=["baseline"] if args.baseline_only else ["hub", "baseline"],
@@ -346,6 +377,9 @@ def _ingest(args: argparse.Namespace) -> None:
             quiet=args.quiet,
         )
 
+    if args.fleet:
+        _fleet(args, config(args.devices))
+        return
     if args.tls:
         from bench.tls_ingest import run_tls_ingest, tls_table
 
@@ -376,6 +410,20 @@ def _ingest(args: argparse.Namespace) -> None:
         from bench.plot import plot_sweep
 
         plot_sweep(result, Path(args.plot))
+        table += f"\n\nplot written to {args.plot}"
+    _emit(result, table, args)
+
+
+def _fleet(args: argparse.Namespace, base: Any) -> None:
+    from bench.fleet_sweep import fleet_table, plot_fleet, run_fleet_sweep
+    from bench.report import ingest_table
+
+    if args.sweep or args.tls or args.profile or args.profile_worker:
+        raise BenchError("--fleet makes its own runs: leave out --sweep, --tls and --profile")
+    result = run_fleet_sweep(base, args.fleet)
+    table = "\n\n".join([*(ingest_table(r) for r in result["runs"]), fleet_table(result)])
+    if args.plot:
+        plot_fleet(result, Path(args.plot))
         table += f"\n\nplot written to {args.plot}"
     _emit(result, table, args)
 

@@ -138,13 +138,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--credentials", required=True, help="JSON file: device id -> SHA-256 of its credential"
     )
-    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
     args = parser.parse_args(argv)
     hashes = json.loads(Path(args.credentials).read_text("utf-8"))
-    if args.loop == "uvloop":
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    if args.loop != "asyncio":
+        # auto: uvloop where installed, as the hub's own event_loop = auto.
+        try:
+            import uvloop
+        except ImportError:
+            if args.loop == "uvloop":
+                raise
+        else:
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     try:
         asyncio.run(serve(args.host, args.port, hashes))
     except KeyboardInterrupt:

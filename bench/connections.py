@@ -34,7 +34,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.ingest import IngestConfig, machine_info, make_credentials, provision_hub, start_hub
+from bench.ingest import (
+    IngestConfig,
+    hub_event_loop,
+    machine_info,
+    make_credentials,
+    provision_hub,
+    start_hub,
+)
 from bench.services import (
     LOCALHOST,
     BenchError,
@@ -61,7 +68,7 @@ class ConnectionsConfig:
     hold_s: float = 10.0
     connect_rate: float | None = None
     connect_timeout_s: float = 300.0
-    loop: str = "asyncio"
+    loop: str = "auto"
     quiet: bool = False
 
 
@@ -112,6 +119,7 @@ def measure_transport(
             hub_cfg, folder, broker_url, database_url, mqtt=transport == "mqtt", env=hub_env
         )
         stack.callback(hub.stop)
+        event_loop = hub_event_loop(hub)
         time.sleep(1.0)  # let the freshly started hub settle before the idle reading
         rss_idle = hub.rss()
         cpu_before = hub.cpu_s()
@@ -175,6 +183,7 @@ def measure_transport(
     delta = max(rss_connected - rss_idle, 0)
     return {
         "devices": devices,
+        "event_loop": event_loop,
         "connected": summary.get("connected", progress.get("connected", 0)),
         "online_after_hold": progress.get("online"),
         "held_by_hub": held,

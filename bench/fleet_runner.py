@@ -3,8 +3,8 @@
 Layer: benchmarks; may import anything.
 
 `python -m bench.fleet_runner --transport tcp --port P --credentials creds.json
---duration 20` runs `firmware_sim`'s TCP or MQTT fleet (uvloop when installed)
-and writes JSON lines on stdout:
+--duration 20` runs `firmware_sim`'s TCP or MQTT fleet (uvloop when installed;
+`--lean`: MQTT's raw-socket publishers) and writes JSON lines on stdout:
 
 - `{"type": "progress", ...}` every `--progress-interval` seconds,
 - `{"type": "online", "elapsed_s": ...}` once every device is connected (and,
@@ -83,8 +83,9 @@ async def _run(args: argparse.Namespace, credentials: dict[str, str]) -> dict[st
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     stats = FleetStats()
+    mqtt = args.transport == "mqtt"
     options = FleetOptions(
-        transport=args.transport,
+        transport="mqtt-lean" if mqtt and args.lean else args.transport,
         host=args.host,
         port=args.port,
         devices=devices,
@@ -99,7 +100,7 @@ async def _run(args: argparse.Namespace, credentials: dict[str, str]) -> dict[st
         fault=parse_fault(args.fault) if args.fault else None,
         tls=args.tls,
         tls_ca_file=Path(args.cafile) if args.cafile else None,
-        **({"qos": args.qos, "topic_root": args.topic_root} if args.transport == "mqtt" else {}),
+        **({"qos": args.qos, "topic_root": args.topic_root} if mqtt else {}),
     )
     started_wall = time.time()
     started = loop.time()
@@ -139,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=64, help="unacknowledged per device")
     parser.add_argument("--qos", type=int, default=1, choices=[0, 1])
     parser.add_argument("--topic-root", default="devices")
+    parser.add_argument(
+        "--lean", action="store_true", help="MQTT: raw-socket publishers (firmware_sim.lean_mqtt)"
+    )
     parser.add_argument("--connect-rate", type=float, help="new connections per second")
     parser.add_argument("--linger", action="store_true", help="stay connected until stopped")
     parser.add_argument("--drain-timeout", type=float, default=60.0)

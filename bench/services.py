@@ -351,12 +351,21 @@ class QueueProbe:
             self._connection.release()
 
 
-def rabbitmq_process() -> psutil.Process | None:
-    """The local RabbitMQ server process (beam.smp), if this user can see it."""
-    for proc in psutil.process_iter(["name"]):
-        if proc.info["name"] == "beam.smp":
-            return proc
-    return None
+def rabbitmq_process(port: int = RABBITMQ_PORT) -> psutil.Process | None:
+    """The RabbitMQ server process (beam.smp) listening on `port`, if this user can see it.
+
+    Other Erlang nodes may run on the machine (private test or benchmark nodes),
+    so the first beam.smp found is not necessarily the one the run uses.
+    """
+    nodes = [p for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"]
+    for proc in nodes:
+        with contextlib.suppress(psutil.Error):
+            if any(
+                c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                for c in proc.net_connections(kind="tcp")
+            ):
+                return proc
+    return nodes[0] if len(nodes) == 1 else None
 
 
 # ---------------------------------------------------------------------------

@@ -30,8 +30,8 @@ from typing import Any
 from bench.ingest import (
     IngestConfig,
     Roles,
-    _fleet_argv,
     _ratio,
+    fleet_argv,
     machine_info,
     make_credentials,
     measure,
@@ -128,7 +128,7 @@ def run_tls_ingest(cfg: IngestConfig) -> dict[str, Any]:
                 port = ports[listener]
                 credentials_file = folder / f"{name}-credentials.json"
                 credentials_file.write_text(json.dumps(credentials[name]), "utf-8")
-                argv = _fleet_argv(cfg, port, credentials_file, "devices")
+                argv = fleet_argv(cfg, port, credentials_file, "devices")
                 if name == "tls":
                     argv += ["--tls", "--cafile", str(ca / certificates.CA_CERT)]
                 if not cfg.quiet:

@@ -147,6 +147,8 @@ class DeviceConnection(asyncio.Protocol):
         self.peer = "?"
         #: The source address while it counts against the per-address limits.
         self._address: str | None = None
+        #: Encoded ACKs of messages made durable, written together by `_flush_acks`.
+        self._acks: list[bytes] = []
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -372,9 +374,30 @@ class DeviceConnection(asyncio.Protocol):
             # Not durable (hub shutting down): no ACK, the device sends it again.
             return
         if not self._closing:
-            self._ctx.acked.inc()
-            self._send(Ack(seq))
+            self._queue_ack(seq)
         self._maybe_resume()
+
+    def _queue_ack(self, seq: int) -> None:
+        """ACK `seq` with the others confirmed in the same batch, in one write.
+
+        The dispatcher resolves a batch's futures in one go, so their callbacks
+        run back to back in one loop iteration; the flush scheduled by the
+        first runs after the last. One write (one syscall) per connection per
+        batch instead of one per message; the order stays the order of the
+        callbacks, and any other frame flushes the queued ACKs first.
+        """
+        if not self._acks:
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+        self._acks.append(self._codec.send(Ack(seq)))
+
+    def _flush_acks(self) -> None:
+        acks = self._acks
+        if not acks:
+            return
+        self._acks = []
+        if self._admitted and self._transport is not None and not self._transport.is_closing():
+            self._ctx.acked.inc(len(acks))
+            self._transport.write(b"".join(acks))
 
     def _command_result(self, event: CommandResult) -> None:
         device_id = self.device_id
@@ -450,10 +473,13 @@ class DeviceConnection(asyncio.Protocol):
         self._close()
 
     def _send(self, event: Any) -> None:
+        if self._acks:
+            self._flush_acks()  # queued ACKs were due first
         if self._admitted and self._transport is not None and not self._transport.is_closing():
             self._transport.write(self._codec.send(event))
 
     def _close(self) -> None:
+        self._flush_acks()  # what was made durable is acknowledged before the close
         self._closing = True
         if self._transport is not None:
             # close() flushes what was written (the NAK) before closing.

@@ -451,6 +451,7 @@ class HubApp:
         return {
             "version": __version__,
             "mode": self.mode(),
+            "event_loop": running_loop_name(),
             "listeners": [asdict(x) for x in self.listeners()],
             "devices_connected": {"tcp": connections, "mqtt": mqtt_clients},
             "dispatch_pending": self.dispatcher.pending,
@@ -458,6 +459,13 @@ class HubApp:
             "broker_connected": bool(self._sample("hub_broker_connected")),
             "workers": self.metrics.worker_counts.snapshot(),
         }
+
+
+def running_loop_name() -> str:
+    """`uvloop` or `asyncio`: the event loop this hub really runs on (`event_loop =
+    auto` picks uvloop where installed), as /status and the startup lines report it."""
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.split(".")[0] == "uvloop" else "asyncio"
 
 
 def prepare_data_dir(settings: Settings) -> Path:

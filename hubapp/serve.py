@@ -13,7 +13,7 @@ from typing import TextIO
 
 from hub import __version__
 from hub.settings import Settings
-from hubapp.app import HubApp
+from hubapp.app import HubApp, running_loop_name
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ async def serve(
     app = HubApp(settings, run_worker=run_worker)
     await app.start()
     print(f"hub {__version__} running, mode: {app.mode()}", file=out)
+    print(f"  loop         {running_loop_name()}", file=out)
     for listener in app.listeners():
         print(f"  {listener.name:<12} {listener.host}:{listener.port}  {listener.detail}", file=out)
     print(f"  data         {app.data_path}", file=out)

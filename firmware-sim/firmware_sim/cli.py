@@ -94,6 +94,10 @@ devices/<id>/telemetry and answer commands from devices/<id>/commands on
 devices/<id>/commands/<command id>/result. At QoS 1 a message counts as
 acknowledged on its PUBACK; QoS 0 has no acknowledgement, so there a message
 counts as acknowledged once written to the socket.
+
+With --lean the devices are raw-socket publishers (hand-built CONNECT and
+PUBLISH, PUBACKs read per packet id): a fraction of paho's CPU per message,
+for load runs. They subscribe to nothing, so they answer no commands.
 """
 
 
@@ -221,10 +225,14 @@ def tcp(
               help="QoS of telemetry; at 0, written counts as acknowledged.")  # fmt: skip
 @click.option("--topic-root", default="devices", show_default=True,
               help="First topic level, as the hub's mqtt_topic_root.")  # fmt: skip
+@click.option("--lean", is_flag=True,
+              help="Raw-socket publishers for load runs: no paho, no command "
+              "subscription (firmware_sim.lean_mqtt).")  # fmt: skip
 @click.pass_context
-def mqtt(ctx: click.Context, /, qos: int, topic_root: str, **opts: Any) -> None:
+def mqtt(ctx: click.Context, /, qos: int, topic_root: str, lean: bool, **opts: Any) -> None:
     """Run devices over MQTT against the hub's broker."""
-    _run_fleet(ctx, "mqtt", {"qos": qos, "topic_root": topic_root}, **opts)
+    transport = "mqtt-lean" if lean else "mqtt"
+    _run_fleet(ctx, transport, {"qos": qos, "topic_root": topic_root}, **opts)
 
 
 @main.command(context_settings=_CONTEXT)

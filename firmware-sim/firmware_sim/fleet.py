@@ -4,8 +4,8 @@ Layer: firmware simulator; imports the simulator's device, options, pacing
 and summary modules (and through them the hub core), never bridges or tasks.
 Nothing in the simulator imports this module back.
 
-A fleet is many devices (`firmware_sim.device.SimulatedDevice`: TCP or MQTT)
-run concurrently on one event loop. `run_fleet` builds them from one
+A fleet is many devices (`firmware_sim.device.SimulatedDevice`: TCP, MQTT or
+lean MQTT) run concurrently on one event loop. `run_fleet` builds them from one
 `FleetOptions`, choosing the device class from `TRANSPORTS` by
 `options.transport`, and runs them with `run_devices`, which also runs an
 already built (possibly mixed) fleet. The devices share a `FleetStats` of
@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from firmware_sim.device import AckHook, SimulatedDevice
+from firmware_sim.lean_mqtt import LeanMqttDevice
 from firmware_sim.mqtt_device import MqttDevice
 from firmware_sim.options import FleetOptions
 from firmware_sim.pacing import ConnectLimiter
@@ -58,6 +59,8 @@ log = logging.getLogger("firmware_sim")
 TRANSPORTS: Mapping[str, type[SimulatedDevice[Any]]] = {
     "tcp": TcpDevice,
     "mqtt": MqttDevice,
+    # Publish-only raw-socket MQTT for load runs (firmware_sim.lean_mqtt).
+    "mqtt-lean": LeanMqttDevice,
 }
 
 

@@ -58,7 +58,7 @@ from hub.envelope import Kind
 from hub.errors import EnvelopeError
 from hub.topics import command_result_topic, command_topic, data_topic, validate_command_id
 
-__all__ = ["PERMANENT_CONNACK_CODES", "MqttDevice"]
+__all__ = ["PERMANENT_CONNACK_CODES", "MqttDevice", "telemetry_payload"]
 
 log = logging.getLogger("firmware_sim.mqtt")
 
@@ -73,6 +73,13 @@ _MISC_INTERVAL_S = 1.0
 _RESULT_HEADROOM = 16
 
 _Sent = tuple[str, int | str]  # ("t", telemetry seq) or ("r", command id)
+
+
+def telemetry_payload(seq: int, boot_id: int, values: dict[str, float]) -> bytes:
+    """The payload of one telemetry message, stamped with the device's clock now:
+    `{"seq", "boot", "ts" (Unix ms), "values"}` (docs/mqtt.md)."""
+    body = {"seq": seq, "boot": boot_id, "ts": int(time.time() * 1000), "values": values}
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 class _Link:
@@ -342,8 +349,7 @@ class MqttDevice(SimulatedDevice[bytes]):
         return options.qos
 
     def _make_message(self, seq: int, values: dict[str, float]) -> bytes:
-        body = {"seq": seq, "boot": self.boot_id, "ts": int(time.time() * 1000), "values": values}
-        return json.dumps(body, separators=(",", ":")).encode()
+        return telemetry_payload(seq, self.boot_id, values)
 
     async def _transmit(self, seq: int, message: bytes) -> None:
         if self._link is not None and not self._link.closed:

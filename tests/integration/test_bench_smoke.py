@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.support.services import require_rabbitmq
@@ -144,3 +146,44 @@ def test_mqtt_ingest_benchmark_stores_every_message_of_hub_and_baseline() -> Non
         assert measured["sent"] > 0, system
         assert measured["stored"] == measured["sent"], system
         assert measured["all_stored"] is True, system
+    # The load generator's cost is reported, and the loop the hub really ran on.
+    assert set(result["hub"]["cpu_us_per_message"]) >= {"server", "worker", "fleet"}
+    assert result["hub"]["event_loop"] in ("asyncio", "uvloop")
+    assert result["config"]["lean"] is True
+
+
+@pytest.mark.reliability  # a private RabbitMQ node takes 10-20 s to start and stop
+def test_mqtt_ingest_against_rabbitmqs_mqtt_plugin_counts_both_and_leaves_no_node() -> None:
+    require_rabbitmq()
+    before = _private_nodes()
+    folders = set(Path(tempfile.gettempdir()).glob("bench-rabbitmq-*"))
+    result, stderr = _run_bench(
+        "ingest", "--transport", "mqtt", "--against", "rabbitmq-mqtt", "--devices", "4",
+        "--duration", "3", "--rate", "50", "--json", "--quiet",
+    )  # fmt: skip
+
+    assert "baseline" not in result
+    plugin = result["rabbitmq-mqtt"]
+    assert plugin["node"].startswith("benchmq-")
+    for system in ("hub", "rabbitmq-mqtt"):
+        measured = result[system]
+        assert measured["sent"] > 0, system
+        assert measured["acknowledged"] == measured["sent"], system
+        assert measured["stored"] == measured["sent"], system
+        assert measured["errors"] == 0 and measured["refused"] == 0, system
+        assert set(measured["cpu_us_per_message"]) >= {"server", "fleet"}, system
+    assert set(result["ratio_to_rabbitmq_mqtt"]) == {"acked_per_s", "stored_per_s"}
+    assert "hub/rabbitmq-mqtt" in stderr
+    # The node was stopped and its folder removed.
+    assert _private_nodes() == before
+    assert set(Path(tempfile.gettempdir()).glob("bench-rabbitmq-*")) == folders
+
+
+def _private_nodes() -> set[str]:
+    """Private benchmark nodes alive now (their beam processes' node names)."""
+    found = set()
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["name"] == "beam.smp":
+            found |= {arg for arg in cmdline if arg.startswith("benchmq-")}
+    return found
