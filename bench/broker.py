@@ -89,6 +89,9 @@ async def _serve(kind: str, ports: Any, stop: EventType) -> None:
             future.set_result(None)
             return future
 
+        def submit_batched(self, envelope: Envelope) -> asyncio.Future[None]:
+            return self.submit(envelope)
+
     async def no_refresh(_device_id: str) -> None:
         return None
 
