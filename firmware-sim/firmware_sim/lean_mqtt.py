@@ -38,7 +38,7 @@ import struct
 
 from firmware_sim.device import AckHook, ConnectionEnd, SimulatedDevice
 from firmware_sim.mqtt_device import PERMANENT_CONNACK_CODES, telemetry_payload
-from firmware_sim.options import FleetOptions
+from firmware_sim.options import FleetOptions, client_ssl_context
 from firmware_sim.pacing import ConnectLimiter
 from firmware_sim.summary import FleetStats
 from hub.envelope import Kind
@@ -205,6 +205,12 @@ class LeanMqttDevice(SimulatedDevice[bytes]):
         self.telemetry_topic = data_topic(options.topic_root, device_id, Kind.TELEMETRY)
         self._topic = _string(self.telemetry_topic)
         self._link: _Link | None = None
+        #: With `options.tls`: MQTT over TLS (`mqtt_tls_port`), as the paho devices.
+        self._ssl_context = (
+            client_ssl_context(options.tls_ca_file, options.tls_cert_file, options.tls_key_file)
+            if options.tls
+            else None
+        )
 
     @classmethod
     def summary_qos(cls, options: FleetOptions) -> int | None:
@@ -236,7 +242,9 @@ class LeanMqttDevice(SimulatedDevice[bytes]):
     async def _connection(self) -> ConnectionEnd:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                reader, writer = await asyncio.open_connection(self.host, self.port)
+                reader, writer = await asyncio.open_connection(
+                    self.host, self.port, ssl=self._ssl_context
+                )
         except (OSError, TimeoutError) as exc:
             self._note_error(f"connect to {self.host}:{self.port} failed: {exc!r}")
             return ConnectionEnd.RETRY
