@@ -24,6 +24,7 @@ from typing import Any
 from kombu import Connection, Consumer, Exchange, Queue
 from sqlalchemy import Engine
 
+from bridges.queues import connect
 from hub.commands import (
     PendingCommand,
     connected,
@@ -176,7 +177,9 @@ class Downlink:
         while not self._stop.is_set():
             try:
                 with Connection(self._settings.effective_broker_url) as conn:
-                    conn.ensure_connection(max_retries=0)
+                    # Each listed node in turn (a cluster): the queue is declared
+                    # again on whichever answers.
+                    connect(conn)
                     with Consumer(
                         conn, [self._queue()], callbacks=[self._on_message], accept=["json"]
                     ):
