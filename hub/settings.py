@@ -423,12 +423,20 @@ def _check_environment() -> None:
         )
 
 
+def redact_url(url: str) -> str:
+    """The URL without its credentials (each node's, for several `;`-separated):
+    a password must not end up in a terminal or a log."""
+    parts = []
+    for node in url.split(";"):
+        if "://" in node and "@" in node:
+            scheme, rest = node.split("://", 1)
+            node = f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+        parts.append(node)
+    return ";".join(parts)
+
+
 def _redacted(key: str, value: object) -> object:
-    # A URL's password must not end up in a terminal or a log.
-    if isinstance(value, str) and "://" in value and "@" in value:
-        scheme, rest = value.split("://", 1)
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return value
+    return redact_url(value) if isinstance(value, str) else value
 
 
 def _describe(error: dict[str, Any], source: str) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hub.errors import ConfigError
-from hub.settings import load_settings
+from hub.settings import load_settings, redact_url
 
 
 def test_defaults_are_the_embedded_mode(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,3 +186,11 @@ def test_quorum_queues_need_rabbitmq() -> None:
         load_settings(broker_queue_type="quorum")
     assert caught.value.env == "HUB_BROKER_QUEUE_TYPE"
     assert load_settings(broker_url="amqp://a//", broker_queue_type="quorum").broker_queue_type
+
+
+def test_every_node_of_a_failover_url_is_shown_without_its_password() -> None:
+    url = "amqp://u:secret@a:5672/v;amqp://u:secret@b:5672/v"
+    assert redact_url(url) == "amqp://***@a:5672/v;amqp://***@b:5672/v"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(broker_url=url + ";redis://x")
+    assert "secret" not in str(caught.value)
