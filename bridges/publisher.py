@@ -67,9 +67,8 @@ def publisher_app(settings: Settings) -> Celery:
         transport_options["write_timeout"] = settings.broker_confirm_timeout_s
     exchange, exchange_type = exchange_for(settings.broker_queue_type)
     app.conf.update(
-        # Several nodes (`a;b;c`): each reconnect goes on from the node that failed.
+        # Several nodes (`a;b;c`): each connect tries them in turn (bridges.queues.connect).
         broker_url=settings.effective_broker_url,
-        broker_failover_strategy="round-robin",
         broker_transport_options=transport_options,
         broker_connection_timeout=min(2.0, settings.broker_confirm_timeout_s),
         broker_heartbeat=settings.broker_heartbeat_s or None,
@@ -109,7 +108,7 @@ def check_broker(settings: Settings) -> None:
                 f"RabbitMQ at {shown} has the hub's queues of another type or with other "
                 f"arguments ({text.split(' - ', 1)[-1]}); broker_queue_type / "
                 "HUB_BROKER_QUEUE_TYPE must match them, or drain and delete them first "
-                '(docs/scaling.md, "Changing the queue type")',
+                '(docs/scaling.md, "Caveats")',
                 key="broker_queue_type",
                 env="HUB_BROKER_QUEUE_TYPE",
             ) from None
