@@ -124,6 +124,10 @@ def configure(new_settings: Settings) -> None:
     # a process configured again must not keep the old type's declarations.
     for derived in ("queues", "router", "default_queue"):
         app.amqp.__dict__.pop(derived, None)
+    # Its connection pools too (as Celery resets them after a fork): kept, they
+    # would go on publishing to the old broker_url (another vhost, node or type).
+    app._pool = None
+    app.amqp._producer_pool = None
 
 
 def _transport_options(broker_url: str) -> dict[str, Any]:
