@@ -7,8 +7,18 @@ dedicated thread so the event loop never waits on the broker. `send_command`
 (in `tasks.commands`) finds the hub that holds the device in the
 `device_connections` table and publishes there. When a device connects, the
 hub records the connection and delivers the device's pending commands from
-the database, which covers commands sent while it was offline. See
-hub/commands.py for why this never misses a command.
+the database, which covers commands sent while it was offline, or sent to a
+hub that died while it held the device (its queue is gone with it, so the
+message is not routed; the command waits in the database for the device's
+next connect to any hub). See hub/commands.py for why this never misses a
+command.
+
+Neither way hands a command twice to one connection: a message on the queue
+is only a nudge, delivered at least once by RabbitMQ and possibly after the
+command was answered (a nudge waiting in the queue of a hung hub), so the
+command is handed over only while the database still has it open, and only
+if this connection of the device has not had it yet (the nudge and the read
+on connect may both find a command sent while the device was connecting).
 """
 
 from __future__ import annotations
@@ -24,8 +34,11 @@ from typing import Any
 from kombu import Connection, Consumer, Exchange, Queue
 from sqlalchemy import Engine
 
+from bridges.queues import connect
 from hub.commands import (
+    OPEN,
     PendingCommand,
+    command_status,
     connected,
     disconnected,
     downlink_queue,
@@ -59,6 +72,8 @@ class Downlink:
         # Each device's newest connection record, which the next one waits for.
         self._tails: dict[str, asyncio.Future[None]] = {}
         self.delivered = 0
+        # Per device, the commands handed to its current connection (see above).
+        self._handed: dict[str, set[str]] = {}
         self._control: ControlHandler | None = None
 
     def on_control(self, handler: ControlHandler) -> None:
@@ -88,9 +103,12 @@ class Downlink:
 
     def device_connected(self, device_id: str, transport: str) -> None:
         at = datetime.now(UTC)  # the connect's time, not when its record is written
+        # A new connection has had nothing yet, whatever the previous one had.
+        self._handed[device_id] = set()
         self._in_order(device_id, lambda: self._connected(device_id, transport, at))
 
     def device_disconnected(self, device_id: str) -> None:
+        self._handed.pop(device_id, None)
         self._in_order(
             device_id,
             lambda: asyncio.to_thread(disconnected, self._engine, device_id, self.hub_id),
@@ -134,9 +152,14 @@ class Downlink:
     def deliver(self, command: PendingCommand) -> bool:
         if command.expired():
             return False
+        handed = self._handed.get(command.device_id)
+        if handed is not None and command.id in handed:
+            return True  # this connection has it already
         for transport in self._transports:
             if transport(command):
                 self.delivered += 1
+                if handed is not None:
+                    handed.add(command.id)
                 return True
         log.info(
             "command %s: device %r is not connected here; it waits for the connect",
@@ -168,15 +191,35 @@ class Downlink:
             log.error("dropping a malformed downlink message: %s", exc)
         else:
             assert self._loop is not None
-            self._loop.call_soon_threadsafe(self.deliver, command)
+            self._loop.call_soon_threadsafe(self._nudged, command)
         # The command is in the database either way; the message is only a nudge.
         message.ack()
+
+    def _nudged(self, command: PendingCommand) -> None:
+        """A nudge from the queue (on the loop): deliver if the command is still open."""
+
+        async def check_then_deliver() -> None:
+            try:
+                status = await asyncio.to_thread(command_status, self._engine, command.id)
+            except Exception:  # boundary: the database is away; the next connect delivers it
+                log.exception("could not read the status of command %s", command.id)
+                return
+            if status in OPEN:
+                self.deliver(command)
+            else:
+                log.info("command %s is %s already; its late nudge is dropped", command.id, status)
+
+        task = asyncio.ensure_future(check_then_deliver())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _consume(self) -> None:
         while not self._stop.is_set():
             try:
                 with Connection(self._settings.effective_broker_url) as conn:
-                    conn.ensure_connection(max_retries=0)
+                    # Each listed node in turn (a cluster): the queue is declared
+                    # again on whichever answers.
+                    connect(conn)
                     with Consumer(
                         conn, [self._queue()], callbacks=[self._on_message], accept=["json"]
                     ):

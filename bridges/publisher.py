@@ -28,11 +28,11 @@ from typing import Any
 from celery import Celery
 from kombu import Connection
 
-from bridges.queues import celery_queues
+from bridges.queues import celery_queues, connect, undeliverable_queue
 from hub.envelope import Envelope, Kind
 from hub.errors import ConfigError, DispatchError
 from hub.metrics import Metrics
-from hub.routing import INGEST_TASKS, QUEUES, task_routes
+from hub.routing import INGEST_TASKS, QUEUES, exchange_for, task_routes
 from hub.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,14 +68,18 @@ def publisher_app(settings: Settings) -> Celery:
         # never block the thread for longer than the confirm timeout.
         transport_options["read_timeout"] = settings.broker_confirm_timeout_s
         transport_options["write_timeout"] = settings.broker_confirm_timeout_s
+    exchange, exchange_type = exchange_for(settings.broker_queue_type)
     app.conf.update(
+        # Several nodes (`a;b;c`): each connect tries them in turn (bridges.queues.connect).
         broker_url=settings.effective_broker_url,
         broker_transport_options=transport_options,
         broker_connection_timeout=min(2.0, settings.broker_confirm_timeout_s),
         broker_heartbeat=settings.broker_heartbeat_s or None,
         task_serializer="json",
         accept_content=["json"],
-        task_queues=celery_queues(),
+        task_queues=celery_queues(settings),
+        task_default_exchange=exchange,
+        task_default_exchange_type=exchange_type,
         task_routes=task_routes(),
         task_default_delivery_mode="persistent",
     )
@@ -92,12 +96,25 @@ def check_broker(settings: Settings) -> None:
     if settings.embedded:
         return
     url = settings.effective_broker_url
-    shown = url.split("@", 1)[-1] if "@" in url else url
+    # Each node's address, never its credentials.
+    shown = ";".join(node.split("@", 1)[-1] for node in settings.broker_nodes)
     try:
         with Connection(url, connect_timeout=3) as connection:
-            connection.ensure_connection(max_retries=0)
+            connect(connection)
+            channel = connection.channel()
+            for declared in _declarations(settings):
+                declared(channel).declare()
     except Exception as exc:  # boundary: classify whatever the client raised
         text = str(exc)
+        if "PRECONDITION_FAILED" in text:
+            raise ConfigError(
+                f"RabbitMQ at {shown} has the hub's queues of another type or with other "
+                f"arguments ({text.split(' - ', 1)[-1]}); broker_queue_type / "
+                "HUB_BROKER_QUEUE_TYPE must match them, or drain and delete them first "
+                '(docs/scaling.md, "Caveats")',
+                key="broker_queue_type",
+                env="HUB_BROKER_QUEUE_TYPE",
+            ) from None
         if "ACCESS_REFUSED" in text or "NOT_ALLOWED" in text:
             raise ConfigError(
                 f"RabbitMQ at {shown} refused the hub: {text.split(' - ', 1)[-1]}; "
@@ -116,6 +133,16 @@ def check_broker(settings: Settings) -> None:
             key="broker_url",
             env="HUB_BROKER_URL",
         ) from None
+
+
+def _declarations(settings: Settings) -> list[Any]:
+    """What the publisher declares on each connect: the hub's queues, and with
+    quorum queues the one they dead-letter into."""
+    declared: list[Any] = list(celery_queues(settings))
+    undeliverable = undeliverable_queue(settings)
+    if undeliverable is not None:
+        declared.append(undeliverable)
+    return declared
 
 
 class Confirms:
@@ -211,11 +238,12 @@ class Publisher:
                 if self._settings.embedded
                 else (self._settings.broker_heartbeat_s or None)
             )
-            # One quick attempt: kombu's retrying connect would sleep here and
-            # stall the spool; the retry cadence is ours (broker_retry_interval_s).
-            connection.ensure_connection(max_retries=0)
+            # One quick attempt per listed node: kombu's retrying connect would
+            # sleep here and stall the spool; the retry cadence is ours
+            # (broker_retry_interval_s).
+            connect(connection)
             channel = connection.default_channel
-            for declared in celery_queues():
+            for declared in _declarations(self._settings):
                 declared(channel).declare()
             # The embedded default's local queue (SQLAlchemy) has no confirms: its
             # publish is a committed insert, durable when it returns.

@@ -7,9 +7,12 @@ A command lives in the `commands` table from `send_command` until the device
 answers or its time to live passes. The hub process holding the device's
 connection is found in `device_connections`; the command travels to that
 hub's own queue, and a hub also delivers the pending commands of a device
-when it connects, so a command sent while the device was offline (or
-connecting) is never missed, at worst delivered twice (devices answer a
-command id once; the first answer wins). A device no hub holds may be on an
+when it connects, so a command sent while the device was offline, connecting,
+or held by a hub that died is never missed. One connection of a device is
+handed a command once, and only while it is open here (bridges/downlink.py);
+a command whose connection ended before the device answered is handed again
+on its next connect, since no hub can know whether it arrived (the first
+answer wins). A device no hub holds may be on an
 external MQTT broker: its command goes to a hub bridging that broker, which
 publishes it only after `claim_delivery`, so exactly once.
 """

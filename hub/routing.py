@@ -42,6 +42,39 @@ HANDLER_QUEUE = "hub.handlers"
 #: it and every queue are durable.
 EXCHANGE = "hub"
 
+#: With quorum queues, a topic exchange instead (routing key = queue name as
+#: well): Celery's native delayed delivery, which carries the command expiry's
+#: countdown, cannot route through a direct exchange, and a worker would
+#: otherwise hold each delayed task in its fixed prefetch (no global QoS on
+#: quorum queues). A name of its own, since an exchange's type never changes.
+QUORUM_EXCHANGE = "hub.quorum"
+
+#: Where RabbitMQ moves a message of a quorum queue delivered more than
+#: `broker_delivery_limit` times (it made workers die each time), rather than
+#: dropping it. Nobody consumes it; `hub status` shows its depth.
+UNDELIVERABLE_QUEUE = "hub.undeliverable"
+
+
+def exchange_for(queue_type: str) -> tuple[str, str]:
+    """The exchange's name and type for this `broker_queue_type`."""
+    return (QUORUM_EXCHANGE, "topic") if queue_type == "quorum" else (EXCHANGE, "direct")
+
+
+def queue_arguments(queue_type: str, delivery_limit: int) -> dict[str, object] | None:
+    """The `x-` arguments every hub queue is declared with (None for classic).
+
+    Quorum queues have no priorities (none are used) and no global QoS
+    (Celery's `worker_detect_quorum_queues` turns it off for them).
+    """
+    if queue_type != "quorum":
+        return None
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": delivery_limit,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": UNDELIVERABLE_QUEUE,
+    }
+
 
 def task_routes() -> dict[str, dict[str, str]]:
     """Celery `task_routes` for the ingest tasks."""
@@ -51,5 +84,5 @@ def task_routes() -> dict[str, dict[str, str]]:
 
 
 def all_queues() -> list[str]:
-    """Every hub queue's name (each bound to `EXCHANGE` under its own name)."""
+    """Every hub queue's name (each bound to the exchange under its own name)."""
     return [*QUEUES.values(), HANDLER_QUEUE]

@@ -206,6 +206,12 @@ class Settings(BaseSettings):
     #: AMQP heartbeat of the hub's RabbitMQ connection (0: off); a broker silent
     #: for two heartbeats counts as away even while nothing is published.
     broker_heartbeat_s: float = Field(default=10.0, ge=0)
+    #: The type of the hub's task queues on RabbitMQ: "quorum" replicates them
+    #: over a cluster's nodes (docs/scaling.md, "A RabbitMQ cluster").
+    broker_queue_type: Literal["classic", "quorum"] = "classic"
+    #: Quorum queues: deliveries of one message (redeliveries after a worker died
+    #: in its task) before RabbitMQ moves it to `hub.undeliverable`.
+    broker_delivery_limit: int = Field(default=20, ge=1)
     #: Envelopes per task message when the spool is replayed (spooled batches are merged).
     spool_replay_batch_messages: int = Field(default=5000, ge=1, le=100_000)
     #: Start even if RabbitMQ is unreachable (messages spool until it is back).
@@ -265,8 +271,24 @@ class Settings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _known_broker_scheme(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("amqp://", "amqps://", "pyamqp://")):
-            raise ValueError("must be an amqp:// URL (RabbitMQ), or empty for the embedded default")
+        if value is None:
+            return None
+        # Several nodes of a cluster, tried in turn: "amqp://a//;amqp://b//" (kombu's failover).
+        nodes = [part.strip() for part in value.split(";")]
+        for node in nodes:
+            if not node.startswith(("amqp://", "amqps://", "pyamqp://")):
+                raise ValueError(
+                    "must be an amqp:// URL (RabbitMQ), several separated by ';' for the "
+                    "nodes of a cluster, or empty for the embedded default"
+                )
+        return ";".join(nodes)
+
+    @field_validator("broker_queue_type")
+    @classmethod
+    def _quorum_needs_rabbitmq(cls, value: str, info: ValidationInfo) -> str:
+        # The embedded default's local queue has no queue types.
+        if value == "quorum" and info.data.get("broker_url") is None:
+            raise ValueError("quorum queues need RabbitMQ: set broker_url / HUB_BROKER_URL")
         return value
 
     # -- derived values ----------------------------------------------------
@@ -290,6 +312,11 @@ class Settings(BaseSettings):
         if self.local_queue_path is None:
             return str(self.broker_url)
         return f"localqueue://{self.local_queue_path}"
+
+    @property
+    def broker_nodes(self) -> tuple[str, ...]:
+        """Each RabbitMQ node `broker_url` lists (one unless it names a cluster's nodes)."""
+        return tuple(self.effective_broker_url.split(";"))
 
     @property
     def local_queue_path(self) -> Path | None:
@@ -408,12 +435,20 @@ def _check_environment() -> None:
         )
 
 
+def redact_url(url: str) -> str:
+    """The URL without its credentials (each node's, for several `;`-separated):
+    a password must not end up in a terminal or a log."""
+    parts = []
+    for node in url.split(";"):
+        if "://" in node and "@" in node:
+            scheme, rest = node.split("://", 1)
+            node = f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+        parts.append(node)
+    return ";".join(parts)
+
+
 def _redacted(key: str, value: object) -> object:
-    # A URL's password must not end up in a terminal or a log.
-    if isinstance(value, str) and "://" in value and "@" in value:
-        scheme, rest = value.split("://", 1)
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return value
+    return redact_url(value) if isinstance(value, str) else value
 
 
 def _describe(error: dict[str, Any], source: str) -> str:

@@ -52,7 +52,7 @@ from hub.control import parse_control
 from hub.errors import ConfigError, HubError
 from hub.metrics import Metrics
 from hub.registry import CredentialCache, Registry
-from hub.settings import Settings
+from hub.settings import Settings, redact_url
 from hub.storage import make_engine, migrate
 from hubapp.worker_child import WorkerChild, check_worker
 
@@ -419,7 +419,7 @@ class HubApp:
         if self.settings.embedded:
             return f"embedded (local queue in {self.settings.data_dir}, in-hub worker)"
         worker = "in-hub worker" if self._run_worker else "separate `celery -A tasks worker`"
-        return f"RabbitMQ at {_redact(self.settings.broker_url or '')}, {worker}"
+        return f"RabbitMQ at {redact_url(self.settings.broker_url or '')}, {worker}"
 
     def _sample(self, name: str) -> float:
         return float(self.metrics.registry.get_sample_value(name) or 0.0)
@@ -484,13 +484,6 @@ def prepare_data_dir(settings: Settings) -> Path:
             env="HUB_DATA_DIR",
         ) from None
     return data_dir.resolve()
-
-
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
 
 
 def _process_runs(pid: int) -> bool:

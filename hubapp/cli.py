@@ -153,7 +153,7 @@ def status(ctx: click.Context, url: str | None, as_json: bool) -> None:
         )
     else:
         try:
-            data["queues"] = queue_depths(settings.effective_broker_url)
+            data["queues"] = queue_depths(settings)
         except Exception as exc:  # boundary: report an unreachable broker, do not crash
             problems.append(f"task broker unreachable: {exc}")
     if as_json:

@@ -22,7 +22,7 @@ from celery.signals import worker_init
 from kombu import Exchange, Queue
 
 import localqueue  # noqa: F401  (registers the embedded default's queue with kombu)
-from hub.routing import EXCHANGE, all_queues, task_routes
+from hub.routing import HANDLER_QUEUE, all_queues, exchange_for, queue_arguments, task_routes
 from hub.settings import Settings, load_settings
 from hub.storage import migrate
 from tasks import wire
@@ -30,11 +30,17 @@ from tasks import wire
 log = logging.getLogger(__name__)
 
 
-def celery_queues() -> list[Queue]:
-    """Durable queue declarations of every hub queue (`hub.routing`), declared by
-    the worker as by the publishers (`bridges.queues.celery_queues`)."""
-    exchange = Exchange(EXCHANGE, type="direct", durable=True)
-    return [Queue(name, exchange, routing_key=name, durable=True) for name in all_queues()]
+def celery_queues(settings: Settings) -> list[Queue]:
+    """Durable queue declarations of every hub queue (`hub.routing`), of the type
+    `broker_queue_type` says, declared by the worker as by the publishers
+    (`bridges.queues.celery_queues`)."""
+    name, kind = exchange_for(settings.broker_queue_type)
+    exchange = Exchange(name, type=kind, durable=True)
+    arguments = queue_arguments(settings.broker_queue_type, settings.broker_delivery_limit)
+    return [
+        Queue(queue, exchange, routing_key=queue, durable=True, queue_arguments=arguments)
+        for queue in all_queues()
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,15 +80,15 @@ app.conf.update(
     task_serializer="json",
     result_serializer="json",
     accept_content=["json"],
-    task_queues=celery_queues(),
     task_routes=task_routes(),
-    task_default_queue="hub.handlers",
-    task_default_exchange="hub",
-    task_default_routing_key="hub.handlers",
+    task_default_queue=HANDLER_QUEUE,
+    task_default_routing_key=HANDLER_QUEUE,
     # At least once: a message is acknowledged to RabbitMQ after its task ran,
     # and requeued if the worker dies in the middle. Tasks are idempotent.
     task_acks_late=True,
     task_reject_on_worker_lost=True,
+    # Per consumer, not per channel, on quorum queues: they have no global QoS,
+    # which Celery detects (worker_detect_quorum_queues, on by default).
     worker_prefetch_multiplier=4,
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
@@ -101,11 +107,27 @@ def configure(new_settings: Settings) -> None:
     """
     global _context
     _context = replace(_context, settings=new_settings)
+    exchange, exchange_type = exchange_for(new_settings.broker_queue_type)
     app.conf.update(
         broker_url=new_settings.effective_broker_url,
         result_backend=new_settings.effective_result_backend,
         broker_transport_options=_transport_options(new_settings.effective_broker_url),
+        task_queues=celery_queues(new_settings),
+        task_default_exchange=exchange,
+        task_default_exchange_type=exchange_type,
+        # With several nodes in broker_url: the next one after a failure, in turn.
+        broker_failover_strategy="round-robin",
+        # Queues a worker is told of (-Q) that are not declared: of our type.
+        task_create_missing_queue_type=new_settings.broker_queue_type,
     )
+    # Celery caches the queues (and what it derived from them) on first use;
+    # a process configured again must not keep the old type's declarations.
+    for derived in ("queues", "router", "default_queue"):
+        app.amqp.__dict__.pop(derived, None)
+    # Its connection pools too (as Celery resets them after a fork): kept, they
+    # would go on publishing to the old broker_url (another vhost, node or type).
+    app._pool = None
+    app.amqp._producer_pool = None
 
 
 def _transport_options(broker_url: str) -> dict[str, Any]:

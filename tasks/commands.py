@@ -37,7 +37,7 @@ from hub.envelope import Envelope, validate_device_id
 from hub.errors import CommandExpired, CommandFailed, EnvelopeError, HubError
 from hub.hubs import hubs, live_hub_ids
 from hub.routing import COMMAND_EXPIRE_TASK
-from tasks.application import app
+from tasks.application import app, context
 from tasks.db import engine
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def send_command(
         raise HubError("ttl must be positive")
     command_id = uuid.uuid4().hex
     command, hub_id = create_command(engine(), command_id, device_id, name, args or {}, ttl)
-    app.send_task(COMMAND_EXPIRE_TASK, args=(command_id, device_id, ttl), countdown=ttl)
+    app.send_task(COMMAND_EXPIRE_TASK, args=(command_id, device_id, ttl), countdown=_countdown(ttl))
     if hub_id is None:
         hub_id = _external_bridge_hub()
     if hub_id is not None:
@@ -78,6 +78,16 @@ def send_command(
                 retry_policy={"max_retries": 3},
             )
     return AsyncResult(command_id, app=app)
+
+
+def _countdown(ttl: float) -> float:
+    """The expiry's countdown. Celery's native delayed delivery (quorum queues,
+    docs/scaling.md) counts whole seconds and refuses less than one; a shorter
+    time to live is reported expired after a second (the command itself stops
+    being delivered at its time to live either way: `pending_commands`)."""
+    if context().settings.broker_queue_type == "quorum":
+        return max(ttl, 1.0)
+    return ttl
 
 
 def _external_bridge_hub() -> str | None:

@@ -57,7 +57,7 @@ class Setup:
         self.app.conf.update(
             broker_url=broker_url,
             task_serializer="json",
-            task_queues=celery_queues(),
+            task_queues=celery_queues(self.settings),
             task_routes=task_routes(),
         )
 

@@ -53,6 +53,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -114,13 +115,18 @@ class RabbitNode:
     signals go to that beam process.
     """
 
-    def __init__(self, base_dir: Path) -> None:
+    def __init__(
+        self, base_dir: Path, *, name: str | None = None, cookie: str | None = None
+    ) -> None:
         if shutil.which("rabbitmq-server") is None or shutil.which("rabbitmqctl") is None:
             pytest.fail(START_RABBITMQ_SERVER, pytrace=False)
         self.base_dir = base_dir
         self.port = free_port()
         self.dist_port = self.port + 20000 if self.port + 20000 < 65536 else free_port()
-        self.name = f"hubrel{os.getpid()}x{self.port}@localhost"
+        self.name = name or f"hubrel{os.getpid()}x{self.port}@localhost"
+        #: The Erlang cookie of a cluster's nodes (and of rabbitmqctl talking to
+        #: them): our own, so they can never join the machine's RabbitMQ.
+        self.cookie = cookie
         self.pid: int | None = None
         self._owned_dir: Path | None = None
         if os.geteuid() == 0:
@@ -169,11 +175,14 @@ class RabbitNode:
             RABBITMQ_CONFIG_FILE=str(self.base_dir / "rabbitmq.conf"),
             RABBITMQ_PID_FILE=str(self.base_dir / "rabbitmq.pid"),
         )
+        if self.cookie is not None:
+            env["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"] = f"-setcookie {self.cookie}"
         return env
 
     def _ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        cookie = ["--erlang-cookie", self.cookie] if self.cookie is not None else []
         return subprocess.run(
-            ["rabbitmqctl", "-q", "-n", self.name, *args],
+            ["rabbitmqctl", "-q", *cookie, "-n", self.name, *args],
             env=self._env(),
             capture_output=True,
             text=True,
@@ -243,6 +252,13 @@ class RabbitNode:
         wait_for(lambda: not self._alive(), 30)
         self.pid = None
 
+    def ctl(self, *args: str, timeout: float = 60) -> str:
+        """`rabbitmqctl -n <this node> ...`; its output, or an error with its stderr."""
+        done = self._ctl(*args, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)} on {self.name}: {done.stderr}")
+        return done.stdout
+
     def close(self) -> None:
         """Always leaves no node behind, whatever state it is in."""
         if self.pid is not None:
@@ -256,6 +272,82 @@ class RabbitNode:
                 shutil.copytree(self._owned_dir / "log", self._logs_copy, dirs_exist_ok=True)
             shutil.rmtree(self._owned_dir, ignore_errors=True)
             self._owned_dir = None
+
+
+class RabbitCluster:
+    """Three (or `size`) private nodes, `c1@localhost`-like names of their own,
+    one Erlang cookie, joined into one cluster: `rabbitmqctl -n cN stop_app;
+    join_cluster c1; start_app`. Never the machine's RabbitMQ."""
+
+    def __init__(self, base_dir: Path, size: int = 3) -> None:
+        cookie = uuid.uuid4().hex.upper()
+        tag = f"hubcluster{os.getpid()}"
+        self.nodes = [
+            RabbitNode(base_dir / f"c{n}", name=f"{tag}c{n}@localhost", cookie=cookie)
+            for n in range(1, size + 1)
+        ]
+
+    @property
+    def url(self) -> str:
+        """The cluster as a failover URL: every node, first to last, `;`-separated."""
+        return ";".join(node.url for node in self.nodes)
+
+    def start(self) -> None:
+        first, *others = self.nodes
+        first.start()
+        for node in others:
+            node.start()
+            node.ctl("stop_app")
+            node.ctl("join_cluster", first.name)
+            node.ctl("start_app")
+        if not self.all_running():
+            raise RuntimeError(f"not all {len(self.nodes)} nodes run in one cluster")
+
+    def all_running(self) -> bool:
+        """Every node runs, and one of them sees all of them in the cluster."""
+        if not all(node._alive() for node in self.nodes):
+            return False
+        try:
+            out = self.nodes[0].ctl("eval", "length(rabbit_nodes:all_running()).")
+        except (RuntimeError, subprocess.TimeoutExpired):
+            return False
+        return out.strip() == str(len(self.nodes))
+
+    def node_on_port(self, port: int) -> RabbitNode:
+        return next(node for node in self.nodes if node.port == port)
+
+    def connected_nodes(self, pid: int) -> list[RabbitNode]:
+        """The nodes a process (its children included) holds an AMQP connection to."""
+        ports: set[int] = set()
+        try:
+            family = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+        for process in family:
+            with contextlib.suppress(psutil.Error):
+                for conn in process.net_connections(kind="tcp"):
+                    if conn.raddr and conn.status == psutil.CONN_ESTABLISHED:
+                        ports.add(conn.raddr.port)
+        return [node for node in self.nodes if node.port in ports]
+
+    def quorum_leaders(self, vhost: str = "/") -> dict[str, str]:
+        """{queue: node of its leader} for the quorum queues of `vhost`."""
+        for node in self.nodes:
+            if not node._alive():
+                continue
+            out = node.ctl(
+                "list_queues", "-p", vhost, "name", "type", "leader", "--no-table-headers"
+            )
+            return {
+                parts[0]: parts[2]
+                for parts in (line.split() for line in out.splitlines())
+                if len(parts) >= 3 and parts[1] == "quorum"
+            }
+        return {}
+
+    def close(self) -> None:
+        for node in reversed(self.nodes):
+            node.close()
 
 
 # ---------------------------------------------------------------------------
@@ -411,6 +503,7 @@ class WorkerOptions:
     data_dir: Path
     handlers: tuple[str, ...] = (RECORDING_HANDLER,)
     concurrency: int = 1
+    settings: Mapping[str, Any] = field(default_factory=dict)  # further settings
 
 
 class WorkerProcess(Worker):
@@ -422,6 +515,7 @@ class WorkerProcess(Worker):
             broker_url=options.broker_url,
             database_url=options.database_url,
             handlers=options.handlers,
+            **options.settings,
         )
         super().__init__(settings, log_path, concurrency=options.concurrency)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hub.errors import ConfigError
-from hub.settings import load_settings
+from hub.settings import load_settings, redact_url
 
 
 def test_defaults_are_the_embedded_mode(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,3 +172,25 @@ def test_the_environment_of_a_child_gives_it_exactly_these_settings(
     child = load_settings()
     assert child.model_dump() == {**settings.model_dump(), "data_dir": (tmp_path / "d").resolve()}
     assert child.handlers == ("a.b", "c.d") and child.listeners[0].codec == "lines"
+
+
+def test_broker_url_lists_the_nodes_of_a_cluster() -> None:
+    settings = load_settings(broker_url="amqp://u:p@a:5672/v; amqp://u:p@b:5672/v")
+    assert settings.broker_nodes == ("amqp://u:p@a:5672/v", "amqp://u:p@b:5672/v")
+    with pytest.raises(ConfigError, match="several separated by ';'"):
+        load_settings(broker_url="amqp://u:p@a:5672/v;redis://b")
+
+
+def test_quorum_queues_need_rabbitmq() -> None:
+    with pytest.raises(ConfigError, match="quorum queues need RabbitMQ") as caught:
+        load_settings(broker_queue_type="quorum")
+    assert caught.value.env == "HUB_BROKER_QUEUE_TYPE"
+    assert load_settings(broker_url="amqp://a//", broker_queue_type="quorum").broker_queue_type
+
+
+def test_every_node_of_a_failover_url_is_shown_without_its_password() -> None:
+    url = "amqp://u:secret@a:5672/v;amqp://u:secret@b:5672/v"
+    assert redact_url(url) == "amqp://***@a:5672/v;amqp://***@b:5672/v"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(broker_url=url + ";redis://x")
+    assert "secret" not in str(caught.value)
