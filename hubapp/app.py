@@ -75,6 +75,8 @@ class HubApp:
 
     def __init__(self, settings: Settings, *, run_worker: bool | None = None) -> None:
         self.settings = settings
+        #: The event loop the hub runs on, as /status reports it (set by `start`).
+        self.event_loop = "not started"
         self.data_path = prepare_data_dir(settings)
         self.metrics = Metrics()
         self.engine = make_engine(settings.effective_database_url)
@@ -117,6 +119,8 @@ class HubApp:
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
+        # Noted here, in the loop: status() may be called from other threads.
+        self.event_loop = running_loop_name()
         settings = self.settings
         if settings.mqtt_enabled and not settings.mqtt_external_url and settings.mqtt_tls_enabled:
             # A bad TLS file stops the start before anything else runs.
@@ -451,7 +455,7 @@ class HubApp:
         return {
             "version": __version__,
             "mode": self.mode(),
-            "event_loop": running_loop_name(),
+            "event_loop": self.event_loop,
             "listeners": [asdict(x) for x in self.listeners()],
             "devices_connected": {"tcp": connections, "mqtt": mqtt_clients},
             "dispatch_pending": self.dispatcher.pending,
