@@ -28,6 +28,7 @@ from hub.upkeep import (
     telemetry_partitions,
 )
 from tests.support.postgres import postgres_database
+from tests.support.processes import Worker, make_test_settings, wait_until
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -227,3 +228,34 @@ def test_sqlite_retention_deletes_in_batches(
     assert count_rows(engine, device_prefix="new") == 5
     assert store_envelopes(engine, new) == 0
     engine.dispose()
+
+
+def test_real_workers_run_the_upkeep_once_for_the_fleet(pg_url: str, tmp_path: Path) -> None:
+    # Two workers (each on its own local queue: no task is needed for the
+    # upkeep) start together on one database with a retention of 5 days.
+    migrate(pg_url)
+    engine = make_engine(pg_url)
+    old_day = (NOW - timedelta(days=10)).date()
+    with engine.begin() as conn:
+        ensure_partitions(conn, [old_day])
+    store_envelopes(engine, [message("old", 1, NOW - timedelta(days=10))])
+    workers = []
+    try:
+        for n in range(2):
+            (tmp_path / f"worker{n}").mkdir()
+            settings = make_test_settings(
+                tmp_path / f"worker{n}",
+                database_url=pg_url,
+                telemetry_retention_days=5,
+                maintenance_interval_s=3600,
+            )
+            workers.append(Worker(settings, tmp_path / f"worker{n}.log"))
+        assert wait_until(lambda: partition_name(old_day) not in partitions(engine), timeout=60)
+        with engine.connect() as conn:
+            holders = conn.execute(text("SELECT holder FROM maintenance_leases")).scalars().all()
+        assert len(holders) == 1 and holders[0].startswith("test-")
+        assert count_rows(engine, device_prefix="old") == 0
+    finally:
+        for worker in workers:
+            worker.stop()
+        engine.dispose()
