@@ -210,7 +210,8 @@ def partition_query_table(result: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------
 
 _PROBE = (
-    "SELECT DISTINCT t.envelope_id FROM json_each(?) AS p JOIN telemetry AS t "
+    "SELECT DISTINCT t.envelope_id FROM json_each(?) AS p "
+    "JOIN telemetry AS t INDEXED BY ix_telemetry_device_seq "
     "ON t.device_id = json_extract(p.value, '$.d') AND t.seq = json_extract(p.value, '$.s') "
     "AND t.envelope_id = json_extract(p.value, '$.e') WHERE t.received_at >= ?"
 )

@@ -447,7 +447,9 @@ def _insert_telemetry(conn: Any, rows: list[dict[str, Any]], window: timedelta) 
         )
     else:
         source = (
-            "json_each(:probes) AS p JOIN telemetry AS t "
+            # INDEXED BY: SQLite's planner otherwise takes (device_id, received_at)
+            # and reads every row of the device in the window.
+            "json_each(:probes) AS p JOIN telemetry AS t INDEXED BY ix_telemetry_device_seq "
             "ON t.device_id = json_extract(p.value, '$.d') "
             "AND t.seq = json_extract(p.value, '$.s') "
             "AND t.envelope_id = json_extract(p.value, '$.e')"
