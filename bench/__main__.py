@@ -307,6 +307,12 @@ def _add_table_parsers(sub: Any) -> None:
         default=200,
         help="devices the envelopes come from (default: 200)",
     )
+    workers.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=1,
+        help="run every configuration this many times, in turn; medians (default: 1)",
+    )
     workers.add_argument("--plot", metavar="PNG", help="plot stored msg/s against workers")
     _common(workers)
 
@@ -375,6 +381,7 @@ def _tables(args: argparse.Namespace) -> None:
                 batches=args.batches,
                 batch_size=args.batch_size,
                 devices=args.devices,
+                rounds=args.rounds,
                 quiet=args.quiet,
             )
         )

@@ -23,6 +23,7 @@ share (`worker_counters`), and CPU microseconds per stored row of the workers.
 from __future__ import annotations
 
 import random
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ class WorkersConfig:
     devices: int = 200
     #: Share of batches also delivered a second time, and of messages retransmitted.
     duplicates: float = 0.05
+    rounds: int = 1
     drain_timeout_s: float = 300.0
     quiet: bool = False
 
@@ -233,6 +235,8 @@ def _run_one(
 
 
 def run_workers(cfg: WorkersConfig) -> dict[str, Any]:
+    """Every configuration once per round, in the same order each round, so that
+    the machine's drifting load falls on all of them alike; medians per configuration."""
     from bench.ingest import machine_info
 
     runs = []
@@ -241,23 +245,45 @@ def run_workers(cfg: WorkersConfig) -> dict[str, Any]:
         plan = [(f"local{n}", n, False) for n in cfg.counts]
         if cfg.hosts:
             plan.append((f"hosts{cfg.hosts}", cfg.hosts, True))
-        for label, count, other_hosts in plan:
-            if not cfg.quiet:
-                where = "separate working directories (other hosts)" if other_hosts else "this tree"
-                log(f"{count} worker(s) from {where}")
-            (folder / label).mkdir()
-            run = _run_one(label, count, cfg, folder / label, other_hosts=other_hosts)
-            if run["duplicate_rows"] or run["missing_rows"]:
-                raise BenchError(
-                    f"{label}: {run['duplicate_rows']} duplicate and "
-                    f"{run['missing_rows']} missing rows"
-                )
-            runs.append(run)
+        for round_n in range(cfg.rounds):
+            for label, count, other_hosts in plan:
+                if not cfg.quiet:
+                    where = (
+                        "separate working directories (other hosts)" if other_hosts else "this tree"
+                    )
+                    log(f"round {round_n + 1}/{cfg.rounds}: {count} worker(s) from {where}")
+                run_folder = folder / f"{label}-{round_n}"
+                run_folder.mkdir()
+                run = _run_one(label, count, cfg, run_folder, other_hosts=other_hosts)
+                if run["duplicate_rows"] or run["missing_rows"]:
+                    raise BenchError(
+                        f"{label}: {run['duplicate_rows']} duplicate and "
+                        f"{run['missing_rows']} missing rows"
+                    )
+                run["round"] = round_n + 1
+                runs.append(run)
+    summary = []
+    for label, count, other_hosts in plan:
+        rates = sorted(r["stored_per_s"] for r in runs if r["label"] == label)
+        cpu = sorted(r["worker_cpu_us_per_row"] for r in runs if r["label"] == label)
+        summary.append(
+            {
+                "label": label,
+                "workers": count,
+                "other_hosts": other_hosts,
+                "stored_per_s_median": statistics.median(rates),
+                "stored_per_s_min": rates[0],
+                "stored_per_s_max": rates[-1],
+                "stored_per_s_per_worker_median": round(statistics.median(rates) / count, 1),
+                "worker_cpu_us_per_row_median": statistics.median(cpu),
+            }
+        )
     return {
         "benchmark": "workers",
         "config": {k: v for k, v in vars(cfg).items() if k != "quiet"},
         "machine": machine_info(),
         "runs": runs,
+        "summary": summary,
     }
 
 
@@ -277,6 +303,18 @@ def workers_table(result: dict[str, Any]) -> str:
             f"{r['stored_per_s_per_worker']:>11,.0f} {r['worker_cpu_us_per_row']:>11.0f} "
             f"{r['elapsed_s']:>10.1f} {r['duplicate_rows']:>4} {r['missing_rows']:>5}  {shares}"
         )
+    lines.append("")
+    lines.append(
+        f"median of {cfg['rounds']} round(s): {'run':<10} {'stored msg/s':>13} "
+        f"{'min-max':>15} {'per worker':>11} {'CPU us/row':>11}"
+    )
+    for s in result["summary"]:
+        spread = f"{s['stored_per_s_min']:,.0f}-{s['stored_per_s_max']:,.0f}"
+        lines.append(
+            f"{'':<19} {s['label']:<10} {s['stored_per_s_median']:>13,.0f} {spread:>15} "
+            f"{s['stored_per_s_per_worker_median']:>11,.0f} "
+            f"{s['worker_cpu_us_per_row_median']:>11.0f}"
+        )
     return "\n".join(lines)
 
 
@@ -290,25 +328,33 @@ def plot_workers(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    local = [r for r in result["runs"] if not r["other_hosts"]]
-    hosts = [r for r in result["runs"] if r["other_hosts"]]
+    local = [r for r in result["summary"] if not r["other_hosts"]]
+    hosts = [r for r in result["summary"] if r["other_hosts"]]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     xs = [r["workers"] for r in local]
-    ax.plot(xs, [r["stored_per_s"] for r in local], "o-", label="stored, all workers")
-    ax.plot(xs, [r["stored_per_s_per_worker"] for r in local], "o--", label="stored per worker")
+    medians = [r["stored_per_s_median"] for r in local]
+    spread = [
+        [m - r["stored_per_s_min"] for m, r in zip(medians, local, strict=True)],
+        [r["stored_per_s_max"] - m for m, r in zip(medians, local, strict=True)],
+    ]
+    ax.errorbar(xs, medians, yerr=spread, fmt="o-", capsize=4,
+                label="stored, all workers (median, min-max)")  # fmt: skip
+    ax.plot(xs, [r["stored_per_s_per_worker_median"] for r in local], "o--",
+            label="stored per worker (median)")  # fmt: skip
     for r in hosts:
         label = f"{r['workers']} workers as other hosts (own cwd, data, host name)"
-        ax.plot([r["workers"]], [r["stored_per_s"]], "s", color="#d62728", label=label)
+        ax.plot([r["workers"]], [r["stored_per_s_median"]], "s", color="#d62728", label=label)
     cfg, machine = result["config"], result["machine"]
     ax.set_title(
         f"Telemetry stored vs worker processes (PostgreSQL, solo pool)\n"
-        f"{cfg['batches']} batches of {cfg['batch_size']}, {machine['cpus']} CPUs shared "
+        f"{cfg['batches']} batches of {cfg['batch_size']}, {cfg['rounds']} rounds, "
+        f"{machine['cpus']} CPUs shared "
         "with RabbitMQ, PostgreSQL and other work",
         fontsize=9,
     )
     ax.set_xlabel("worker processes")
     ax.set_ylabel("messages stored per second")
-    ax.set_xticks(sorted({r["workers"] for r in result["runs"]}))
+    ax.set_xticks(sorted({r["workers"] for r in result["summary"]}))
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
