@@ -230,24 +230,30 @@ def enforce_retention(engine: Engine, retention: Retention, now: datetime) -> Up
 def claim_lease(engine: Engine, name: str, interval: timedelta, holder: str, now: datetime) -> bool:
     """True for exactly one caller per `interval` of job `name`, across every process.
 
-    One conditional UPDATE: on PostgreSQL a second process updating at the
-    same moment waits for the first's row lock, then finds the condition
-    false; SQLite has one writer at a time.
+    One conditional UPDATE (an INSERT the first time): on PostgreSQL a second
+    process at the same moment waits for the first's row lock (or its new
+    row), then finds the condition false (or the row there); SQLite has one
+    writer at a time.
     """
     table: Any = MaintenanceLease.__table__
+    # The write first: on SQLite a transaction that read before it writes fails
+    # at once ("locked") if another connection committed in between.
+    # RETURNING, not rowcount: psycopg reports no row count for an INSERT here.
     with engine.begin() as conn:
-        if conn.execute(select(table.c.name).where(table.c.name == name)).first() is None:
-            conn.execute(
-                insert_ignore(engine, table).values(
-                    name=name, last_run_at=datetime(1970, 1, 1, tzinfo=UTC), holder=""
-                )
-            )
         claimed = conn.execute(
             update(table)
             .where(table.c.name == name, table.c.last_run_at <= now - interval)
             .values(last_run_at=now, holder=holder)
-        ).rowcount
-    return bool(claimed == 1)
+            .returning(table.c.name)
+        ).first()
+        if claimed is None:
+            # The job's first run ever, or not due: an existing row makes this a no-op.
+            claimed = conn.execute(
+                insert_ignore(engine, table)
+                .values(name=name, last_run_at=now, holder=holder)
+                .returning(table.c.name)
+            ).first()
+    return claimed is not None
 
 
 def run_upkeep(engine: Engine, retention: Retention, now: datetime | None = None) -> UpkeepReport:

@@ -11,12 +11,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, insert, text
 
 import hub.upkeep
 from hub.envelope import Envelope, Kind, envelope_id
 from hub.settings import normalise_database_url
-from hub.storage import count_rows, make_engine, migrate, store_envelopes
+from hub.storage import (
+    CommandRow,
+    HandlerRunRow,
+    count_rows,
+    make_engine,
+    migrate,
+    store_envelopes,
+)
 from hub.upkeep import (
     DEFAULT_PARTITION,
     Retention,
@@ -259,3 +266,37 @@ def test_real_workers_run_the_upkeep_once_for_the_fleet(pg_url: str, tmp_path: P
         for worker in workers:
             worker.stop()
         engine.dispose()
+
+
+def test_old_handler_runs_and_finished_commands_are_deleted(pg: Engine) -> None:
+    table_runs, table_commands = HandlerRunRow.__table__, CommandRow.__table__
+    with pg.begin() as conn:
+        conn.execute(
+            insert(table_runs),
+            [
+                {
+                    "envelope_id": f"e{n}",
+                    "handler": "h",
+                    "ran_at": NOW - timedelta(days=10 * (n < 7)),
+                }
+                for n in range(10)
+            ],
+        )
+        conn.execute(
+            insert(table_commands),
+            [
+                {
+                    "id": f"c{n}", "device_id": "d", "name": "x", "args": {},
+                    "status": "succeeded" if n % 2 else "pending",
+                    "created_at": NOW - timedelta(days=10), "expires_at": NOW,
+                    "finished_at": NOW - timedelta(days=10) if n % 2 else None,
+                }
+                for n in range(6)
+            ],
+        )  # fmt: skip
+    report = enforce_retention(pg, Retention(handler_runs_days=5, commands_days=5), NOW)
+    assert report.rows_deleted == {"handler_runs": 7, "commands": 3}
+    assert rows_in(pg, "handler_runs") == 3
+    with pg.connect() as conn:
+        left = conn.execute(text("SELECT status FROM commands")).scalars().all()
+    assert sorted(left) == ["pending"] * 3  # open commands stay, however old
