@@ -1,8 +1,8 @@
-"""Smoke tests of `python -m bench workers`, `partition-query` and `insert-cost` at tiny sizes.
+"""Smoke tests of `python -m bench partition-query` and `insert-cost` at tiny sizes
+(`bench workers`: tests/reliability/test_bench_workers_smoke.py, over a minute).
 
-They check that each command runs, cleans up, prints one JSON line with its
-figures, and (workers) that every envelope was stored exactly once. No timed
-assertions: the figures themselves are not checked.
+They check that each command runs, cleans up and prints one JSON line with its
+figures. No timed assertions: the figures themselves are not checked.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from tests.support.services import require_rabbitmq
 
 pytestmark = pytest.mark.integration
 
@@ -35,28 +33,6 @@ def _run_bench(*args: str) -> dict[str, Any]:
     lines = completed.stdout.strip().splitlines()
     assert len(lines) == 1, f"expected one JSON line on stdout, got: {completed.stdout[-2000:]}"
     return dict(json.loads(lines[0]))
-
-
-@pytest.mark.reliability  # five worker starts, three vhosts and databases: over a minute
-def test_workers_benchmark_stores_every_envelope_once() -> None:
-    require_rabbitmq()
-    result = _run_bench(
-        "workers", "--counts", "1,2", "--hosts", "2", "--batches", "6", "--batch-size", "50"
-    )
-    assert [(r["workers"], r["other_hosts"]) for r in result["runs"]] == [
-        (1, False),
-        (2, False),
-        (2, True),
-    ]
-    for run in result["runs"]:
-        assert run["unique_envelopes"] == 300
-        # Redelivered and retransmitted copies were published, and none was stored twice.
-        assert run["envelopes_published"] > run["unique_envelopes"]
-        assert run["rows"] == 300 and run["duplicate_rows"] == 0 and run["missing_rows"] == 0
-        assert sum(run["rows_by_worker"].values()) == 300
-        assert run["stored_per_s"] > 0
-    hosts = result["runs"][2]["rows_by_worker"]
-    assert {name.split("@")[1] for name in hosts} <= {"host0", "host1"}
 
 
 def test_partition_query_benchmark_compares_both_tables() -> None:
