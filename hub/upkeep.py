@@ -204,6 +204,7 @@ def enforce_retention(engine: Engine, retention: Retention, now: datetime) -> Up
         cutoff = now - timedelta(days=retention.telemetry_days)
         if engine.dialect.name == "postgresql":
             with engine.begin() as conn:
+                _bounded_lock_wait(conn)
                 report.partitions_dropped = drop_old_partitions(conn, cutoff)
         else:
             table = TelemetryRow.__table__
@@ -256,12 +257,26 @@ def claim_lease(engine: Engine, name: str, interval: timedelta, holder: str, now
     return claimed is not None
 
 
+#: How long an upkeep statement waits for a table lock before it gives up.
+UPKEEP_LOCK_TIMEOUT = "10s"
+
+
+def _bounded_lock_wait(conn: Any) -> None:
+    """Give up (an error; the next round tries again) rather than wait long for a lock.
+
+    Creating and dropping a partition locks `telemetry` itself; a statement
+    waiting for that lock would queue every worker's insert behind it.
+    """
+    conn.execute(text(f"SET LOCAL lock_timeout = '{UPKEEP_LOCK_TIMEOUT}'"))
+
+
 def run_upkeep(engine: Engine, retention: Retention, now: datetime | None = None) -> UpkeepReport:
     """Create the coming partitions (PostgreSQL), then enforce the retention."""
     now = now or datetime.now(UTC)
     created: list[str] = []
     if engine.dialect.name == "postgresql":
         with engine.begin() as conn:
+            _bounded_lock_wait(conn)
             created = ensure_partitions(conn, upcoming_days(now))
     report = enforce_retention(engine, retention, now)
     report.partitions_created = created
