@@ -1,4 +1,5 @@
-"""`python -m bench`: the benchmark command (ingest, connections, tls-connections, against).
+"""`python -m bench`: the benchmark command (ingest, connections, tls-connections, against,
+workers, partition-query, insert-cost).
 
 Layer: benchmarks; may import anything.
 
@@ -321,7 +322,167 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="stdout: only the JSON line (the table goes to stderr)"
     )
     tls_conns.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+    _add_table_parsers(sub)
     return parser  # fmt: skip
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
+    parser.add_argument(
+        "--json", action="store_true", help="stdout: only the JSON line (the table goes to stderr)"
+    )
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
+
+def _add_table_parsers(sub: Any) -> None:
+    workers = sub.add_parser(
+        "workers",
+        help="telemetry stored per second with 1, 2, 4 worker processes, and as other hosts",
+        description="Worker processes on one RabbitMQ and one PostgreSQL database: stored\n"
+        "msg/s in all and per worker, and a check that no envelope is stored twice\n"
+        "(redelivered and retransmitted copies are published too). Needs RabbitMQ and\n"
+        "PostgreSQL on 127.0.0.1. See docs/benchmarks.md.",
+        epilog="examples:\n  python -m bench workers\n"
+        "  python -m bench workers --counts 1,2,4 --hosts 2 --batches 400 \\\n"
+        "      --plot docs/img/workers.png",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    workers.add_argument(
+        "--counts",
+        type=_device_counts,
+        default=[1, 2, 4],
+        metavar="N,N,...",
+        help="worker processes per run (default: 1,2,4)",
+    )
+    workers.add_argument(
+        "--hosts",
+        type=int,
+        default=2,
+        metavar="N",
+        help="workers of the 'other hosts' run, each with its own working "
+        "directory, data folder and host name (default: 2; 0 skips it)",
+    )
+    workers.add_argument(
+        "--batches",
+        type=_positive_int,
+        default=100,
+        help="task messages of new envelopes (default: 100)",
+    )
+    workers.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=500,
+        help="envelopes per task message (default: 500, the hub's batch_max_messages)",
+    )
+    workers.add_argument(
+        "--devices",
+        type=_positive_int,
+        default=200,
+        help="devices the envelopes come from (default: 200)",
+    )
+    workers.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=1,
+        help="run every configuration this many times, in turn; medians (default: 1)",
+    )
+    workers.add_argument("--plot", metavar="PNG", help="plot stored msg/s against workers")
+    _common(workers)
+
+    query = sub.add_parser(
+        "partition-query",
+        help="one device's newest rows: partitioned against unpartitioned telemetry (PostgreSQL)",
+        description="Fills a partitioned (newest schema) and an unpartitioned (the schema\n"
+        "before it) telemetry table with the same rows by generate_series, then times\n"
+        "one device's newest --last rows on each. Needs PostgreSQL on 127.0.0.1.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    query.add_argument(
+        "--rows",
+        type=_positive_int,
+        default=20_000_000,
+        help="rows in each table (default: 20,000,000)",
+    )
+    query.add_argument("--devices", type=_positive_int, default=1000, help="default: 1000")
+    query.add_argument(
+        "--days",
+        type=_positive_int,
+        default=30,
+        help="days the rows span, ending now (default: 30)",
+    )
+    query.add_argument(
+        "--last", type=_positive_int, default=1000, help="rows asked (default: 1000)"
+    )
+    query.add_argument(
+        "--repeats", type=_positive_int, default=30, help="queries per table and kind (default: 30)"
+    )
+    _common(query)
+
+    cost = sub.add_parser(
+        "insert-cost",
+        help="SQLite insert cost per row as the table grows: random key against time key",
+    )
+    cost.add_argument(
+        "--rows",
+        type=_positive_int,
+        default=2_000_000,
+        help="rows inserted into each table (default: 2,000,000)",
+    )
+    cost.add_argument(
+        "--step",
+        type=_positive_int,
+        default=200_000,
+        help="rows per reported slice (default: 200,000)",
+    )
+    _common(cost)
+
+
+def _tables(args: argparse.Namespace) -> None:
+    import tempfile
+
+    if args.command == "workers":
+        from bench.workers import WorkersConfig, plot_workers, run_workers, workers_table
+
+        if args.plot:
+            from bench.plot import require_matplotlib
+
+            require_matplotlib()
+        result = run_workers(
+            WorkersConfig(
+                counts=args.counts,
+                hosts=args.hosts,
+                batches=args.batches,
+                batch_size=args.batch_size,
+                devices=args.devices,
+                rounds=args.rounds,
+                quiet=args.quiet,
+            )
+        )
+        table = workers_table(result)
+        if args.plot:
+            plot_workers(result, Path(args.plot))
+            table += f"\n\nplot written to {args.plot}"
+        _emit(result, table, args)
+    elif args.command == "partition-query":
+        from bench.tables import partition_query_table, run_partition_query
+
+        result = run_partition_query(
+            args.rows,
+            devices=args.devices,
+            days=args.days,
+            last=args.last,
+            repeats=args.repeats,
+            quiet=args.quiet,
+        )
+        _emit(result, partition_query_table(result), args)
+    else:
+        from bench.tables import insert_cost_table, run_insert_cost
+
+        if args.step > args.rows:
+            raise BenchError("--step must not exceed --rows")
+        with tempfile.TemporaryDirectory(prefix="bench-insert-cost-") as tmp:
+            result = run_insert_cost(args.rows, step=args.step, folder=Path(tmp), quiet=args.quiet)
+        _emit(result, insert_cost_table(result), args)
 
 
 def _emit(result: Any, table: str, args: argparse.Namespace) -> None:
@@ -485,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
         with terminate_as_interrupt():
             if args.command == "ingest":
                 _ingest(args)
+            elif args.command in ("workers", "partition-query", "insert-cost"):
+                _tables(args)
             elif args.command == "against":
                 from bench.against import against_command
 

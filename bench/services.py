@@ -144,6 +144,7 @@ class Child:
         log_path: Path,
         read_stdout: bool = False,
         on_line: Callable[[str], None] | None = None,
+        cwd: Path = ROOT,
     ) -> None:
         self.name = name
         self.argv = argv
@@ -153,7 +154,7 @@ class Child:
         self._on_line = on_line
         self.process = subprocess.Popen(
             argv,
-            cwd=ROOT,
+            cwd=cwd,
             env=dict(env),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if read_stdout else self._log,

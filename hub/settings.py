@@ -219,6 +219,19 @@ class Settings(BaseSettings):
     #: How long a stopping hub lets its worker finish the task in hand before killing it.
     worker_stop_timeout_s: float = Field(default=60.0, gt=0)
 
+    #: Database connections each process keeps open (PostgreSQL; as many again for bursts).
+    database_pool_size: int = Field(default=5, ge=1, le=1000)
+    #: Telemetry older than this many days is removed (0: kept forever); whole
+    #: daily partitions on PostgreSQL, batched deletes on SQLite (docs/scaling.md).
+    telemetry_retention_days: int = Field(default=0, ge=0)
+    #: The handler-run ledger and finished commands are kept this many days (0: forever).
+    handler_runs_retention_days: int = Field(default=0, ge=0)
+    commands_retention_days: int = Field(default=0, ge=0)
+    #: How long after a telemetry message a device's retransmission of it is recognised.
+    retransmission_window_h: float = Field(default=24.0, gt=0)
+    #: How often one worker of the fleet runs the periodic upkeep (partitions, retention).
+    maintenance_interval_s: float = Field(default=600.0, gt=0)
+
     handlers: Annotated[tuple[str, ...], NoDecode] = ()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: uvloop where installed ("auto"), or force one.

@@ -13,11 +13,12 @@ ordering rules themselves live in hub/presence.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from sqlalchemy import (
     TypeDecorator,
     bindparam,
     create_engine,
+    delete,
     event,
     select,
     text,
@@ -87,11 +89,34 @@ class _MessageColumns:
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
-class TelemetryRow(_MessageColumns, Base):
-    """One telemetry message; the envelope id as key makes storing idempotent."""
+class TelemetryRow(Base):
+    """One telemetry message, keyed by (received_at, envelope id): time-ordered.
+
+    New rows land at the end of the key's index, so the cost of an insert does
+    not grow with the table (a random key, the envelope id alone, touched any
+    page of its index), and on PostgreSQL the key holds the partition key
+    (docs/scaling.md, "Telemetry at fleet scale"). `received_at` is set once,
+    by the hub that read the message, and travels in the envelope: a batch
+    delivered again carries the same key and is ignored. A device's
+    retransmission is a new envelope with the same id and a later
+    `received_at`; `store_envelopes` finds it through (device_id, seq).
+    """
 
     __tablename__ = "telemetry"
-    __table_args__ = (Index("ix_telemetry_device_received", "device_id", "received_at"),)
+    __table_args__ = (
+        Index("ix_telemetry_device_received", "device_id", "received_at"),
+        Index("ix_telemetry_device_seq", "device_id", "seq"),
+    )
+
+    received_at: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
+    envelope_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(128))
+    seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    device_time: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    stored_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    transport: Mapped[str] = mapped_column(String(16))
+    protocol: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
 class EventRow(_MessageColumns, Base):
@@ -211,8 +236,16 @@ def sqlite_path(url: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL and a busy timeout, and its folder is created."""
+#: Connections an engine keeps open by default (`database_pool_size`).
+DEFAULT_POOL_SIZE = 5
+
+
+def make_engine(url: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> Engine:
+    """An engine for `url`; SQLite gets WAL and a busy timeout, and its folder is created.
+
+    `pool_size` connections stay open (PostgreSQL), and as many again may be
+    opened for a burst; a worker process uses one per task it runs at once.
+    """
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -220,7 +253,13 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, json_serializer=_dumps)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, json_serializer=_dumps)
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        json_serializer=_dumps,
+    )
 
 
 def _dumps(value: Any, default: Any = None) -> str:
@@ -232,8 +271,9 @@ def _dumps(value: Any, default: Any = None) -> str:
 MIGRATION_LOCK_KEY = 0x6875626D696772
 
 
-def migrate(url: str) -> None:
-    """Bring the database at `url` to the newest schema (Alembic `upgrade head`).
+def migrate(url: str, revision: str = "head") -> None:
+    """Bring the database at `url` to the newest schema (Alembic `upgrade head`),
+    or to `revision` (tests of a migration start from the one before it).
 
     Safe when any number of hubs, workers, consoles and CLI commands call it
     at the same moment on the same database (docs/configuration.md, "Starting
@@ -262,7 +302,7 @@ def migrate(url: str) -> None:
                 )
             config.attributes["connection"] = connection
             # One chain of revisions: "head" fails loudly if two ever branch.
-            command.upgrade(config, "head")
+            command.upgrade(config, revision)
     finally:
         engine.dispose()
 
@@ -288,12 +328,16 @@ def _begin_immediate(engine: Engine) -> None:
     event.listen(engine, "begin", begin)
 
 
-def _insert_ignore(engine: Engine, table: Any) -> Any:
+def insert_ignore(engine: Engine, table: Any) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING into `table` on this engine's database."""
     if engine.dialect.name == "postgresql":
         return postgresql.insert(table).on_conflict_do_nothing()
     if engine.dialect.name == "sqlite":
         return sqlite.insert(table).on_conflict_do_nothing()
     raise NotImplementedError(f"database {engine.dialect.name} is not supported")
+
+
+_insert_ignore = insert_ignore  # the name hub.commands imports
 
 
 def _row(env: Envelope, now: datetime) -> dict[str, Any]:
@@ -314,21 +358,131 @@ def _insert_new(conn: Any, table: Any, rows: list[dict[str, Any]]) -> set[str]:
     """Insert the rows that are not there yet, in one statement; their envelope ids.
 
     RETURNING names the rows that were new, so that a retransmission leaves
-    the device's state alone. On PostgreSQL the batch travels as one JSON
-    parameter (`json_populate_recordset`): SQLAlchemy's multi-row VALUES with
-    RETURNING makes psycopg parse a statement of thousands of placeholders
-    per batch, which halved the rows stored per second.
+    the device's state alone.
+    """
+    return {key[0] for key in _insert_returning_keys(conn, table, rows)}
+
+
+def _insert_returning_keys(
+    conn: Any, table: Any, rows: list[dict[str, Any]]
+) -> list[tuple[str, datetime]]:
+    """One multi-row INSERT ... ON CONFLICT DO NOTHING; (envelope id, received_at)
+    of each row that was new.
+
+    On PostgreSQL the batch travels as one JSON parameter
+    (`json_populate_recordset`): SQLAlchemy's multi-row VALUES with RETURNING
+    makes psycopg parse a statement of thousands of placeholders per batch,
+    which halved the rows stored per second.
     """
     if conn.dialect.name == "postgresql":
         columns = ", ".join(column.name for column in table.columns)
         statement = text(
             f"INSERT INTO {table.name} ({columns}) "
             f"SELECT {columns} FROM json_populate_recordset(NULL::{table.name}, :rows) "
-            "ON CONFLICT DO NOTHING RETURNING envelope_id"
+            "ON CONFLICT DO NOTHING RETURNING envelope_id, received_at"
+        ).columns(envelope_id=String, received_at=UtcDateTime)
+        found = conn.execute(statement, {"rows": _dumps(rows, _iso)})
+        return [(row[0], row[1]) for row in found]
+    statement = insert_ignore(conn.engine, table).returning(
+        table.c.envelope_id, table.c.received_at
+    )
+    return [(row[0], row[1]) for row in conn.execute(statement, rows)]
+
+
+#: How long after a message a device's retransmission of it is still recognised
+#: by default (`retransmission_window_h`): the lookback of `_insert_telemetry`.
+DEFAULT_RETRANSMISSION_WINDOW = timedelta(hours=24)
+
+#: The first key of the advisory locks `_insert_telemetry` takes per device on
+#: PostgreSQL ("hubd" in ASCII); the second is a hash of the device id.
+DEVICE_LOCK_CLASS = 0x68756264
+
+
+def _device_lock_key(device_id: str) -> int:
+    digest = hashlib.blake2b(device_id.encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _insert_telemetry(conn: Any, rows: list[dict[str, Any]], window: timedelta) -> set[str]:
+    """Insert telemetry rows once per envelope id; the ids that were new.
+
+    The key (received_at, envelope_id) catches a batch delivered again (its
+    envelopes, and so their keys, are the same). A device's retransmission is
+    a new envelope: same id (device, boot, seq), later `received_at`. After
+    the insert, each new row with a sequence number is looked up by
+    (device_id, seq) among the rows of the last `window`; if another row has
+    its id, the one inserted here is deleted again. The row already there
+    wins, even if it is the later one; within one batch the earliest copy
+    wins. On PostgreSQL the lookup runs under an advisory lock per device
+    (taken in key order, held until commit), so two workers storing copies of
+    one message at the same moment see each other's: the second waits for the
+    first's commit. SQLite has one writer at a time.
+    """
+    table: Any = TelemetryRow.__table__
+    inserted = _insert_returning_keys(conn, table, rows)
+    if not inserted:
+        return set()
+    mine = set(inserted)
+    by_key = {(row["envelope_id"], row["received_at"]): row for row in rows}
+    probes = [
+        {"d": row["device_id"], "s": row["seq"], "e": key[0]}
+        for key in inserted
+        if (row := by_key.get(key)) is not None and row["seq"] is not None
+    ]
+    if not probes:
+        return {key[0] for key in inserted}
+    since = min(key[1] for key in inserted) - window
+    if conn.dialect.name == "postgresql":
+        keys = sorted({_device_lock_key(p["d"]) for p in probes})
+        conn.execute(
+            text(
+                "SELECT count(pg_advisory_xact_lock(:class, k)) FROM "
+                "(SELECT k FROM unnest(CAST(:keys AS integer[])) AS k ORDER BY k) AS ordered"
+            ),
+            {"class": DEVICE_LOCK_CLASS, "keys": keys},
         )
-        return {row[0] for row in conn.execute(statement, {"rows": _dumps(rows, _iso)})}
-    statement = _insert_ignore(conn.engine, table).returning(table.c.envelope_id)
-    return {row[0] for row in conn.execute(statement, rows)}
+        source = (
+            "json_to_recordset(CAST(:probes AS json)) AS p(d text, s bigint, e text) "
+            "JOIN telemetry AS t ON t.device_id = p.d AND t.seq = p.s AND t.envelope_id = p.e"
+        )
+    else:
+        source = (
+            # INDEXED BY: SQLite's planner otherwise takes (device_id, received_at)
+            # and reads every row of the device in the window.
+            "json_each(:probes) AS p JOIN telemetry AS t INDEXED BY ix_telemetry_device_seq "
+            "ON t.device_id = json_extract(p.value, '$.d') "
+            "AND t.seq = json_extract(p.value, '$.s') "
+            "AND t.envelope_id = json_extract(p.value, '$.e')"
+        )
+    found = conn.execute(
+        text(
+            "SELECT DISTINCT t.envelope_id, t.received_at "
+            f"FROM {source} WHERE t.received_at >= :since"
+        )
+        .columns(envelope_id=String, received_at=UtcDateTime)
+        .bindparams(bindparam("since", since, type_=UtcDateTime)),
+        {"probes": _dumps(probes)},
+    )
+    copies: dict[str, list[tuple[datetime, bool]]] = {}
+    for envelope_id, received_at in found:
+        copies.setdefault(envelope_id, []).append((received_at, (envelope_id, received_at) in mine))
+    doomed: list[tuple[str, datetime]] = []
+    for envelope_id, found_copies in copies.items():
+        if len(found_copies) < 2:
+            continue
+        # Keep a copy that was there before; else (all ours) the earliest.
+        keep = min(found_copies, key=lambda copy: (copy[1], copy[0]))
+        doomed += [(envelope_id, at) for at, ours in found_copies if ours and (at, ours) != keep]
+    if doomed:
+        conn.execute(
+            delete(table).where(
+                table.c.received_at == bindparam("b_at"),
+                table.c.envelope_id == bindparam("b_id"),
+            ),
+            [{"b_at": at, "b_id": envelope_id} for envelope_id, at in doomed],
+        )
+    gone = set(doomed)
+    return {key[0] for key in inserted if key not in gone}
 
 
 class HandlerRunRow(Base):
@@ -353,6 +507,7 @@ def store_envelopes(
     envelopes: Sequence[Envelope],
     *,
     before_commit: Callable[[list[Envelope]], object] | None = None,
+    retransmission_window: timedelta = DEFAULT_RETRANSMISSION_WINDOW,
 ) -> int:
     """Store a batch in one transaction, idempotently on the envelope id.
 
@@ -368,6 +523,9 @@ def store_envelopes(
     or a retransmission is then processed once; if the callback raises, nothing
     is stored. (Called before the commit, so that a crash in between means
     processing twice, never not at all.)
+
+    A device's retransmission of a telemetry message is recognised within
+    `retransmission_window` of the copy stored first (`_insert_telemetry`).
     """
     now = datetime.now(UTC)
     telemetry = [_row(e, now) for e in envelopes if e.kind is Kind.TELEMETRY]
@@ -377,7 +535,7 @@ def store_envelopes(
     with engine.begin() as conn:
         new: set[str] = set()
         if telemetry:
-            new_telemetry = _insert_new(conn, TelemetryRow.__table__, telemetry)
+            new_telemetry = _insert_telemetry(conn, telemetry, retransmission_window)
             inserted += len(new_telemetry)
             new |= new_telemetry
         if states:
@@ -482,7 +640,9 @@ def _update_state(conn: Any, envelopes: Iterable[Envelope], now: datetime) -> No
     }
     inserts: list[dict[str, Any]] = []
     updates: list[dict[str, Any]] = []
-    for device_id, envs in latest.items():
+    # In device order: two workers updating the same devices then lock their
+    # rows in the same order and never deadlock on each other.
+    for device_id, envs in sorted(latest.items()):
         row = existing.get(device_id)
         device = _StateUpdate(row)
         # Presence first: a message's "online" is judged against the newest presence.
@@ -495,7 +655,7 @@ def _update_state(conn: Any, envelopes: Iterable[Envelope], now: datetime) -> No
             updates.append({f"b_{key}": value for key, value in record.items()})
     # One statement each for new and known devices (executemany), not one per device.
     if inserts:
-        conn.execute(_insert_ignore(conn.engine, table), inserts)
+        conn.execute(insert_ignore(conn.engine, table), inserts)
     if updates:
         columns = [key for key in updates[0] if key != "b_device_id"]
         conn.execute(

@@ -71,7 +71,8 @@ def worker_name() -> str:
 
 
 app = Celery(
-    "tasks", include=["tasks.ingest", "tasks.commands", "tasks.handlers", "tasks.counting"]
+    "tasks",
+    include=["tasks.ingest", "tasks.commands", "tasks.handlers", "tasks.counting", "tasks.upkeep"],
 )
 app.conf.update(
     # Results live in the database so any process can read them (not rpc://).

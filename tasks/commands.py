@@ -19,14 +19,17 @@ from __future__ import annotations
 import logging
 import random
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery.result import AsyncResult
+from sqlalchemy import select
 
 from hub.commands import (
     EXPIRED,
     EXTERNAL_MQTT_LISTENER,
     FAILED,
+    OPEN,
     SUCCEEDED,
     create_command,
     downlink_queue,
@@ -37,6 +40,7 @@ from hub.envelope import Envelope, validate_device_id
 from hub.errors import CommandExpired, CommandFailed, EnvelopeError, HubError
 from hub.hubs import hubs, live_hub_ids
 from hub.routing import COMMAND_EXPIRE_TASK
+from hub.storage import CommandRow
 from tasks.application import app, context
 from tasks.db import engine
 
@@ -167,3 +171,24 @@ def complete_commands(envelopes: list[Envelope]) -> int:
             )
         completed += 1
     return completed
+
+
+#: A command still open this long after its time to live ran out lost its
+#: `expire` task (a queue purged, a message dead-lettered): the sweep fails it.
+EXPIRY_SWEEP_GRACE = timedelta(minutes=5)
+
+
+def sweep_expired(now: datetime | None = None) -> int:
+    """Expire the open commands whose time to live ended `EXPIRY_SWEEP_GRACE` ago;
+    how many. Part of the periodic upkeep (tasks/upkeep.py); `expire` stays
+    the usual path, and whichever runs first finishes the command."""
+    now = now or datetime.now(UTC)
+    table = CommandRow.__table__
+    with engine().connect() as conn:
+        stale = conn.execute(
+            select(table.c.id, table.c.device_id, table.c.created_at, table.c.expires_at)
+            .where(table.c.status.in_(OPEN), table.c.expires_at < now - EXPIRY_SWEEP_GRACE)
+            .limit(10_000)
+        ).all()
+    ttl = {row.id: (row.expires_at - row.created_at).total_seconds() for row in stale}
+    return sum(1 for row in stale if expire(row.id, row.device_id, ttl[row.id]))

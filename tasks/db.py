@@ -19,8 +19,9 @@ _engine_key: tuple[int, str] = (0, "")
 def engine() -> Engine:
     """One engine per process and database URL (created after a fork, never inherited)."""
     global _engine, _engine_key
-    key = (os.getpid(), tasks.application.context().settings.effective_database_url)
+    settings = tasks.application.context().settings
+    key = (os.getpid(), settings.effective_database_url)
     if _engine is None or _engine_key != key:
-        _engine = make_engine(key[1])
+        _engine = make_engine(key[1], pool_size=settings.database_pool_size)
         _engine_key = key
     return _engine

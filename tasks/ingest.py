@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from celery import current_task
@@ -89,8 +90,11 @@ def store(
 
     `before_commit` (the handler runs) is called inside each storing
     transaction with what was new (`store_envelopes`)."""
+    window = timedelta(hours=tasks.application.context().settings.retransmission_window_h)
     try:
-        return store_envelopes(engine(), envelopes, before_commit=before_commit)
+        return store_envelopes(
+            engine(), envelopes, before_commit=before_commit, retransmission_window=window
+        )
     except (OperationalError, KombuOperationalError):
         raise  # the database or the broker is away: retry the task
     except Exception as exc:  # boundary: find the envelope the database refuses

@@ -11,15 +11,16 @@ import sqlite3
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psutil
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select, text
 
-from hub.envelope import envelope_id
+from hub.envelope import Envelope, Kind, envelope_id
 from hub.protocol.events import Ack
-from hub.storage import TelemetryRow, make_engine
+from hub.storage import TelemetryRow, make_engine, migrate, store_envelopes
 from tests.integration.test_embedded import _env as _base_env
 from tests.integration.test_embedded import _provision
 from tests.support.processes import ROOT, wait_until
@@ -379,3 +380,37 @@ def test_every_stop_signal_is_a_clean_stop(data_dir: Path, sig: signal.Signals) 
         )
     finally:
         restarted.stop()
+
+
+def test_the_in_hub_worker_runs_the_periodic_upkeep(data_dir: Path) -> None:
+    # hub run in the embedded default: its worker child claims the upkeep lease
+    # and applies the retention; the hub process itself runs no upkeep.
+    url = f"sqlite:///{data_dir / 'hub.sqlite3'}"
+    migrate(url)
+    engine = make_engine(url)
+    old = datetime.now(UTC) - timedelta(days=30)
+    store_envelopes(
+        engine,
+        [
+            Envelope(device_id="old", kind=Kind.TELEMETRY, payload={"t": n}, transport="tcp",
+                     protocol="native", seq=n, id=envelope_id("old", n, 1), received_at=old)
+            for n in range(3)
+        ],
+    )  # fmt: skip
+    hub = EmbeddedHub(data_dir, HUB_TELEMETRY_RETENTION_DAYS="7")
+    try:
+
+        def telemetry_rows() -> int:
+            with engine.connect() as conn:
+                return int(
+                    conn.execute(select(func.count()).select_from(TelemetryRow)).scalar_one()
+                )
+
+        assert wait_until(lambda: telemetry_rows() == 0, timeout=60), hub.output()
+        with engine.connect() as conn:
+            holder = conn.execute(text("SELECT holder FROM maintenance_leases")).scalar_one()
+        worker = psutil.Process(hub.process.pid).children(recursive=True)
+        assert holder.endswith(tuple(f"/{p.pid}" for p in worker)), holder
+    finally:
+        hub.stop()
+        engine.dispose()
