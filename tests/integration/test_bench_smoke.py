@@ -152,7 +152,7 @@ def test_mqtt_ingest_benchmark_stores_every_message_of_hub_and_baseline() -> Non
     assert result["config"]["lean"] is True
 
 
-@pytest.mark.reliability  # a private RabbitMQ node takes 10-20 s to start and stop
+# A private RabbitMQ node takes 10-20 s to start and stop: the benchmark stage.
 def test_mqtt_ingest_against_rabbitmqs_mqtt_plugin_counts_both_and_leaves_no_node() -> None:
     require_rabbitmq()
     before = _private_nodes()

@@ -1,4 +1,4 @@
-"""Smoke test of `python -m bench workers` at a tiny size, in the reliability stage:
+"""Smoke test of `python -m bench workers` at a tiny size, in the benchmark stage:
 five worker starts, three vhosts and three databases take over a minute.
 
 It checks that the command runs, cleans up, prints one JSON line, and that
@@ -13,7 +13,7 @@ import pytest
 from tests.integration.test_bench_tables_smoke import _run_bench
 from tests.support.services import require_rabbitmq
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.integration, pytest.mark.bench]
 
 
 def test_workers_benchmark_stores_every_envelope_once() -> None:
