@@ -179,8 +179,11 @@ def _scenario(
         )
     )
     everyone = set(tcp_ids + mqtt_ids)
-    assert wait_for(lambda: set(_holders(database_url)) >= everyone, 60), (
-        f"not every device connected through the balancer: {_holders(database_url)}"
+    # 120 s: on a loaded machine the balancer's first health checks and the
+    # devices' reconnect backoff take a while; the logs say why if not.
+    assert wait_for(lambda: set(_holders(database_url)) >= everyone, 120), (
+        f"not every device connected through the balancer: {_holders(database_url)}\n"
+        + _log_tails(tmp_path)
     )
     assert fleet.wait_acks(300, 90), "the fleet was not acknowledged before the fault"
     held = _holders(database_url)
@@ -221,6 +224,14 @@ def _scenario(
     )
     assert_nothing_lost(results, ("tcp", "mqtt"))
     assert second.running, "the surviving hub stopped"
+
+
+def _log_tails(tmp_path: Path, chars: int = 1500) -> str:
+    """The end of every log of the scenario (hubs, worker, HAProxy), for a failure."""
+    return "\n".join(
+        f"--- {log.name}:\n{log.read_text(errors='replace')[-chars:]}"
+        for log in sorted(tmp_path.glob("*.log"))
+    )
 
 
 def same_id_elsewhere(options: HubOptions, data_dir: Path) -> HubOptions:
