@@ -21,7 +21,10 @@ the other `bridges.mqtt` modules and amqtt.
   others through a `PacketReader` (bridges.mqtt.reader: whole, checked
   packets; size limit; CONNECT timeout; keep-alive at 1.5x) and always closes
   the socket at the end (stock amqtt leaves it open when the first packet is
-  bad).
+  bad). Before its CONNECT is read, each connection waits for a place in the
+  `HandshakeGate` (bridges.mqtt.handshakes, `mqtt_max_handshakes`), which the
+  session code gives back once the CONNACK is written; one whose device
+  closed it while it waited is closed without a handshake (`abandoned`).
 - MQTT over WebSockets (ws and wss) takes the same path: the listener is
   ours, not amqtt's (which would run the `websockets` server and its TLS
   before any limit); after the limits and the TLS handshake,
@@ -46,6 +49,7 @@ from prometheus_client import Counter
 
 from bridges.address_gate import AddressGate
 from bridges.listen import PortSetting, bind
+from bridges.mqtt.handshakes import HandshakeGate
 from bridges.mqtt.reader import ByteStream, PacketReader
 from bridges.mqtt.websocket import HandshakeFailed, WebSocketStream, WebSocketWriter
 from hub.metrics import Metrics
@@ -127,6 +131,8 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     _limit_unlogged: int
     #: Limits per source address (None: all off); `DeviceAccess` counts failed logins in it.
     _address_gate: AddressGate | None
+    #: Bounds the handshakes in progress (`mqtt_max_handshakes`).
+    _handshakes: HandshakeGate
 
     @property
     def port(self) -> int:
@@ -239,7 +245,25 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         ws: WebSocketStream | None,
     ) -> None:
         """amqtt's session over `source` read through a `PacketReader`; `ws`
-        when the packets travel in WebSocket frames."""
+        when the packets travel in WebSocket frames. Its CONNECT is read only
+        once the connection has a place among the handshakes in progress (its
+        CONNECT timeout starts then)."""
+        async with self._handshakes.enter() as waited:
+            if waited and getattr(source, "_eof", False):
+                # Its device closed the connection while it waited (gave up
+                # waiting for a CONNACK): no handshake for nobody.
+                self._metrics.connections_refused.labels("mqtt", "abandoned").inc()
+                return
+            await self._serve_admitted(source, adapter, writer, listener_name, ws)
+
+    async def _serve_admitted(
+        self,
+        source: ByteStream,
+        adapter: StreamWriterAdapter,
+        writer: asyncio.StreamWriter,
+        listener_name: str,
+        ws: WebSocketStream | None,
+    ) -> None:
         peer_text = _peer(writer)
         packets = PacketReader(
             source,
