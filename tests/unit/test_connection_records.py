@@ -18,7 +18,16 @@ from sqlalchemy import Engine, select
 
 import bridges.downlink
 from bridges.downlink import Downlink
-from hub.commands import ConnectionChange, connected, disconnected, record_connections
+from hub.commands import (
+    ConnectionChange,
+    connected,
+    create_command,
+    disconnected,
+    finish_command,
+    pending_commands,
+    pending_commands_of,
+    record_connections,
+)
 from hub.settings import load_settings
 from hub.storage import DeviceConnection, make_engine, migrate
 
@@ -132,3 +141,15 @@ def test_a_storm_of_connects_is_written_in_few_transactions(
     assert sum(batches) == 300
     assert len(batches) <= 2  # all arrived before the first write began
     assert len(rows(engine)) == 300
+
+
+def test_pending_commands_of_many_devices_match_those_of_each(engine: Engine) -> None:
+    for n in range(3):
+        create_command(engine, f"a-{n}", "a", "blink", {"n": n}, 60)
+    create_command(engine, "b-0", "b", "blink", {}, 60)
+    create_command(engine, "done", "b", "blink", {}, 60)
+    finish_command(engine, "done", "succeeded")
+    devices = ["a", "b", "c", *(f"other-{n}" for n in range(600))]  # past one IN list
+    found = pending_commands_of(engine, devices)
+    assert found == {d: pending_commands(engine, d) for d in ("a", "b")}
+    assert [c.id for c in found["a"]] == ["a-0", "a-1", "a-2"]  # oldest first
