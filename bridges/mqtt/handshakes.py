@@ -21,8 +21,9 @@ devices still waiting, and those that gave up come back as new ones. The
 listener closes, without a handshake, a connection whose device has already
 closed it (`abandoned`).
 
-The listener takes a place for each connection before its CONNECT is read
-(`enter`) and gives it back at the latest when the connection ends; the
+The listener reads each connection's CONNECT first (within the CONNECT
+timeout: a silent socket holds no place), then takes a place (`enter`) and
+gives it back at the latest when the connection ends; the
 session code gives it back as soon as the CONNACK is written (`leave`), which
 it finds through a context variable: each connection is served by a task of
 its own, and amqtt's code between the two knows nothing of the gate.

@@ -21,9 +21,10 @@ the other `bridges.mqtt` modules and amqtt.
   others through a `PacketReader` (bridges.mqtt.reader: whole, checked
   packets; size limit; CONNECT timeout; keep-alive at 1.5x) and always closes
   the socket at the end (stock amqtt leaves it open when the first packet is
-  bad). Before its CONNECT is read, each connection waits for a place in the
-  `HandshakeGate` (bridges.mqtt.handshakes, `mqtt_max_handshakes`), which the
-  session code gives back once the CONNACK is written; one whose device
+  bad). Once its CONNECT is read, each connection waits for a place in the
+  `HandshakeGate` (bridges.mqtt.handshakes, `mqtt_max_handshakes`) before
+  amqtt handles it; the session code gives the place back once the CONNACK
+  is written; one whose device
   closed it while it waited is closed without a handshake (`abandoned`).
 - MQTT over WebSockets (ws and wss) takes the same path: the listener is
   ours, not amqtt's (which would run the `websockets` server and its TLS
@@ -245,25 +246,9 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         ws: WebSocketStream | None,
     ) -> None:
         """amqtt's session over `source` read through a `PacketReader`; `ws`
-        when the packets travel in WebSocket frames. Its CONNECT is read only
-        once the connection has a place among the handshakes in progress (its
-        CONNECT timeout starts then)."""
-        async with self._handshakes.enter() as waited:
-            if waited and getattr(source, "_eof", False):
-                # Its device closed the connection while it waited (gave up
-                # waiting for a CONNACK): no handshake for nobody.
-                self._metrics.connections_refused.labels("mqtt", "abandoned").inc()
-                return
-            await self._serve_admitted(source, adapter, writer, listener_name, ws)
-
-    async def _serve_admitted(
-        self,
-        source: ByteStream,
-        adapter: StreamWriterAdapter,
-        writer: asyncio.StreamWriter,
-        listener_name: str,
-        ws: WebSocketStream | None,
-    ) -> None:
+        when the packets travel in WebSocket frames. Its CONNECT is read
+        first (within the CONNECT timeout), and handled only once the
+        connection has a place among the handshakes in progress."""
         peer_text = _peer(writer)
         packets = PacketReader(
             source,
@@ -275,7 +260,14 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             on_violation=self._violation if ws is None else partial(self._ws_violation, ws),
         )
         try:
-            await self._client_connected(listener_name, packets, adapter)
+            await packets.prefetch()
+            async with self._handshakes.enter() as waited:
+                if waited and getattr(source, "_eof", False):
+                    # Its device closed the connection while it waited (gave up
+                    # waiting for a CONNACK): no handshake for nobody.
+                    self._metrics.connections_refused.labels("mqtt", "abandoned").inc()
+                    return
+                await self._client_connected(listener_name, packets, adapter)
         except Exception:
             # The boundary with amqtt: one connection's failure stays with it.
             self._metrics.protocol_errors.labels("mqtt", "internal_error").inc()

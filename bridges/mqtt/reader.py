@@ -148,6 +148,14 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
     def feed_eof(self) -> None:
         self._inner.feed_eof()
 
+    async def prefetch(self) -> None:
+        """Read the first packet (the CONNECT) ahead of amqtt, within the
+        CONNECT timeout, and keep it for amqtt's reads: the listener waits for
+        it before the connection takes a place among the handshakes, so a
+        silent socket holds none."""
+        if not self._buffer and self.failed is None:
+            self._buffer += await self._read_packet()
+
     # -- one packet --------------------------------------------------------------------
 
     async def _read_packet(self) -> bytes:

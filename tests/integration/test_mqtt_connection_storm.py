@@ -141,3 +141,27 @@ def test_devices_connecting_at_once_all_get_connack_and_working_subscriptions(
     assert wait_until(_reachable(b, 0), timeout=WAIT_S)
     table = b.call_soon(lambda: dict(b.mqtt._broker._subscriptions))  # type: ignore[union-attr]
     assert table == {}  # a clean session's subscriptions end with it
+
+
+def test_silent_sockets_hold_no_handshake_place(tmp_path: Path) -> None:
+    # One place, and sockets that never send a CONNECT (kept open far longer
+    # than the device below waits): the device still gets its CONNACK.
+    b = Broker(tmp_path / "hub", mqtt_max_handshakes=1, mqtt_connect_timeout_s=300).start()
+    try:
+        credential = b.provision("after-silence")
+
+        async def scenario() -> tuple[int, int]:
+            silent = [await asyncio.open_connection("127.0.0.1", b.port) for _ in range(3)]
+            await asyncio.sleep(0.2)  # accepted, each waiting for its CONNECT
+            device = Device("after-silence")
+            try:
+                return await device.connect(b.port, credential)
+            finally:
+                if device.writer is not None:
+                    device.drop()
+                for _, writer in silent:
+                    writer.transport.abort()
+
+        assert asyncio.run(scenario()) == (0, 1)
+    finally:
+        b.close()
