@@ -270,6 +270,27 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="the hub's event_loop setting (default: auto, uvloop where installed)",
     )
+    conns.add_argument(
+        "--lean",
+        action="store_true",
+        help="MQTT devices are raw-socket clients that subscribe to their command topic "
+        "(firmware_sim.lean_mqtt), not paho: a fleet of 10,000 costs the load generator less",
+    )
+    conns.add_argument(
+        "--publish-probe",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="MQTT: lean QoS 1 publishers at full speed for S seconds on the idle hub "
+        "and again with the fleet held (default: 0, none)",
+    )
+    conns.add_argument(
+        "--publish-probe-devices",
+        type=_positive_int,
+        default=20,
+        metavar="N",
+        help="publishers of the publish probe (default: 20)",
+    )
     conns.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
     conns.add_argument(
         "--json", action="store_true", help="stdout: only the JSON line (the table goes to stderr)"
@@ -604,6 +625,9 @@ def _connections(args: argparse.Namespace) -> None:
             connect_timeout_s=args.connect_timeout,
             loop=args.loop,
             quiet=args.quiet,
+            lean=args.lean,
+            publish_probe_s=args.publish_probe,
+            publish_probe_devices=args.publish_probe_devices,
         )
     )
     _emit(result, connections_table(result), args)

@@ -9,11 +9,18 @@ vhost of its own, SQLite database with the devices registered):
 2. start the fleet (bench.fleet_runner, its own process) with every device
    lingering: TCP devices send HELLO and then only keep-alive PINGs, MQTT
    devices CONNECT with their credentials and SUBSCRIBE to their command
-   topic; record how long it takes until every device is connected (and
+   topic (paho, or `--lean`: firmware_sim.lean_mqtt's raw-socket clients);
+   record how long it takes until every device is connected (and
    subscribed);
 3. hold the fleet for `--hold` seconds, then read the hub's RSS and how many
    devices the hub itself reports connected (its /status endpoint);
 4. RSS per connection = (RSS connected - RSS idle) / devices.
+
+With `--publish-probe S` (MQTT), a small fleet of lean QoS 1 publishers
+publishes as fast as it can for S seconds twice: on the idle hub, and while
+the fleet is held; both rates (messages acknowledged per second, that is
+confirmed by RabbitMQ) show what the connected, subscribed devices cost
+publishing clients.
 
 Each process started gets its open-file limit raised to the hard limit.
 """
@@ -24,6 +31,7 @@ import contextlib
 import json
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -70,6 +78,11 @@ class ConnectionsConfig:
     connect_timeout_s: float = 300.0
     loop: str = "auto"
     quiet: bool = False
+    #: MQTT devices are lean raw-socket clients subscribing to their command topic.
+    lean: bool = False
+    #: Seconds of the publish probe (0: none); its publishers.
+    publish_probe_s: float = 0.0
+    publish_probe_devices: int = 20
 
 
 def _status(http_port: int | None) -> dict[str, Any]:
@@ -80,6 +93,29 @@ def _status(http_port: int | None) -> dict[str, Any]:
             return dict(json.load(r))
     except (OSError, ValueError):
         return {}
+
+
+def _publish_rate(port: int, credentials_file: Path, seconds: float) -> dict[str, Any]:
+    """Lean QoS 1 publishers at full speed for `seconds`: what they got acknowledged."""
+    argv = [
+        sys.executable, "-m", "bench.fleet_runner", "--transport", "mqtt", "--lean",
+        "--host", LOCALHOST, "--port", str(port), "--credentials", str(credentials_file),
+        "--duration", str(seconds), "--window", "64", "--drain-timeout", "5",
+    ]  # fmt: skip
+    done = subprocess.run(
+        argv, env=child_env(), capture_output=True, text=True, timeout=seconds + 60, check=False
+    )
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    result = next((r for r in reversed(lines) if r.get("type") == "result"), None)
+    if result is None:
+        raise BenchError(f"the publish probe gave no result: {done.stderr[-2000:]}")
+    summary = result["summary"]
+    return {
+        "seconds": summary["duration_s"],
+        "acknowledged": summary["acknowledged"],
+        "msg_per_s": summary["rate_per_s"],
+        "fleet_cpu_s": result["cpu_s"],
+    }
 
 
 def _last(child: Child, kind: str) -> dict[str, Any] | None:
@@ -111,16 +147,33 @@ def measure_transport(
     probe_device, probe_credential = f"{prefix}probe", secrets.token_urlsafe(16)
     credentials_file = folder / "credentials.json"
     credentials_file.write_text(json.dumps(credentials), "utf-8")
+    publishers = (
+        make_credentials(f"{prefix}pub-", cfg.publish_probe_devices)
+        if cfg.publish_probe_s > 0 and transport == "mqtt"
+        else {}
+    )
+    publishers_file = folder / "publishers.json"
+    publishers_file.write_text(json.dumps(publishers), "utf-8")
     database_url = f"sqlite:///{folder / 'hub.sqlite3'}"
-    provision_hub(database_url, {**credentials, probe_device: probe_credential})
+    provision_hub(database_url, {**credentials, **publishers, probe_device: probe_credential})
+    published: dict[str, Any] = {}
     hub_cfg = IngestConfig(transport=transport, loop=cfg.loop)
     with contextlib.ExitStack() as stack:
+        # Room for the fleet and the publish probe beyond the default limit.
+        env = {"HUB_MQTT_MAX_CONNECTIONS": str(devices + len(publishers) + 1024), **(hub_env or {})}
         hub, ports = start_hub(
-            hub_cfg, folder, broker_url, database_url, mqtt=transport == "mqtt", env=hub_env
+            hub_cfg, folder, broker_url, database_url, mqtt=transport == "mqtt", env=env
         )
         stack.callback(hub.stop)
         event_loop = hub_event_loop(hub)
         time.sleep(1.0)  # let the freshly started hub settle before the idle reading
+        if publishers:
+            published["idle"] = _publish_rate(
+                ports[transport], publishers_file, cfg.publish_probe_s
+            )
+            if not cfg.quiet:
+                log(f"{transport}: publish probe on the idle hub: "
+                    f"{published['idle']['msg_per_s']:,.0f} msg/s")  # fmt: skip
         rss_idle = hub.rss()
         cpu_before = hub.cpu_s()
         bound_s = cfg.connect_timeout_s + cfg.hold_s + 120
@@ -133,6 +186,8 @@ def measure_transport(
         ]  # fmt: skip
         if cfg.connect_rate:
             argv += ["--connect-rate", str(cfg.connect_rate)]
+        if transport == "mqtt" and cfg.lean:
+            argv += ["--lean", "--subscribe"]
 
         def show(line: str) -> None:
             if cfg.quiet or not line.startswith("{"):
@@ -170,6 +225,13 @@ def measure_transport(
             rss_peak = max(rss_peak, hub.rss())
             time.sleep(0.5)
         rss_connected = hub.rss()
+        if publishers:
+            published["held"] = _publish_rate(
+                ports[transport], publishers_file, cfg.publish_probe_s
+            )
+            if not cfg.quiet:
+                log(f"{transport}: publish probe with the fleet held: "
+                    f"{published['held']['msg_per_s']:,.0f} msg/s")  # fmt: skip
         probed = None if probe is None else probe(ports[transport], probe_device, probe_credential)
         status = _status(ports.get("http"))
         held = (status.get("devices_connected") or {}).get(transport)
@@ -200,6 +262,7 @@ def measure_transport(
         "fleet_cpu_s": result.get("cpu_s"),
         "fleet_max_rss_mb": round(result["max_rss_kb"] / 1024, 1) if result else None,
         **({} if probed is None else {"probe": probed}),
+        **({"publish_probe": published} if published else {}),
     }
 
 
@@ -265,6 +328,9 @@ def run_connections(cfg: ConnectionsConfig) -> dict[str, Any]:
             "hold_s": cfg.hold_s,
             "connect_rate": cfg.connect_rate,
             "loop": cfg.loop,
+            "lean": cfg.lean,
+            "publish_probe_s": cfg.publish_probe_s,
+            "publish_probe_devices": cfg.publish_probe_devices,
         },
         **results,
         "targets": targets,

@@ -4,7 +4,8 @@ Layer: benchmarks; may import anything.
 
 `python -m bench.fleet_runner --transport tcp --port P --credentials creds.json
 --duration 20` runs `firmware_sim`'s TCP or MQTT fleet (uvloop when installed;
-`--lean`: MQTT's raw-socket publishers) and writes JSON lines on stdout:
+`--lean`: MQTT's raw-socket publishers, `--subscribe` subscribing them to
+their command topic) and writes JSON lines on stdout:
 
 - `{"type": "progress", ...}` every `--progress-interval` seconds,
 - `{"type": "online", "elapsed_s": ...}` once every device is connected (and,
@@ -100,6 +101,7 @@ async def _run(args: argparse.Namespace, credentials: dict[str, str]) -> dict[st
         fault=parse_fault(args.fault) if args.fault else None,
         tls=args.tls,
         tls_ca_file=Path(args.cafile) if args.cafile else None,
+        subscribe=mqtt and args.lean and args.subscribe,
         **({"qos": args.qos, "topic_root": args.topic_root} if mqtt else {}),
     )
     started_wall = time.time()
@@ -142,6 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--topic-root", default="devices")
     parser.add_argument(
         "--lean", action="store_true", help="MQTT: raw-socket publishers (firmware_sim.lean_mqtt)"
+    )
+    parser.add_argument(
+        "--subscribe",
+        action="store_true",
+        help="with --lean: subscribe to the command topic before counting as online",
     )
     parser.add_argument("--connect-rate", type=float, help="new connections per second")
     parser.add_argument("--linger", action="store_true", help="stay connected until stopped")

@@ -196,6 +196,16 @@ def connections_table(result: dict[str, Any]) -> str:
             f"{_num(r['connect_s'], 2):>10} {_num(r['hub_rss_mb']['connected'], 1):>11} "
             f"{_num(r['rss_kb_per_connection'], 2):>8} {_num(r['hub_cpu_s'], 1):>10}"
         )
+        if r.get("errors"):
+            out.append(f"  {name}: {r['errors']} connect errors, {r.get('refused') or 0} refused")
+        probe = r.get("publish_probe")
+        if probe and "idle" in probe and "held" in probe:
+            idle, held = probe["idle"]["msg_per_s"], probe["held"]["msg_per_s"]
+            out.append(
+                f"  {name} publish probe (QoS 1, {probe['idle']['seconds']:g} s each): "
+                f"{idle:,.0f} msg/s idle hub, {held:,.0f} msg/s with {r['devices']} held "
+                f"({held / idle if idle else 0:.2f}x)"
+            )
     for target in result.get("targets", []):
         out.append(f"  target: {target['text']}: {target['measured']} "
                    f"({'met' if target['met'] else 'NOT met'})")  # fmt: skip

@@ -19,6 +19,13 @@ command was answered (a nudge waiting in the queue of a hung hub), so the
 command is handed over only while the database still has it open, and only
 if this connection of the device has not had it yet (the nudge and the read
 on connect may both find a command sent while the device was connecting).
+
+Connects and disconnects are written by one writer task, on a thread, in
+batches: whatever arrived while the previous batch was written goes in one
+transaction (`hub.commands.record_connections`), and the pending commands of
+every device that connected are read in one query. One commit per connect
+made a connection storm (every device reconnecting after a restart) wait on
+thousands of commits; one writer also keeps each device's records in order.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import asyncio
 import logging
 import threading
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,13 +44,13 @@ from sqlalchemy import Engine
 from bridges.queues import connect
 from hub.commands import (
     OPEN,
+    ConnectionChange,
     PendingCommand,
     command_status,
-    connected,
-    disconnected,
     downlink_queue,
     forget_hub,
-    pending_commands,
+    pending_commands_of,
+    record_connections,
 )
 from hub.control import is_control
 from hub.settings import Settings
@@ -54,6 +61,8 @@ log = logging.getLogger(__name__)
 Deliver = Callable[[PendingCommand], bool]
 #: Who handles control messages to this hub (hub/control.py), called on the loop.
 ControlHandler = Callable[[dict[str, Any]], None]
+#: Most connection changes written in one transaction.
+MAX_CHANGES_PER_BATCH = 5000
 
 
 class Downlink:
@@ -69,8 +78,9 @@ class Downlink:
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
-        # Each device's newest connection record, which the next one waits for.
-        self._tails: dict[str, asyncio.Future[None]] = {}
+        # Connection changes not written yet, and the task writing them (if any).
+        self._changes: list[ConnectionChange] = []
+        self._writer: asyncio.Future[None] | None = None
         self.delivered = 0
         # Per device, the commands handed to its current connection (see above).
         self._handed: dict[str, set[str]] = {}
@@ -102,50 +112,53 @@ class Downlink:
     # -- connection events from the transports (called on the loop) ---------
 
     def device_connected(self, device_id: str, transport: str) -> None:
-        at = datetime.now(UTC)  # the connect's time, not when its record is written
         # A new connection has had nothing yet, whatever the previous one had.
         self._handed[device_id] = set()
-        self._in_order(device_id, lambda: self._connected(device_id, transport, at))
+        # The connect's time, not when its record is written.
+        self._record(ConnectionChange(device_id, transport, datetime.now(UTC)))
 
     def device_disconnected(self, device_id: str) -> None:
         self._handed.pop(device_id, None)
-        self._in_order(
-            device_id,
-            lambda: asyncio.to_thread(disconnected, self._engine, device_id, self.hub_id),
-        )
+        self._record(ConnectionChange(device_id, None, datetime.now(UTC)))
 
-    def _in_order(self, device_id: str, work: Callable[[], Awaitable[None]]) -> None:
-        """Run `work` after the device's earlier records: each runs on a thread, and
-        a disconnect written after the reconnect that followed it would make the
-        device unreachable for commands."""
-        previous = self._tails.get(device_id)
+    def _record(self, change: ConnectionChange) -> None:
+        self._changes.append(change)
+        if self._writer is None:
+            task = asyncio.ensure_future(self._write_changes())
+            self._writer = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-        async def run() -> None:
-            if previous is not None:
-                await asyncio.gather(previous, return_exceptions=True)
-            try:
-                await work()
-            except Exception:  # boundary: the database is away; the next connect records it
-                log.exception("could not record a connection change of %r", device_id)
-
-        task = asyncio.ensure_future(run())
-        self._tails[device_id] = task
-        self._tasks.add(task)
-
-        def done(finished: asyncio.Future[None]) -> None:
-            self._tasks.discard(finished)
-            if self._tails.get(device_id) is finished:
-                del self._tails[device_id]
-
-        task.add_done_callback(done)
-
-    async def _connected(self, device_id: str, transport: str, at: datetime) -> None:
+    async def _write_changes(self) -> None:
+        """Write the changes queued, batch after batch, until none is left."""
         try:
-            await asyncio.to_thread(connected, self._engine, device_id, self.hub_id, transport, at)
-            for command in await asyncio.to_thread(pending_commands, self._engine, device_id):
-                self.deliver(command)
+            while self._changes:
+                batch = self._changes[:MAX_CHANGES_PER_BATCH]
+                del self._changes[:MAX_CHANGES_PER_BATCH]
+                await self._write_batch(batch)
+        finally:
+            # No await since the list was found empty: the next change starts a writer.
+            self._writer = None
+
+    async def _write_batch(self, batch: list[ConnectionChange]) -> None:
+        try:
+            await asyncio.to_thread(record_connections, self._engine, self.hub_id, batch)
+        except Exception:  # boundary: the database is away; the next connect records it
+            log.exception("could not record %d connection change(s)", len(batch))
+            return
+        # Devices whose last change here is a connect get their pending commands.
+        last = {change.device_id: change.transport for change in batch}
+        devices = [device for device, transport in last.items() if transport is not None]
+        if not devices:
+            return
+        try:
+            pending = await asyncio.to_thread(pending_commands_of, self._engine, devices)
         except Exception:  # boundary: the database is away; commands wait for the next connect
-            log.exception("could not record the connection of %r", device_id)
+            log.exception("could not read the pending commands of %d device(s)", len(devices))
+            return
+        for device in devices:
+            for command in pending.get(device, ()):
+                self.deliver(command)
 
     # -- delivery ------------------------------------------------------------
 

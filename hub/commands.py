@@ -19,11 +19,12 @@ publishes it only after `claim_delivery`, so exactly once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Engine, bindparam, delete, insert, select, update
 
 from hub.storage import CommandRow, DeviceConnection, _insert_ignore
 
@@ -204,6 +205,92 @@ def disconnected(engine: Engine, device_id: str, hub_id: str) -> None:
                 DeviceConnection.device_id == device_id, DeviceConnection.hub_id == hub_id
             )
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionChange:
+    """A device connected to this hub (`transport` set) or disconnected (None), at `at`."""
+
+    device_id: str
+    transport: str | None
+    at: datetime
+
+
+#: Devices per `IN (...)` list: well under every backend's limit on bound parameters.
+_IN_CHUNK = 500
+
+
+def record_connections(engine: Engine, hub_id: str, changes: Sequence[ConnectionChange]) -> None:
+    """Write many `connected` and `disconnected` records of one hub in one
+    transaction, with the same effect as writing them one by one in the order
+    given. One commit for a batch rather than one per connect is what lets a
+    hub take thousands of connects per second (a connection storm after a
+    restart). Each device's changes keep their order: the batch is cut into
+    rounds (every device's first change, then every second one, ...), and
+    devices are independent within a round."""
+    rounds: list[list[ConnectionChange]] = []
+    seen: dict[str, int] = {}
+    for change in changes:
+        nth = seen.get(change.device_id, 0)
+        seen[change.device_id] = nth + 1
+        if nth == len(rounds):
+            rounds.append([])
+        rounds[nth].append(change)
+    table = DeviceConnection.__table__
+    older = delete(DeviceConnection).where(
+        DeviceConnection.device_id == bindparam("b_device"),
+        DeviceConnection.connected_at <= bindparam("b_at"),
+    )
+    ours = delete(DeviceConnection).where(
+        DeviceConnection.device_id == bindparam("b_device"), DeviceConnection.hub_id == hub_id
+    )
+    with engine.begin() as conn:
+        for batch in rounds:
+            connects = [c for c in batch if c.transport is not None]
+            gone = [{"b_device": c.device_id} for c in batch if c.transport is None]
+            if connects:
+                conn.execute(older, [{"b_device": c.device_id, "b_at": c.at} for c in connects])
+                # A newer connection's row is still there: the insert is then ignored.
+                conn.execute(
+                    _insert_ignore(engine, table),
+                    [
+                        {
+                            "device_id": c.device_id,
+                            "hub_id": hub_id,
+                            "transport": c.transport,
+                            "connected_at": c.at,
+                        }
+                        for c in connects
+                    ],
+                )
+            if gone:
+                conn.execute(ours, gone)
+
+
+def pending_commands_of(
+    engine: Engine, device_ids: Sequence[str]
+) -> dict[str, list[PendingCommand]]:
+    """`pending_commands` of many devices in a few queries: device id -> its
+    open, unexpired commands, oldest first (devices without any are left out)."""
+    now = datetime.now(UTC)
+    found: dict[str, list[PendingCommand]] = {}
+    unique = list(dict.fromkeys(device_ids))
+    with engine.connect() as conn:
+        for start in range(0, len(unique), _IN_CHUNK):
+            query = (
+                select(CommandRow)
+                .where(
+                    CommandRow.device_id.in_(unique[start : start + _IN_CHUNK]),
+                    CommandRow.status.in_(OPEN),
+                    CommandRow.expires_at > now,
+                )
+                .order_by(CommandRow.created_at)
+            )
+            for r in conn.execute(query):
+                found.setdefault(r.device_id, []).append(
+                    PendingCommand(r.id, r.device_id, r.name, dict(r.args), r.expires_at)
+                )
+    return found
 
 
 def forget_hub(engine: Engine, hub_id: str) -> None:

@@ -134,6 +134,8 @@ class Settings(BaseSettings):
     mqtt_max_topic_levels: int = Field(default=64, ge=1, le=32767)
     #: Open connections of the embedded broker; beyond it new ones are closed at once.
     mqtt_max_connections: int = Field(default=10_000, ge=1)
+    #: MQTT connections in their handshake (CONNECT read to CONNACK sent) at once; more wait.
+    mqtt_max_handshakes: int = Field(default=64, ge=1)
     #: QoS 1/2 messages kept for one offline persistent MQTT session; more are dropped.
     mqtt_max_queued_messages: int = Field(default=1000, ge=0)
     #: Port of MQTT over TLS (0: off; off too while `tls_cert_file` is unset).

@@ -28,6 +28,7 @@ from amqtt.session import Session
 
 from bridges.mqtt.auth import AclFileAccess, DeviceAccess, DeviceAuthPlugin, DeviceTopicPlugin
 from bridges.mqtt.delivery import DeliveringBroker
+from bridges.mqtt.handshakes import HandshakeGate
 from bridges.mqtt.listener import (
     LIMIT_LOG_INTERVAL_S,
     ListeningBroker,
@@ -79,6 +80,7 @@ class HubBroker(SessionBroker, ReachableBroker, DeliveringBroker, ListeningBroke
         connect_timeout_s: float,
         max_topic_levels: int,
         max_connections: int,
+        max_handshakes: int,
         max_queued_messages: int,
         metrics: Metrics,
         topic_root: str,
@@ -102,6 +104,7 @@ class HubBroker(SessionBroker, ReachableBroker, DeliveringBroker, ListeningBroke
         self._max_topic_levels = max_topic_levels
         self._max_connections = max_connections
         self._open_connections = 0
+        self._handshakes = HandshakeGate(max_handshakes)
         self._limit_refusals = metrics.connections_refused.labels("mqtt", "connection_limit")
         self._limit_logged_at = -LIMIT_LOG_INTERVAL_S  # the first refusal is logged
         self._limit_unlogged = 0
@@ -111,6 +114,7 @@ class HubBroker(SessionBroker, ReachableBroker, DeliveringBroker, ListeningBroke
         self._subscriptions: SubscriptionTable[list[tuple[Session, int]]] = SubscriptionTable()
         self._index = SubscriptionIndex()
         self._subscribed_topics = {}
+        self._filters_of = {}
         # bridges.mqtt.reachability
         self._reachable = {}
         # bridges.mqtt.sessions
@@ -236,6 +240,7 @@ class EmbeddedMqtt:
             connect_timeout_s=self._settings.mqtt_connect_timeout_s,
             max_topic_levels=self._settings.mqtt_max_topic_levels,
             max_connections=self._settings.mqtt_max_connections,
+            max_handshakes=self._settings.mqtt_max_handshakes,
             max_queued_messages=self._settings.mqtt_max_queued_messages,
             metrics=self._metrics,
             topic_root=self._settings.mqtt_topic_root,

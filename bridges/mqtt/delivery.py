@@ -9,7 +9,10 @@ amqtt.
 - `add_subscription`: indexes the filter (bridges.mqtt.subscriptions); a
   repeated SUBSCRIBE replaces the QoS [MQTT-3.8.4-3]. With
   `_del_subscription`, it also forgets the `has_subscribers` answers, which
-  the fast path of device uplink asks per message (bridges.mqtt.tap).
+  the fast path of device uplink asks per message (bridges.mqtt.tap), and
+  keeps the filters of each client id, so that `_del_all_subscriptions`
+  (a session ending) looks only at the session's own filters, not at
+  everyone's; a filter nobody holds any more leaves the table.
 - `_handle_subscription` / `_send_retained`: retained messages only for the
   filter just subscribed, checked against the ACL, at most at the granted
   QoS [MQTT-3.3.1-6]. `_publish_retained_messages_for_subscription` (stock
@@ -73,6 +76,8 @@ class DeliveringBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     _max_queued: int
     #: `has_subscribers` by topic, forgotten at every (un)subscription.
     _subscribed_topics: dict[str, bool]
+    #: The filters each client id holds in `_subscriptions`.
+    _filters_of: dict[str, set[str]]
 
     # -- subscriptions -----------------------------------------------------------------
 
@@ -87,6 +92,7 @@ class DeliveringBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
                 if holder.client_id == session.client_id:
                     holders[index] = (session, result)
             self._index.add(topic_filter)
+            self._filters_of.setdefault(session.client_id, set()).add(topic_filter)
             self._subscribed_topics.clear()
         return result
 
@@ -94,7 +100,23 @@ class DeliveringBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         deleted: int = super()._del_subscription(a_filter, session)
         if deleted:
             self._subscribed_topics.clear()
+            filters = self._filters_of.get(session.client_id)
+            if filters is not None:
+                filters.discard(a_filter)
+                if not filters:
+                    del self._filters_of[session.client_id]
+            if not self._subscriptions.get(a_filter, True):
+                # Nobody holds it any more (stock amqtt kept the empty entry
+                # after an UNSUBSCRIBE, one per filter ever used).
+                del self._subscriptions[a_filter]
         return deleted
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        # Stock amqtt tries every filter of every client (a session ending cost
+        # the number of subscriptions, a storm of disconnects the square of
+        # the fleet); only the session's own are looked at here.
+        for topic_filter in self._filters_of.pop(session.client_id, ()):
+            self._del_subscription(topic_filter, session)
 
     def has_subscribers(self, topic: str) -> bool:
         """Whether some session (online or a stored persistent one) holds a

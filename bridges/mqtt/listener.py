@@ -21,7 +21,11 @@ the other `bridges.mqtt` modules and amqtt.
   others through a `PacketReader` (bridges.mqtt.reader: whole, checked
   packets; size limit; CONNECT timeout; keep-alive at 1.5x) and always closes
   the socket at the end (stock amqtt leaves it open when the first packet is
-  bad).
+  bad). Once its CONNECT is read, each connection waits for a place in the
+  `HandshakeGate` (bridges.mqtt.handshakes, `mqtt_max_handshakes`) before
+  amqtt handles it; the session code gives the place back once the CONNACK
+  is written; one whose device
+  closed it while it waited is closed without a handshake (`abandoned`).
 - MQTT over WebSockets (ws and wss) takes the same path: the listener is
   ours, not amqtt's (which would run the `websockets` server and its TLS
   before any limit); after the limits and the TLS handshake,
@@ -46,6 +50,7 @@ from prometheus_client import Counter
 
 from bridges.address_gate import AddressGate
 from bridges.listen import PortSetting, bind
+from bridges.mqtt.handshakes import HandshakeGate
 from bridges.mqtt.reader import ByteStream, PacketReader
 from bridges.mqtt.websocket import HandshakeFailed, WebSocketStream, WebSocketWriter
 from hub.metrics import Metrics
@@ -127,6 +132,8 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     _limit_unlogged: int
     #: Limits per source address (None: all off); `DeviceAccess` counts failed logins in it.
     _address_gate: AddressGate | None
+    #: Bounds the handshakes in progress (`mqtt_max_handshakes`).
+    _handshakes: HandshakeGate
 
     @property
     def port(self) -> int:
@@ -239,7 +246,9 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         ws: WebSocketStream | None,
     ) -> None:
         """amqtt's session over `source` read through a `PacketReader`; `ws`
-        when the packets travel in WebSocket frames."""
+        when the packets travel in WebSocket frames. Its CONNECT is read
+        first (within the CONNECT timeout), and handled only once the
+        connection has a place among the handshakes in progress."""
         peer_text = _peer(writer)
         packets = PacketReader(
             source,
@@ -251,7 +260,14 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             on_violation=self._violation if ws is None else partial(self._ws_violation, ws),
         )
         try:
-            await self._client_connected(listener_name, packets, adapter)
+            await packets.prefetch()
+            async with self._handshakes.enter() as waited:
+                if waited and getattr(source, "_eof", False):
+                    # Its device closed the connection while it waited (gave up
+                    # waiting for a CONNACK): no handshake for nobody.
+                    self._metrics.connections_refused.labels("mqtt", "abandoned").inc()
+                    return
+                await self._client_connected(listener_name, packets, adapter)
         except Exception:
             # The boundary with amqtt: one connection's failure stays with it.
             self._metrics.protocol_errors.labels("mqtt", "internal_error").inc()

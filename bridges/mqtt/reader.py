@@ -1,7 +1,7 @@
 """The reader amqtt reads a client connection through: whole, checked packets only.
 
-Layer: bridges; imports the `hub` core (`hub.mqtt_rules`) and amqtt's reader
-adapter base class only.
+Layer: bridges; imports the `hub` core (`hub.mqtt_rules`), `bridges.mqtt.lean`
+and amqtt's reader adapter base class only.
 
 amqtt 0.12.1 parses what a client sends loosely: it accepts many packets the
 MQTT 3.1.1 specification calls malformed (where the server MUST close the
@@ -34,6 +34,7 @@ from typing import Protocol
 
 from amqtt.adapters import ReaderAdapter
 
+from bridges.mqtt.lean import LeanEvent
 from hub.mqtt_rules import (
     CONNECT_BYTE,
     CONNECT_TIMEOUT,
@@ -111,7 +112,7 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         self._reading: asyncio.Task[object] | None = None
         self._task: asyncio.Task[object] | None = None
         self._silent: ProtocolViolation | None = None
-        self._resume = asyncio.Event()
+        self._resume: asyncio.Event = LeanEvent()
         self._resume.set()
 
     # -- backpressure (bridges.mqtt.tap) --------------------------------------
@@ -146,6 +147,14 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
 
     def feed_eof(self) -> None:
         self._inner.feed_eof()
+
+    async def prefetch(self) -> None:
+        """Read the first packet (the CONNECT) ahead of amqtt, within the
+        CONNECT timeout, and keep it for amqtt's reads: the listener waits for
+        it before the connection takes a place among the handshakes, so a
+        silent socket holds none."""
+        if not self._buffer and self.failed is None:
+            self._buffer += await self._read_packet()
 
     # -- one packet --------------------------------------------------------------------
 

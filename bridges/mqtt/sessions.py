@@ -5,13 +5,14 @@ amqtt.
 
 `SessionBroker` is amqtt 0.12.1's `Broker` with these overrides
 (docs/mqtt.md, "What we override in amqtt"):
-`_initialize_client_session`, `_authenticate`, `_handle_client_session`,
-`_session_ended`. Stock amqtt overwrites a stored persistent session with a
-CONNECT's fields, deletes the previous session of a clean-session CONNECT and
-closes the connection holding its client id, all before authenticating;
-leaves the old connection open on a clean-session takeover; and keeps a clean
-session up to a second after its connection (so a quick reconnect got
-session present). Here the CONNECT is authenticated first and a refused
+`_initialize_client_session`, `_handle_client_session` (with
+`_run_session`, which replaces the rest of stock amqtt's), `_session_ended`.
+Stock amqtt overwrites a stored persistent session with a CONNECT's fields,
+deletes the previous session of a clean-session CONNECT and closes the
+connection holding its client id, all before authenticating; leaves the
+old connection open on a clean-session takeover; and keeps a clean session
+up to a second after its connection (so a quick reconnect got session
+present). Here the CONNECT is authenticated first and a refused
 client changes nothing; a client id held by a connection or a persistent
 session is bound to the device holding it, and another device (or an
 anonymous client) naming it is refused (`client_id_in_use`, CONNACK 5); an
@@ -20,7 +21,11 @@ end (`_take_over`), then resumes the stored session (clean session 0) or
 discards it (`_continue_session`) [MQTT-3.1.2-4], [MQTT-3.1.2-6],
 [MQTT-3.1.4-2]; a clean session is removed when its connection ends. Every
 connection gets a `BridgingHandler` (bridges.mqtt.tap), which bridges device
-publishes and sends the PUBACK only once the message is durable.
+publishes and sends the PUBACK only once the message is durable. The
+CONNACK is written before the session's other work (its event, its offline
+queue, its message loop) and gives the connection's place among the
+handshakes in progress to the next (bridges.mqtt.handshakes); and nothing on
+connect looks at every session or every subscription.
 """
 
 from __future__ import annotations
@@ -31,17 +36,25 @@ from typing import cast
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker, Server
-from amqtt.contexts import ListenerConfig
+from amqtt.events import BrokerEvents
+from amqtt.mqtt.protocol import broker_handler
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
+from transitions import MachineError
 
 from bridges.mqtt.auth import DeviceAccess
-from bridges.mqtt.state import identity_of, state_of
+from bridges.mqtt.handshakes import leave
+from bridges.mqtt.state import LeanSession, identity_of, state_of
 from bridges.mqtt.tap import AclBridgingHandler, BridgingHandler, TapConfig
 from hub.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+# amqtt's broker handler makes the `Session` of each CONNECT by this module
+# name (`BrokerProtocolHandler.init_from_connect`): a `LeanSession` costs a
+# connection a fraction of the memory and CPU (bridges.mqtt.state).
+setattr(broker_handler, "Session", LeanSession)  # noqa: B010  (an untyped module's global)
 
 #: `_holder_of`: nobody holds the client id.
 _FREE = object()
@@ -62,13 +75,6 @@ _CONNECT_FIELDS = (
     "ssl_object",
     "is_anonymous",
 )
-
-
-def _take_accepted(session: Session) -> bool:
-    """Whether the session's CONNECT was just accepted; clears the mark."""
-    state = state_of(session)
-    accepted, state.accepted = state.accepted, False
-    return accepted
 
 
 class SessionBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
@@ -104,15 +110,6 @@ class SessionBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         handler = BridgingHandler if self._tap.acl is None else AclBridgingHandler
         return handler(self.plugins_manager, loop=self._loop, tap=self._tap), session
 
-    async def _authenticate(self, session: Session, listener: ListenerConfig) -> bool:
-        if _take_accepted(session):
-            # amqtt asking again for a CONNECT accepted just before; it puts
-            # the session in its table next, without an await in between.
-            self._claims.pop(session.client_id, None)
-            return True
-        authenticated: bool = await super()._authenticate(session, listener)
-        return authenticated
-
     async def _handle_client_session(
         self,
         reader: ReaderAdapter,
@@ -147,17 +144,52 @@ class SessionBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         except BaseException:
             self._claims.pop(client_id, None)
             raise
-        state_of(session).accepted = True
         try:
-            await super()._handle_client_session(
-                reader, writer, session, handler, server, listener_name
-            )
+            await self._run_session(reader, writer, session, handler)
         finally:
-            if _take_accepted(session):
-                self._claims.pop(client_id, None)  # ended before amqtt took it
+            self._claims.pop(client_id, None)  # if it ended before taking its place
             await self._session_ended(session, handler)
             if isinstance(handler, BridgingHandler):
                 handler.finished.set()
+
+    async def _run_session(
+        self,
+        reader: ReaderAdapter,
+        writer: WriterAdapter,
+        session: Session,
+        handler: BrokerProtocolHandler,
+    ) -> None:
+        """An accepted CONNECT's session, from its place in the session table
+        to the end of its message loop: what stock amqtt's
+        `_handle_client_session` does after authenticating, without its loop
+        over every subscription filter of every client on each connect (to
+        publish retained messages: `_publish_retained_messages_for_subscription`
+        does nothing here, see bridges.mqtt.delivery). That loop made each
+        connect cost the number of subscriptions, and a connection storm the
+        square of the fleet."""
+        client_id = session.client_id
+        while True:
+            try:
+                session.transitions.connect()
+                break
+            except (MachineError, ValueError):
+                if session.transitions.is_connected():
+                    break  # `_take_over` waited for the old connection; its state is stale
+                await asyncio.sleep(1)  # as stock amqtt: a session still disconnecting
+        handler.attach(session, reader, writer)
+        # Its place is taken without an await since the claim was checked.
+        self._sessions[client_id] = (session, handler)
+        self._claims.pop(client_id, None)
+        try:
+            await handler.mqtt_connack_authorize(True)
+        finally:
+            leave()  # the handshake is over: the next connection may read its CONNECT
+        await self.plugins_manager.fire_event(
+            BrokerEvents.CLIENT_CONNECTED, client_id=client_id, client_session=session
+        )
+        await handler.start()
+        await self._publish_session_retained_messages(session)
+        await self._client_message_loop(session, handler)
 
     def _holder_of(self, client_id: str) -> object:
         """Who (`identity_of`: a device, a service user, None for an anonymous
@@ -240,6 +272,7 @@ class SessionBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         except Exception:
             log.exception("MQTT: could not answer a refused CONNECT of %s", session.client_id)
         finally:
+            leave()
             await writer.close()
 
     async def _session_ended(self, session: Session, handler: BrokerProtocolHandler) -> None:

@@ -48,11 +48,13 @@ from datetime import UTC, datetime
 from amqtt.adapters import ReaderAdapter
 from amqtt.mqtt.connack import BAD_USERNAME_PASSWORD, NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
+from amqtt.mqtt.protocol.broker_handler import Subscription, UnSubscription
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import ApplicationMessage, Session
 
 from bridges.mqtt.acks import AckSequencer
 from bridges.mqtt.auth import BAD_CREDENTIAL, UNKNOWN_DEVICE, DeviceAccess
+from bridges.mqtt.lean import LeanEvent, LeanQueue
 from bridges.mqtt.qos import QosFlowHandler
 from bridges.mqtt.reader import PacketReader
 from bridges.mqtt.state import device_of, state_of
@@ -225,7 +227,11 @@ class BridgingHandler(QosFlowHandler):
         self.announced = False
         # Set by the broker once this connection's session handling has ended
         # (a newer connection with the same client id waits for it).
-        self.finished = asyncio.Event()
+        self.finished: asyncio.Event = LeanEvent()
+        # amqtt's queues of SUBSCRIBE and UNSUBSCRIBE packets, made lean
+        # (bridges.mqtt.state): most connections subscribe once, ever.
+        self._pending_subscriptions: LeanQueue[Subscription] = LeanQueue()
+        self._pending_unsubscriptions: LeanQueue[UnSubscription] = LeanQueue()
         # The connection's PUBACKs, in the order the QoS 1 PUBLISHes came (MQTT
         # 3.1.1 section 4.6), those of the fast path and amqtt's (bridges.mqtt.acks).
         self.acks: AckSequencer | None = None

@@ -24,9 +24,16 @@ system call:
 At QoS 1 each PUBLISH carries a packet id (1..65535, skipping ids still in
 flight) and the message counts as acknowledged on its PUBACK; at most
 `window` are in flight per device. At QoS 0 a message counts as acknowledged
-once written. What it does not do: it subscribes to nothing (so it answers no
-commands), keeps no session (clean session on every connect) and only reads
-CONNACK, PUBACK, PINGRESP and, ignored, anything else the broker sends.
+once written. With `FleetOptions.subscribe` it also sends, right after the
+CONNACK, one SUBSCRIBE to its command topic at QoS 1 and counts as online
+only once the SUBACK grants it (what a fleet of idle command-ready devices
+costs the hub; the connections benchmark):
+
+    SUBSCRIBE 82 <len> <packet id> <topic filter> 01      SUBACK 90 03 <packet id> <code>
+
+What it does not do: it answers no commands (a command PUBLISH is read and
+ignored), keeps no session (clean session on every connect) and only reads
+CONNACK, SUBACK, PUBACK, PINGRESP and, ignored, anything else the broker sends.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from firmware_sim.options import FleetOptions, client_ssl_context
 from firmware_sim.pacing import ConnectLimiter
 from firmware_sim.summary import FleetStats
 from hub.envelope import Kind
-from hub.topics import data_topic
+from hub.topics import command_topic, data_topic
 
 __all__ = [
     "CONNACK_REASONS",
@@ -50,11 +57,13 @@ __all__ = [
     "PacketReader",
     "connect_packet",
     "publish_packet",
+    "subscribe_packet",
 ]
 
 log = logging.getLogger("firmware_sim.lean_mqtt")
 
-CONNECT, CONNACK, PUBLISH, PUBACK, PINGREQ, PINGRESP, DISCONNECT = 1, 2, 3, 4, 12, 13, 14
+CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 1, 2, 3, 4, 8, 9
+PINGREQ, PINGRESP, DISCONNECT = 12, 13, 14
 #: MQTT 3.1.1 CONNACK return codes (section 3.2.2.3), named as paho names their
 #: MQTT 5 equivalents so that both MQTT devices count refusals alike.
 CONNACK_REASONS = {
@@ -105,6 +114,12 @@ def publish_packet(topic: bytes, payload: bytes, qos: int, packet_id: int) -> by
     ident = _U16.pack(packet_id) if qos else b""
     size = len(topic) + len(ident) + len(payload)
     return bytes((PUBLISH << 4 | qos << 1,)) + _remaining_length(size) + topic + ident + payload
+
+
+def subscribe_packet(topic_filter: str, qos: int, packet_id: int) -> bytes:
+    """SUBSCRIBE to one filter at `qos` (the fixed header's flags are 0010)."""
+    body = _U16.pack(packet_id) + _string(topic_filter) + bytes((qos,))
+    return bytes((SUBSCRIBE << 4 | 0x02,)) + _remaining_length(len(body)) + body
 
 
 class PacketReader:
@@ -204,6 +219,9 @@ class LeanMqttDevice(SimulatedDevice[bytes]):
         self.keepalive_s = max(1, min(int(options.keepalive_s), 0xFFFF))
         self.telemetry_topic = data_topic(options.topic_root, device_id, Kind.TELEMETRY)
         self._topic = _string(self.telemetry_topic)
+        self.command_topic = (
+            command_topic(options.topic_root, device_id) if options.subscribe else None
+        )
         self._link: _Link | None = None
         #: With `options.tls`: MQTT over TLS (`mqtt_tls_port`), as the paho devices.
         self._ssl_context = (
@@ -258,7 +276,7 @@ class LeanMqttDevice(SimulatedDevice[bytes]):
             writer.write(
                 connect_packet(self.device_id, self.device_id, self.credential, self.keepalive_s)
             )
-            code = await self._connack(link, packets)
+            code = await self._reply(link, packets, CONNACK, 2)
             if code is None:
                 failure = f"no CONNACK within {self.connect_timeout_s:g} s"
                 return end
@@ -270,6 +288,13 @@ class LeanMqttDevice(SimulatedDevice[bytes]):
                     self.refused_reason = reason
                     end = ConnectionEnd.REFUSED
                 return end
+            if self.command_topic is not None:
+                # Packet id 1: nothing is in flight before the device is online.
+                writer.write(subscribe_packet(self.command_topic, 1, 1))
+                granted = await self._reply(link, packets, SUBACK, 3)
+                if granted is None or granted == 0x80:
+                    failure = "no SUBACK" if granted is None else "SUBSCRIBE refused"
+                    return end
             self._link = link
             link.last_write = self._now()
             self._on_accepted()
@@ -305,8 +330,12 @@ class LeanMqttDevice(SimulatedDevice[bytes]):
             if end is ConnectionEnd.RETRY and not refused:
                 self._connection_failed(failure)
 
-    async def _connack(self, link: _Link, packets: PacketReader) -> int | None:
-        """The CONNACK return code, or None without one in time (connection closed)."""
+    async def _reply(
+        self, link: _Link, packets: PacketReader, expected: int, size: int
+    ) -> int | None:
+        """The last byte (return code) of the next packet, which must be an
+        `expected` of `size` bytes (CONNACK, SUBACK); None without one in time
+        (connection closed)."""
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 while True:
@@ -316,11 +345,11 @@ class LeanMqttDevice(SimulatedDevice[bytes]):
                     found = packets.feed(data)
                     if found:
                         kind, _, body = found[0]
-                        if kind != CONNACK or len(body) != 2:
-                            raise ValueError(f"expected CONNACK, got packet type {kind}")
+                        if kind != expected or len(body) != size:
+                            raise ValueError(f"expected packet type {expected}, got {kind}")
                         # Anything after it is handled by the reader.
                         self._handle(link, found[1:])
-                        return body[1]
+                        return body[-1]
         except TimeoutError:
             return None
 

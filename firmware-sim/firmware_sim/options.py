@@ -65,6 +65,8 @@ class FleetOptions:
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     qos: int = 1
     topic_root: str = "devices"
+    #: Lean MQTT only (`mqtt-lean`): subscribe to the command topic before counting as online.
+    subscribe: bool = False
     fault: Fault | None = None
     tls: bool = False
     tls_ca_file: Path | None = None

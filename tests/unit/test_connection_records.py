@@ -12,14 +12,22 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select
 
 import bridges.downlink
 from bridges.downlink import Downlink
-from hub.commands import connected, disconnected
+from hub.commands import (
+    ConnectionChange,
+    connected,
+    create_command,
+    disconnected,
+    finish_command,
+    pending_commands,
+    pending_commands_of,
+    record_connections,
+)
 from hub.settings import load_settings
 from hub.storage import DeviceConnection, make_engine, migrate
 
@@ -56,12 +64,13 @@ def test_a_reconnect_is_not_undone_by_a_slow_disconnect_record(
     engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The disconnect of the old connection takes longer to write than the
-    # connect of the new one (a busy database): both are on threads.
-    def slow_disconnected(*args: Any) -> None:
-        time.sleep(0.8)
-        disconnected(*args)
+    # connect of the new one (a busy database): records are written on threads.
+    def slow_record(engine: Engine, hub_id: str, changes: list[ConnectionChange]) -> None:
+        if any(c.transport is None for c in changes):
+            time.sleep(0.8)
+        record_connections(engine, hub_id, changes)
 
-    monkeypatch.setattr(bridges.downlink, "disconnected", slow_disconnected)
+    monkeypatch.setattr(bridges.downlink, "record_connections", slow_record)
     downlink = Downlink(load_settings(None, data_dir=tmp_path), engine)
 
     async def scenario() -> None:
@@ -76,3 +85,71 @@ def test_a_reconnect_is_not_undone_by_a_slow_disconnect_record(
 
     asyncio.run(scenario())
     assert holder(engine, "d") == downlink.hub_id
+
+
+def rows(engine: Engine) -> set[tuple[str, str]]:
+    with engine.connect() as conn:
+        return {
+            (r.device_id, r.hub_id)
+            for r in conn.execute(select(DeviceConnection.device_id, DeviceConnection.hub_id))
+        }
+
+
+def test_a_batch_of_changes_has_the_effect_of_writing_them_one_by_one(engine: Engine) -> None:
+    # Another hub holds "old" since before this hub's connect, and "newer"
+    # since after it (a slow batch): only the older row gives way.
+    connected(engine, "old", "hub-b", "mqtt", T0)
+    connected(engine, "newer", "hub-b", "mqtt", T0 + timedelta(seconds=60))
+    at = T0 + timedelta(seconds=10)
+    record_connections(
+        engine,
+        "hub-a",
+        [
+            ConnectionChange("old", "mqtt", at),
+            ConnectionChange("newer", "mqtt", at),
+            ConnectionChange("flap", "mqtt", at),
+            ConnectionChange("gone", "tcp", at),
+            ConnectionChange("flap", None, at + timedelta(seconds=1)),
+            ConnectionChange("gone", None, at + timedelta(seconds=1)),
+            ConnectionChange("flap", "mqtt", at + timedelta(seconds=2)),
+        ],
+    )
+    assert rows(engine) == {("old", "hub-a"), ("newer", "hub-b"), ("flap", "hub-a")}
+
+
+def test_a_storm_of_connects_is_written_in_few_transactions(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batches: list[int] = []
+
+    def counted(engine: Engine, hub_id: str, changes: list[ConnectionChange]) -> None:
+        batches.append(len(changes))
+        record_connections(engine, hub_id, changes)
+
+    monkeypatch.setattr(bridges.downlink, "record_connections", counted)
+    downlink = Downlink(load_settings(None, data_dir=tmp_path), engine)
+
+    async def scenario() -> None:
+        for n in range(300):
+            downlink.device_connected(f"d{n}", "mqtt")
+        for _ in range(200):
+            await asyncio.sleep(0.05)
+            if not downlink._tasks:
+                break
+
+    asyncio.run(scenario())
+    assert sum(batches) == 300
+    assert len(batches) <= 2  # all arrived before the first write began
+    assert len(rows(engine)) == 300
+
+
+def test_pending_commands_of_many_devices_match_those_of_each(engine: Engine) -> None:
+    for n in range(3):
+        create_command(engine, f"a-{n}", "a", "blink", {"n": n}, 60)
+    create_command(engine, "b-0", "b", "blink", {}, 60)
+    create_command(engine, "done", "b", "blink", {}, 60)
+    finish_command(engine, "done", "succeeded")
+    devices = ["a", "b", "c", *(f"other-{n}" for n in range(600))]  # past one IN list
+    found = pending_commands_of(engine, devices)
+    assert found == {d: pending_commands(engine, d) for d in ("a", "b")}
+    assert [c.id for c in found["a"]] == ["a-0", "a-1", "a-2"]  # oldest first

@@ -12,7 +12,13 @@ import struct
 import pytest
 
 from firmware_sim.fleet import TRANSPORTS, FleetOptions, FleetSummary, run_fleet
-from firmware_sim.lean_mqtt import LeanMqttDevice, PacketReader, connect_packet, publish_packet
+from firmware_sim.lean_mqtt import (
+    LeanMqttDevice,
+    PacketReader,
+    connect_packet,
+    publish_packet,
+    subscribe_packet,
+)
 
 # CONNECT of client "d1", user "d1", password "pw", keepalive 30, clean session.
 CONNECT_D1 = bytes.fromhex("10 16 0004 4d515454 04 c2 001e 0002 6431 0002 6431 0002 7077")
@@ -30,6 +36,11 @@ def test_publish_packet_bytes_at_both_qos() -> None:
     topic = b"\x00\x03a/b"
     assert publish_packet(topic, b"hi", 1, 7) == PUBLISH_Q1
     assert publish_packet(topic, b"hi", 0, 0) == PUBLISH_Q0
+
+
+def test_subscribe_packet_bytes() -> None:
+    # SUBSCRIBE, packet id 1, filter "a/b" at QoS 1.
+    assert subscribe_packet("a/b", 1, 1) == bytes.fromhex("82 08 0001 0003 612f62 01")
 
 
 def test_publish_remaining_length_takes_two_bytes_past_127() -> None:
@@ -96,6 +107,7 @@ class _Broker:
         self.ack_delay_s = ack_delay_s
         self.published: list[tuple[str, dict[str, object]]] = []
         self.connects: list[tuple[str, str]] = []
+        self.subscribed: list[tuple[str, int]] = []
         self.max_unacked = 0
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -144,6 +156,11 @@ class _Broker:
                             tasks.append(asyncio.create_task(ack(rest[:2])))
                             rest = rest[2:]
                         self.published.append((topic, json.loads(rest)))
+                    elif kind == 8:
+                        assert flags == 0x02  # [MQTT-3.8.1-1]
+                        size = struct.unpack_from("!H", body, 2)[0]
+                        self.subscribed.append((body[4 : 4 + size].decode(), body[4 + size]))
+                        writer.write(b"\x90\x03" + body[:2] + b"\x01")
                     elif kind == 14:
                         break
         finally:
@@ -185,6 +202,21 @@ def test_lean_devices_publish_every_message_once_within_their_window() -> None:
         "devices/lean-2/telemetry",
     }
     assert 1 <= broker.max_unacked <= 4  # the window, per device and connection
+
+
+def test_lean_devices_with_subscribe_subscribe_to_their_command_topic_first() -> None:
+    async def run() -> tuple[_Broker, FleetSummary]:
+        async with _Broker() as broker:
+            return broker, await run_fleet(_options(broker.port, subscribe=True, messages=3))
+
+    broker, summary = asyncio.run(run())
+
+    assert summary.ok, summary
+    assert sorted(broker.subscribed) == [
+        ("devices/lean-1/commands", 1),
+        ("devices/lean-2/commands", 1),
+    ]
+    assert summary.acknowledged == 6
 
 
 def test_lean_devices_at_qos0_count_written_messages_as_acknowledged() -> None:

@@ -1,0 +1,80 @@
+"""asyncio's queue and event, made lean: the same behaviour, their memory only when used.
+
+Layer: bridges; imports asyncio only (no amqtt), so it is unit-tested on its
+own (tests/unit).
+
+amqtt gives every MQTT session and handler four `asyncio.Queue`s (each makes
+two deques of waiters, a deque of items and an `Event` with a deque of its
+own at once: about 3 KB even empty) and the hub a few `asyncio.Event`s per
+connection; with 10,000 connected devices that is tens of megabytes for
+queues that an idle device never uses. `LeanQueue` and `LeanEvent` make
+their parts on first use, and keep waiters in a list (an empty deque takes
+about 760 bytes, a list 56; there is rarely more than one waiter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any, TypeVar
+
+__all__ = ["LeanEvent", "LeanQueue"]
+
+_T = TypeVar("_T")
+
+
+class _Waiters(list[Any]):
+    """The waiters of a `LeanQueue` or `LeanEvent`: a list with the one deque
+    method asyncio uses on them. An empty deque takes about 760 bytes, a list
+    56, and waiters are rarely more than one."""
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+class LeanQueue(asyncio.Queue[_T]):
+    """An `asyncio.Queue` whose deques and `Event` are made when first used:
+    the same behaviour, none of their memory in a queue never used."""
+
+    def __init__(self, maxsize: int = 0) -> None:
+        # Not asyncio.Queue.__init__, which makes them all at once.
+        self._maxsize = maxsize
+        self._unfinished_tasks = 0
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes not set yet.
+        value: Any
+        if name in ("_getters", "_putters"):
+            value = _Waiters()
+        elif name == "_queue":
+            value = collections.deque()
+        elif name == "_finished":
+            value = LeanEvent()
+            value.set()
+        else:
+            raise AttributeError(name)
+        setattr(self, name, value)
+        return value
+
+    def qsize(self) -> int:
+        queue = self.__dict__.get("_queue")
+        return 0 if queue is None else len(queue)
+
+    def empty(self) -> bool:
+        return self.qsize() == 0
+
+
+class LeanEvent(asyncio.Event):
+    """An `asyncio.Event` whose waiters are kept in a list made when first waited on."""
+
+    def __init__(self) -> None:
+        # Not asyncio.Event.__init__, which makes the deque at once.
+        self._value = False
+
+    def __getattr__(self, name: str) -> Any:
+        if name != "_waiters":
+            raise AttributeError(name)
+        waiters = _Waiters()
+        # The same as a deque for what asyncio does with it (append, remove, iterate).
+        self._waiters = waiters  # type: ignore[assignment]
+        return waiters
