@@ -268,6 +268,10 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
                     self._metrics.connections_refused.labels("mqtt", "abandoned").inc()
                     return
                 await self._client_connected(listener_name, packets, adapter)
+        except ConnectionError as exc:
+            # The client went away during its handshake (a probe that only
+            # wanted the certificate, a reset): its end, not a failure of ours.
+            log.debug("MQTT connection from %s ended early: %r", peer_text, exc)
         except Exception:
             # The boundary with amqtt: one connection's failure stays with it.
             self._metrics.protocol_errors.labels("mqtt", "internal_error").inc()
