@@ -76,6 +76,8 @@ def start_haproxy(folder: Path, hubs: Sequence[Mapping[str, int]]) -> Haproxy:
         [binary, "-db", "-f", str(HAPROXY_CONFIG)],
         env=env,
         log_path=folder / "haproxy.log",
+        # In the run's folder, so that a process left behind would be found by it.
+        cwd=folder,
     )
     try:
         deadline = time.monotonic() + 20

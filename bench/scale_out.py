@@ -169,6 +169,9 @@ def run_configuration(
         "configuration": label,
         "hubs": hub_count,
         "transport": transport,
+        # Both removed at the end of the run.
+        "vhost": vhost.name,
+        "database": database_url.rsplit("/", 1)[1],
         "devices": measured["devices"],
         "connected": measured["connected"],
         "fleet_duration_s": measured["fleet_duration_s"],
