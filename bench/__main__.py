@@ -1,5 +1,5 @@
 """`python -m bench`: the benchmark command (ingest, connections, tls-connections, against,
-workers, partition-query, insert-cost).
+workers, partition-query, insert-cost, scale-out).
 
 Layer: benchmarks; may import anything.
 
@@ -56,6 +56,30 @@ authenticated and subscribed to their command topic), holds them for --hold
 seconds, and reports how long connecting took and the hub's memory per
 connection (RSS growth / devices). Each transport gets a fresh hub process.
 """
+
+
+_SCALE_OUT_EPILOG = """\
+examples:
+  python -m bench scale-out
+  python -m bench scale-out --devices 50 --duration 15 --transport tcp,mqtt --json
+
+Per transport, two configurations in turn, each on a fresh RabbitMQ vhost
+and PostgreSQL database with one worker of the same options: one `hub run`
+with the fleet connected to it, then two `hub run` (distinct hub_id, the same
+vhost and database) behind HAProxy configured by docs/haproxy.cfg, the same
+fleet connected to HAProxy. Reports stored msg/s (and over how many seconds),
+hub CPU us/msg (summed over the hubs), worker and HAProxy CPU us/msg, the
+ratio two/one, and checks that every acknowledged message is stored exactly
+once. Needs RabbitMQ (guest/guest) with rabbitmqctl, PostgreSQL (user
+postgres) on 127.0.0.1 and the haproxy binary. See docs/benchmarks.md.
+"""
+
+
+def _transports(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names or any(n not in ("tcp", "mqtt") for n in names):
+        raise argparse.ArgumentTypeError("tcp, mqtt or tcp,mqtt")
+    return list(dict.fromkeys(names))
 
 
 def _positive_int(text: str) -> int:
@@ -344,7 +368,74 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tls_conns.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     _add_table_parsers(sub)
+    _add_scale_out_parser(sub)
     return parser  # fmt: skip
+
+
+def _add_scale_out_parser(sub: Any) -> None:
+    scale = sub.add_parser(
+        "scale-out",
+        help="ingest through one hub against two hubs behind HAProxy, with the ratio",
+        description="Devices -> one hub, then devices -> HAProxy -> two hubs: the same\n"
+        "fleet, each on a fresh RabbitMQ vhost and PostgreSQL database with one worker\n"
+        "of the same options. Stored msg/s, CPU per message of the hubs, the worker and\n"
+        "HAProxy, and the ratio two/one.",
+        epilog=_SCALE_OUT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    scale.add_argument(
+        "--transport",
+        type=_transports,
+        default=["tcp"],
+        metavar="tcp,mqtt",
+        help="device transports, each measured in both configurations (default: tcp)",
+    )
+    scale.add_argument(
+        "--devices", type=_positive_int, default=50, help="simulated devices (default: 50)"
+    )
+    scale.add_argument(
+        "--duration", type=float, default=15.0, help="seconds the devices send (default: 15)"
+    )
+    scale.add_argument(
+        "--window",
+        type=_positive_int,
+        default=64,
+        help="unacknowledged messages per device (default: 64)",
+    )
+    scale.add_argument(
+        "--worker-concurrency",
+        type=_positive_int,
+        default=os.cpu_count() or 1,
+        help="prefork pool processes of the one worker of each configuration "
+        "(default: the number of CPUs, here %(default)s)",
+    )
+    scale.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=300.0,
+        help="most seconds to wait for everything to be stored after the fleet stopped "
+        "(default: 300)",
+    )
+    _common(scale)
+
+
+def _scale_out(args: argparse.Namespace) -> None:
+    from bench.scale_out import ScaleOutConfig, run_scale_out, scale_out_table
+
+    if args.duration <= 0:
+        raise BenchError("--duration must be > 0")
+    result = run_scale_out(
+        ScaleOutConfig(
+            transports=args.transport,
+            devices=args.devices,
+            duration_s=args.duration,
+            window=args.window,
+            worker_concurrency=args.worker_concurrency,
+            drain_timeout_s=args.drain_timeout,
+            quiet=args.quiet,
+        )
+    )
+    _emit(result, scale_out_table(result), args)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -678,6 +769,8 @@ def main(argv: list[str] | None = None) -> int:
                 against_command(args, passthrough, _emit, build_parser)
             elif args.command == "tls-connections":
                 _tls_connections(args)
+            elif args.command == "scale-out":
+                _scale_out(args)
             else:
                 _connections(args)
     except BenchError as exc:
