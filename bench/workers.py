@@ -29,10 +29,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.postgres import postgres_database
 from bench.services import ROOT, BenchError, Child, QueueProbe, Vhost, log, wait_until
+
+if TYPE_CHECKING:
+    from hub.settings import Settings
 
 
 @dataclass
@@ -125,18 +128,18 @@ def _start_workers(
     return workers
 
 
-def _publisher(broker_url: str) -> Any:
+def _publisher(settings: Settings) -> Any:
     """A Celery app of this run's own that publishes as the hub does (JSON, confirmed,
     to the hub's durable queues); the next run, on another vhost, gets a new one."""
     from celery import Celery
 
     from tasks.application import celery_queues
 
-    app = Celery("bench-publisher", broker=broker_url, set_as_current=False)
+    app = Celery("bench-publisher", broker=settings.broker_url, set_as_current=False)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
-        task_queues=celery_queues(),
+        task_queues=celery_queues(settings),
         broker_transport_options={"confirm_publish": True},
     )
     return app
@@ -171,7 +174,7 @@ def _run_one(
             batches, unique = _batches(cfg, datetime.now(UTC))
             cpu0 = sum(w.cpu_s() for w in workers)
             began = time.monotonic()
-            app = _publisher(vhost.url)
+            app = _publisher(settings)
             with app.producer_or_acquire() as producer:
                 for batch in batches:
                     app.send_task(
