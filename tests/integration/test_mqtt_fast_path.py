@@ -33,6 +33,7 @@ from sqlalchemy import Engine
 from hub.storage import count_rows
 from tests.integration.test_mqtt_embedded import Broker, StartBroker, broker  # noqa: F401
 from tests.support.processes import HubThread, Worker, wait_until
+from tests.support.raw_mqtt import read_packet
 
 WAIT_S = 20.0
 StartHub = Callable[..., HubThread]
@@ -94,24 +95,8 @@ class RawClient:
         self._thread = threading.Thread(target=self._read_loop, daemon=True)
         self._thread.start()
 
-    def _exactly(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("closed by the broker")
-            data += chunk
-        return data
-
     def _read(self) -> tuple[int, bytes]:
-        first = self._exactly(1)[0]
-        length, shift = 0, 0
-        while True:
-            byte = self._exactly(1)[0]
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                return first, self._exactly(length)
+        return read_packet(self.sock)
 
     def _read_loop(self) -> None:
         try:

@@ -29,6 +29,29 @@ def _packet(first: int, body: bytes) -> bytes:
     return bytes([first]) + _remaining_length(len(body)) + body
 
 
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("the broker closed the connection")
+        data += chunk
+    return data
+
+
+def read_packet(sock: socket.socket) -> tuple[int, bytes]:
+    """One whole MQTT packet from `sock`: its first byte and its body."""
+    first = _recv_exactly(sock, 1)[0]
+    length, shift = 0, 0
+    while True:
+        byte = _recv_exactly(sock, 1)[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return first, _recv_exactly(sock, length)
+
+
 class RawMqttDevice:
     """Connects as `device_id` (username and client id) with its credential."""
 
@@ -49,25 +72,8 @@ class RawMqttDevice:
             raise ConnectionError(f"CONNACK refused: {body!r}")
         self._packet_id = 0
 
-    def _exactly(self, n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError("the broker closed the connection")
-            data += chunk
-        return data
-
     def read_packet(self) -> tuple[int, bytes]:
-        first = self._exactly(1)[0]
-        length, shift = 0, 0
-        while True:
-            byte = self._exactly(1)[0]
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-        return first, self._exactly(length)
+        return read_packet(self.sock)
 
     def publish_qos1(self, topic: str, payload: bytes) -> None:
         """Publish at QoS 1 and wait for its PUBACK."""
