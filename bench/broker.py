@@ -75,6 +75,7 @@ async def _serve(kind: str, ports: Any, stop: EventType) -> None:
         await broker.shutdown()
         return
 
+    from bridges.backpressure import Room
     from bridges.mqtt.broker import EmbeddedMqtt
     from hub.envelope import Envelope
     from hub.metrics import Metrics
@@ -83,6 +84,8 @@ async def _serve(kind: str, ports: Any, stop: EventType) -> None:
 
     class Immediate:
         """Stands in for the dispatcher: every envelope is durable at once."""
+
+        room = Room(1_000_000)  # never full: nothing waits
 
         def submit(self, envelope: Envelope) -> asyncio.Future[None]:
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -26,6 +26,12 @@ A batch whose confirm timed out may still have been delivered; it is spooled
 and delivered again (at least once; the tasks deduplicate by envelope id).
 Replay merges consecutive spooled batches into large task messages and
 publishes them with pipelined confirms (many messages, then one wait).
+
+Every envelope accepted and not yet durable counts in `room`
+(bridges.backpressure): once `dispatch_max_pending_messages` wait, the device
+connections stop reading until half of them are durable. That one bound
+covers the open batches, the batches handed to the thread and a batch waiting
+for room in a full spool (docs/delivery.md, "Bounds and backpressure").
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import queue
 import threading
 from typing import Any
 
+from bridges.backpressure import Room
 from bridges.publisher import STOP, Batch, Publisher, check_broker, publisher_app
 from hub.envelope import Envelope, Kind
 from hub.errors import DispatchError
@@ -64,6 +71,13 @@ class Dispatcher:
         self._not_durable_at_stop = 0
         self._stop_requested = threading.Event()
         self._max = settings.batch_max_messages
+        # At least two full batches: one with the thread, one filling.
+        self.room = Room(
+            max(settings.dispatch_max_pending_messages, 2 * self._max),
+            on_full=metrics.dispatch_full.inc,
+        )
+        # Read at each scrape: no gauge update (and its lock) per envelope.
+        metrics.dispatch_pending.set_function(lambda: self.room.pending)
 
     # -- event loop side ---------------------------------------------------
 
@@ -116,6 +130,7 @@ class Dispatcher:
         if batch is None:
             batch = self._open[envelope.kind] = Batch(envelope.kind)
         batch.envelopes.append(envelope)
+        self.room.taken()
         return batch
 
     def _added(self, batch: Batch, loop: asyncio.AbstractEventLoop) -> None:
@@ -147,6 +162,7 @@ class Dispatcher:
     def _done(self, batch: Batch, error: BaseException | None) -> None:
         """Called on the loop when the thread has made a batch durable (or given up)."""
         self._thread_busy -= 1
+        self.room.released(len(batch.envelopes))
         failed = 0
         shared = batch.shared
         if shared is not None and not shared.done():
@@ -175,8 +191,8 @@ class Dispatcher:
 
     @property
     def pending(self) -> int:
-        """Envelopes accepted and not yet durable."""
-        return sum(len(b.envelopes) for b in self._open.values())
+        """Envelopes accepted and not yet durable (open batches and those with the thread)."""
+        return self.room.pending
 
     async def stop(self) -> None:
         """Make everything accepted so far durable, then stop the thread."""

@@ -191,6 +191,7 @@ class DeviceConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._ctx.sink.room.forget(self)
         for handle in (self._idle_handle, self._hello_handle):
             if handle is not None:
                 handle.cancel()
@@ -232,7 +233,9 @@ class DeviceConnection(asyncio.Protocol):
     # -- events ------------------------------------------------------------
 
     def _process(self) -> None:
-        while not self._closing and not self._authenticating:
+        # Paused (backpressure) means no further frame is handled either, not
+        # only no further read: what the codec holds waits for `_maybe_resume`.
+        while not self._closing and not self._authenticating and not self._paused:
             try:
                 event = self._codec.next_event()
             except RemoteProtocolError as exc:
@@ -367,6 +370,11 @@ class DeviceConnection(asyncio.Protocol):
         future.add_done_callback(lambda f: self._durable(seq, f))
         if self._inflight >= ctx.max_inflight:
             self._pause()
+        elif ctx.sink.room.full:
+            # The hub holds its most envelopes: stop reading until the room
+            # opens (bridges.backpressure); nothing is refused or dropped.
+            self._pause()
+            ctx.sink.room.call_when_open(self, self._maybe_resume)
 
     def _durable(self, seq: int, future: asyncio.Future[None]) -> None:
         self._inflight -= 1
@@ -454,10 +462,17 @@ class DeviceConnection(asyncio.Protocol):
             and self._inflight < self._ctx.max_inflight // 2 + 1
             and not self._transport.is_closing()
         ):
+            room = self._ctx.sink.room
+            if room.full:
+                room.call_when_open(self, self._maybe_resume)
+                return
             self._paused = False
             # Not reading was our own doing: the device's silence counts from now.
             self._last_activity = time.monotonic()
             self._transport.resume_reading()
+            # Frames already received wait in the codec: the device may send
+            # nothing more until they are acknowledged.
+            asyncio.get_running_loop().call_soon(self._process)
 
     def _refuse(self, seq: int, reason: NakReason, message: str, *, count: bool = True) -> None:
         if count:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol, runtime_checkable
 
+from bridges.backpressure import Room
 from hub.commands import PendingCommand
 from hub.envelope import Envelope
 
@@ -21,7 +22,11 @@ from hub.envelope import Envelope
 class EnvelopeSink(Protocol):
     """Where a transport hands envelopes (bridges.dispatch.Dispatcher). The
     future resolves once the envelope is durable: only then may the device be
-    acknowledged (docs/delivery.md)."""
+    acknowledged (docs/delivery.md). While its `room` is full, device
+    connections stop reading (bridges.backpressure)."""
+
+    @property
+    def room(self) -> Room: ...
 
     def submit(self, envelope: Envelope) -> asyncio.Future[None]: ...
 

@@ -110,6 +110,16 @@ class Metrics:
         self.envelopes_spooled = Counter(
             "hub_envelopes_spooled", "Envelopes written to the local spool", registry=r
         )
+        self.dispatch_pending = Gauge(
+            "hub_dispatch_pending",
+            "Envelopes accepted and not yet durable (dispatch_max_pending_messages bounds them)",
+            registry=r,
+        )
+        self.dispatch_full = Counter(
+            "hub_dispatch_full",
+            "Times the dispatcher was full and the device connections stopped reading",
+            registry=r,
+        )
         self.spool_size = Gauge("hub_spool_messages", "Envelopes in the local spool", registry=r)
         self.broker_connected = Gauge(
             "hub_broker_connected", "1 while the task broker is reachable", registry=r

@@ -200,6 +200,10 @@ class Settings(BaseSettings):
 
     batch_max_messages: int = Field(default=500, ge=1, le=10000)
     batch_window_ms: float = Field(default=2.0, ge=0)
+    #: Envelopes accepted and not yet durable, on all connections together,
+    #: before every device connection stops reading (backpressure, never a
+    #: drop; docs/delivery.md, "Bounds and backpressure"). At least two batches.
+    dispatch_max_pending_messages: int = Field(default=10_000, ge=1)
     spool_max_messages: int = Field(default=100_000, ge=1)
     broker_retry_interval_s: float = Field(default=1.0, gt=0)
     #: A publish RabbitMQ has not confirmed within this time counts as failed:

@@ -94,6 +94,7 @@ class HubBroker(SessionBroker, ReachableBroker, DeliveringBroker, ListeningBroke
         self._metrics = metrics
         # The fast path of each connection asks this broker's subscription index.
         self._tap = replace(tap, subscribed=self.has_subscribers)
+        self._room = tap.uplink.room
         # bridges.mqtt.listener
         self._listen_sockets = listen_sockets
         self._ssl_contexts = ssl_contexts

@@ -32,7 +32,9 @@ live fails it, as for any command nobody answers. Results come back on
 Threads: paho's network thread (`loop_start`) receives; each message is
 handed to the event loop with `call_soon_threadsafe`, validated and submitted
 there, and acknowledged from there (`Client.ack` is safe to call from another
-thread). Packet ids are reused by the broker after a reconnect, so an
+thread). While the dispatcher is full, paho's thread waits before handing
+the next message over (and so stops reading the broker's socket). Packet ids
+are reused by the broker after a reconnect, so an
 acknowledgement is only sent on the connection that received the message;
 after a reconnect the broker resends whatever was not acknowledged.
 """
@@ -46,6 +48,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -66,6 +69,8 @@ log = logging.getLogger(__name__)
 
 _KEEPALIVE_S = 30
 _RECONNECT_MIN_S, _RECONNECT_MAX_S = 1, 30
+#: How often a full dispatcher is looked at again while paho's thread waits for room.
+_ROOM_POLL_S = 0.02
 #: How long `stop()` waits for messages already submitted to become durable
 #: (and be acknowledged) before disconnecting.
 _DRAIN_TIMEOUT_S = 5.0
@@ -356,6 +361,12 @@ class ExternalMqttBridge:
         loop = self._loop
         if loop is None or loop.is_closed():
             return  # not acknowledged: the broker delivers it again
+        room = self._uplink.room
+        while room.full and not self._closing:
+            # The hub holds its most envelopes (bridges.backpressure): stop
+            # reading the broker's socket, as the device listeners do. A flag
+            # read across threads, and a short sleep: paho has no pause.
+            time.sleep(_ROOM_POLL_S)
         with self._connection_lock:
             connection = self._connection
         # A loop closed meanwhile raises RuntimeError: not acknowledged either.

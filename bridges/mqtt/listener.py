@@ -49,6 +49,7 @@ from amqtt.contexts import ListenerType
 from prometheus_client import Counter
 
 from bridges.address_gate import AddressGate
+from bridges.backpressure import Room
 from bridges.listen import PortSetting, bind
 from bridges.mqtt.handshakes import HandshakeGate
 from bridges.mqtt.reader import ByteStream, PacketReader
@@ -134,6 +135,8 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     _address_gate: AddressGate | None
     #: Bounds the handshakes in progress (`mqtt_max_handshakes`).
     _handshakes: HandshakeGate
+    #: The dispatcher's room: no device packet is read while it is full.
+    _room: Room | None
 
     @property
     def port(self) -> int:
@@ -258,6 +261,7 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             peer=peer_text,
             reply=writer.write if ws is None else ws.send,
             on_violation=self._violation if ws is None else partial(self._ws_violation, ws),
+            room=self._room,
         )
         try:
             await packets.prefetch()

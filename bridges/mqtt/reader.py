@@ -1,7 +1,7 @@
 """The reader amqtt reads a client connection through: whole, checked packets only.
 
-Layer: bridges; imports the `hub` core (`hub.mqtt_rules`), `bridges.mqtt.lean`
-and amqtt's reader adapter base class only.
+Layer: bridges; imports the `hub` core (`hub.mqtt_rules`), `bridges.mqtt.lean`,
+`bridges.backpressure` and amqtt's reader adapter base class only.
 
 amqtt 0.12.1 parses what a client sends loosely: it accepts many packets the
 MQTT 3.1.1 specification calls malformed (where the server MUST close the
@@ -34,6 +34,7 @@ from typing import Protocol
 
 from amqtt.adapters import ReaderAdapter
 
+from bridges.backpressure import Room
 from bridges.mqtt.lean import LeanEvent
 from hub.mqtt_rules import (
     CONNECT_BYTE,
@@ -90,8 +91,12 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         max_topic_levels: int | None = None,
         reply: Callable[[bytes], None],
         on_violation: Callable[[ProtocolViolation, str], None],
+        room: Room | None = None,
     ) -> None:
         self._inner = inner
+        #: The dispatcher's room (bridges.backpressure): while it is full, no
+        #: packet after the CONNECT is read.
+        self._room = room
         self._max = max_packet_bytes
         self._max_topic_levels = max_topic_levels
         self._connect_timeout_s = connect_timeout_s
@@ -168,10 +173,14 @@ class PacketReader(ReaderAdapter):  # type: ignore[misc]  # amqtt is untyped
         await asyncio.sleep(0)
         taken = 0
         loop = asyncio.get_running_loop()
+        room = self._room
         while True:
             if self.paused:
                 await self._resume.wait()
                 # Not reading was our own doing; the client's silence counts from now.
+                self._last_packet = loop.time()
+            if room is not None and room.full and self.connect is not None:
+                await room.wait()
                 self._last_packet = loop.time()
             self._watch()
             task = self._task

@@ -52,6 +52,7 @@ from amqtt.mqtt.protocol.broker_handler import Subscription, UnSubscription
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import ApplicationMessage, Session
 
+from bridges.backpressure import Room
 from bridges.mqtt.acks import AckSequencer
 from bridges.mqtt.auth import BAD_CREDENTIAL, UNKNOWN_DEVICE, DeviceAccess
 from bridges.mqtt.lean import LeanEvent, LeanQueue
@@ -101,6 +102,11 @@ class MqttUplink:
         # Looked up once: `labels()` costs a lock and a dict lookup per call.
         self._received = metrics.messages_received.labels("mqtt")
         self._invalid = metrics.invalid_payloads.labels("mqtt")
+
+    @property
+    def room(self) -> Room:
+        """The dispatcher's room: device connections stop reading while it is full."""
+        return self._dispatcher.room
 
     def own_topic(self, topic: str, sender: str) -> DeviceTopic | None:
         """What `topic` names when it is an uplink topic of `sender`; else None."""

@@ -25,6 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 from sqlalchemy import Engine
 
+from bridges.backpressure import Room
 from bridges.mqtt.broker import EmbeddedMqtt
 from firmware_sim.faults import DelayWrites, SplitRandomly, chain
 from firmware_sim.fleet import FleetOptions, run_fleet
@@ -54,6 +55,7 @@ class HeldDispatcher:
         self.hold_all = False
         self.fail = False
         self._held: list[asyncio.Future[None]] = []
+        self.room = Room(1_000_000)  # never full: these tests hold futures, not the room
 
     def submit(self, envelope: Envelope) -> asyncio.Future[None]:
         future: asyncio.Future[None] = self.loop.create_future()

@@ -23,6 +23,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from sqlalchemy import Engine
 
+from bridges.backpressure import Room
 from bridges.mqtt.external import ExternalMqttBridge, parse_broker_url
 from hub.envelope import Envelope, Kind
 from hub.errors import ConfigError
@@ -55,6 +56,7 @@ class Recorder:
         self.loop = loop
         self.hold = hold
         self.envelopes: list[Envelope] = []
+        self.room = Room(1_000_000)  # never full
 
     def submit(self, envelope: Envelope) -> asyncio.Future[None]:
         future: asyncio.Future[None] = self.loop.create_future()

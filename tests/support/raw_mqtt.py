@@ -84,6 +84,10 @@ class RawMqttDevice:
         if kind != 0x40 or struct.unpack(">H", body)[0] != packet_id:
             raise ConnectionError(f"expected PUBACK {packet_id}, got {kind:#x} {body!r}")
 
+    def publish_qos0(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 0: nothing comes back; blocks while the broker does not read."""
+        self.sock.sendall(_packet(0x30, _utf8(topic) + payload))
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.sendall(_packet(0xE0, b""))
