@@ -532,7 +532,8 @@ def _add_table_parsers(sub: Any) -> None:
 
     cost = sub.add_parser(
         "insert-cost",
-        help="SQLite insert cost per row as the table grows: random key against time key",
+        help="insert cost per row as the table grows: random key against time key "
+        "(SQLite, or --postgres)",
     )
     cost.add_argument(
         "--rows",
@@ -545,6 +546,13 @@ def _add_table_parsers(sub: Any) -> None:
         type=_positive_int,
         default=200_000,
         help="rows per reported slice (default: 200,000)",
+    )
+    cost.add_argument(
+        "--postgres",
+        action="store_true",
+        help="PostgreSQL instead: two databases of the run's own filled step by step "
+        "with generate_series (the time-keyed table partitioned by day, as the hub "
+        "makes it), and at each size 20,000 new rows stored as the workers store them",
     )
     _common(cost)
 
@@ -588,10 +596,14 @@ def _tables(args: argparse.Namespace) -> None:
         )
         _emit(result, partition_query_table(result), args)
     else:
-        from bench.tables import insert_cost_table, run_insert_cost
+        from bench.tables import insert_cost_table, run_insert_cost, run_insert_cost_postgres
 
         if args.step > args.rows:
             raise BenchError("--step must not exceed --rows")
+        if args.postgres:
+            result = run_insert_cost_postgres(args.rows, step=args.step, quiet=args.quiet)
+            _emit(result, insert_cost_table(result), args)
+            return
         with tempfile.TemporaryDirectory(prefix="bench-insert-cost-") as tmp:
             result = run_insert_cost(args.rows, step=args.step, folder=Path(tmp), quiet=args.quiet)
         _emit(result, insert_cost_table(result), args)

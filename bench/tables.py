@@ -287,11 +287,178 @@ def run_insert_cost(
     }
 
 
+# ---------------------------------------------------------------------------
+# insert-cost --postgres
+# ---------------------------------------------------------------------------
+
+
+def _fill_range(
+    engine: Any, first: int, last: int, devices: int, start: datetime, step_us: int
+) -> None:
+    """Rows `first`..`last` (inclusive) of the same series as `_fill`, in chunks."""
+    from sqlalchemy import text
+
+    for low in range(first, last + 1, FILL_CHUNK_ROWS):
+        high = min(last, low + FILL_CHUNK_ROWS - 1)
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    f"INSERT INTO telemetry ({COLUMNS}) SELECT md5(i::text), "
+                    "'dev-' || (i % :devices), i / :devices, "
+                    "CAST(:start AS timestamptz) + make_interval(secs => i * :step / 1e6), "
+                    "CAST(:start AS timestamptz) + make_interval(secs => i * :step / 1e6), "
+                    "'tcp', 'native', json_build_object('t', i % 1000, 'h', i % 97) "
+                    "FROM generate_series(CAST(:first AS bigint), :last) AS i"
+                ),
+                {"devices": devices, "start": start, "step": step_us, "first": low, "last": high},
+            )
+
+
+def _probe_rows(
+    size: int, batch_no: int, devices: int, at: datetime, seq_base: int
+) -> list[dict[str, Any]]:
+    """One batch of new telemetry rows as the workers store them, received at `at`."""
+    rows = []
+    for n in range(size):
+        device = f"dev-{n % devices}"
+        seq = seq_base + batch_no * size + n
+        digest = hashlib.blake2b(f"{device}\x00probe\x00{seq}".encode(), digest_size=16)
+        received = at + timedelta(microseconds=n)
+        rows.append(
+            {
+                "envelope_id": digest.hexdigest(),
+                "device_id": device,
+                "seq": seq,
+                "device_time": None,
+                "received_at": received,
+                "stored_at": received,
+                "transport": "tcp",
+                "protocol": "native",
+                "payload": {"t": n % 1000},
+            }
+        )
+    return rows
+
+
+def _insert_old_key(conn: Any, rows: list[dict[str, Any]]) -> None:
+    """What storing did with the old key: one insert, the envelope id deciding."""
+    from sqlalchemy import text
+
+    from hub.storage import _dumps, _iso
+
+    old_columns = (
+        "envelope_id, device_id, seq, received_at, stored_at, transport, protocol, payload"
+    )
+    conn.execute(
+        text(
+            f"INSERT INTO telemetry ({old_columns}) SELECT {old_columns} "
+            "FROM json_populate_recordset(NULL::telemetry, :rows) ON CONFLICT DO NOTHING"
+        ),
+        {"rows": _dumps(rows, _iso)},
+    )
+
+
+def run_insert_cost_postgres(
+    rows: int,
+    *,
+    step: int,
+    devices: int = 1000,
+    days: int = 30,
+    probe_batches: int = 40,
+    batch: int = 500,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Fill two PostgreSQL tables step by step (generate_series) and, at each
+    size, time `probe_batches` batches of `batch` new rows stored the way the
+    workers store them: the hub's own `_insert_telemetry` (time key,
+    partitioned by day, with the retransmission lookup) against the old key's
+    plain insert. The rows of the series are spread over `days` days in
+    order, and each probe is received just after the newest row so far, as
+    live telemetry is: on the partitioned table it lands in that day's
+    partition."""
+    from hub.storage import _insert_telemetry, make_engine, migrate
+    from hub.upkeep import ensure_partitions
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    start = now - timedelta(days=days)
+    step_us = max(1, int(timedelta(days=days) / timedelta(microseconds=1) / rows))
+    window = timedelta(hours=24)
+    names = {
+        "partitioned": "time key (received_at, envelope_id), by day",
+        "unpartitioned": "random key (envelope_id)",
+    }
+    slices: dict[str, list[float]] = {label: [] for label in names.values()}
+    sizes: list[int] = []
+    with postgres_database("cost_p") as url_p, postgres_database("cost_f") as url_f:
+        migrate(url_p)
+        migrate(url_f, OLD_REVISION)
+        engines = {"partitioned": make_engine(url_p), "unpartitioned": make_engine(url_f)}
+        try:
+            with engines["partitioned"].begin() as conn:
+                ensure_partitions(
+                    conn, [(start + timedelta(days=n)).date() for n in range(days + 2)]
+                )
+            done = 0
+            while done < rows:
+                target = min(rows, done + step)
+                for name, engine in engines.items():
+                    if not quiet:
+                        log(f"  filling {name} to {target:,} rows")
+                    _fill_range(engine, done, target - 1, devices, start, step_us)
+                    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                        from sqlalchemy import text
+
+                        conn.execute(text("ANALYZE telemetry"))
+                done = target
+                at = start + timedelta(microseconds=done * step_us)
+                sizes.append(done)
+                for name, engine in engines.items():
+                    spent = 0.0
+                    for b in range(probe_batches):
+                        records = _probe_rows(batch, b, devices, at, seq_base=10**9 + done)
+                        began = time.perf_counter()
+                        with engine.begin() as conn:
+                            if name == "partitioned":
+                                _insert_telemetry(conn, records, window)
+                            else:
+                                _insert_old_key(conn, records)
+                        spent += time.perf_counter() - began
+                    slices[names[name]].append(spent / (probe_batches * batch) * 1e6)
+                if not quiet:
+                    log(
+                        f"  {done:,} rows: "
+                        + ", ".join(f"{label} {v[-1]:.1f} us/row" for label, v in slices.items())
+                    )
+        finally:
+            for engine in engines.values():
+                engine.dispose()
+    return {
+        "benchmark": "insert-cost",
+        "config": {
+            "rows": rows,
+            "step": step,
+            "devices": devices,
+            "batch": batch,
+            "probe_rows": probe_batches * batch,
+            "engine": "postgresql",
+        },
+        "us_per_row": slices,
+        "rows_at": sizes,
+    }
+
+
 def insert_cost_table(result: dict[str, Any]) -> str:
     names = list(result["us_per_row"])
+    cfg = result["config"]
+    heading = (
+        "PostgreSQL, cost per row (us) of storing "
+        f"{cfg.get('probe_rows', 0):,} new rows (batches of {cfg['batch']}) at each size"
+        if cfg.get("engine") == "postgresql"
+        else "SQLite, insert cost per row (us) in each slice of the table's growth "
+        f"(batches of {cfg['batch']}, synchronous=OFF)"
+    )
     lines = [
-        "SQLite, insert cost per row (us) in each slice of the table's growth "
-        f"(batches of {result['config']['batch']}, synchronous=OFF)",
+        heading,
         f"{'rows in table':>14} " + " ".join(f"{n:>36}" for n in names),
     ]
     for i, at in enumerate(result["rows_at"]):

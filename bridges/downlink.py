@@ -227,6 +227,8 @@ class Downlink:
         task.add_done_callback(self._tasks.discard)
 
     def _consume(self) -> None:
+        # One warning per outage, not one per retry (every broker_retry_interval_s).
+        down = False
         while not self._stop.is_set():
             try:
                 with Connection(self._settings.effective_broker_url) as conn:
@@ -237,6 +239,9 @@ class Downlink:
                         conn, [self._queue()], callbacks=[self._on_message], accept=["json"]
                     ):
                         self._ready.set()
+                        if down:
+                            log.info("downlink consumer: task broker reachable again")
+                            down = False
                         while not self._stop.is_set():
                             try:
                                 conn.drain_events(timeout=0.5)
@@ -245,6 +250,8 @@ class Downlink:
             except Exception as exc:  # boundary: broker away; try again shortly
                 if self._stop.is_set():
                     break
-                log.warning("downlink consumer: %s; retrying", exc)
+                if not down:
+                    log.warning("downlink consumer: %s; retrying until it answers", exc)
+                    down = True
                 self._ready.set()  # do not hold the start-up hostage to the broker
                 self._stop.wait(self._settings.broker_retry_interval_s)
