@@ -13,7 +13,12 @@ query's time as the client sees it; the plan of each (EXPLAIN ANALYZE).
 insert-cost: two SQLite files, one at each schema, take the same rows in
 batches of 500 (with the new key, also the lookup of retransmissions that
 storing does); the cost per row is printed for each slice of the table's
-growth, so a cost that rises with the size shows.
+growth, so a cost that rises with the size shows. With `--postgres`, two
+PostgreSQL databases (the newest schema, partitioned by day, and the one
+before it) are filled step by step by `generate_series`, and at each size
+20,000 new rows are stored into each: through the hub's own
+`_insert_telemetry` (time key, retransmission lookup) and the old key's plain
+insert.
 """
 
 from __future__ import annotations
@@ -415,7 +420,13 @@ def run_insert_cost_postgres(
                 for name, engine in engines.items():
                     spent = 0.0
                     for b in range(probe_batches):
-                        records = _probe_rows(batch, b, devices, at, seq_base=10**9 + done)
+                        records = _probe_rows(
+                            batch,
+                            b,
+                            devices,
+                            at,
+                            seq_base=10**9 + len(sizes) * probe_batches * batch,
+                        )
                         began = time.perf_counter()
                         with engine.begin() as conn:
                             if name == "partitioned":
@@ -429,11 +440,21 @@ def run_insert_cost_postgres(
                         f"  {done:,} rows: "
                         + ", ".join(f"{label} {v[-1]:.1f} us/row" for label, v in slices.items())
                     )
+            from sqlalchemy import text
+
+            counted = {}
+            for name, engine in engines.items():
+                with engine.connect() as conn:
+                    counted[name] = int(
+                        conn.execute(text("SELECT count(*) FROM telemetry")).scalar_one()
+                    )
         finally:
             for engine in engines.values():
                 engine.dispose()
     return {
         "benchmark": "insert-cost",
+        #: Rows in each table at the end: the series and every probe row.
+        "rows_in_tables": counted,
         "config": {
             "rows": rows,
             "step": step,

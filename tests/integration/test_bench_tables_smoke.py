@@ -1,4 +1,5 @@
-"""Smoke tests of `python -m bench partition-query` and `insert-cost` at tiny sizes
+"""Smoke tests of `python -m bench partition-query` and `insert-cost` (SQLite and
+PostgreSQL) at tiny sizes
 (`bench workers`: tests/reliability/test_bench_workers_smoke.py, over a minute).
 
 They check that each command runs, cleans up and prints one JSON line with its
@@ -52,5 +53,19 @@ def test_insert_cost_benchmark_reports_both_keys() -> None:
     result = _run_bench("insert-cost", "--rows", "4000", "--step", "2000")
     assert result["rows_at"] == [2000, 4000]
     assert len(result["us_per_row"]) == 2
+    for figures in result["us_per_row"].values():
+        assert len(figures) == 2 and all(f > 0 for f in figures)
+
+
+def test_insert_cost_on_postgres_stores_every_probe_row_at_each_size() -> None:
+    result = _run_bench("insert-cost", "--postgres", "--rows", "20000", "--step", "10000")
+    assert result["config"]["engine"] == "postgresql"
+    assert result["rows_at"] == [10000, 20000]
+    probes = result["config"]["probe_rows"]
+    # Both sizes' probes are stored in both tables, none taken for a retransmission.
+    assert result["rows_in_tables"] == {
+        "partitioned": 20000 + 2 * probes,
+        "unpartitioned": 20000 + 2 * probes,
+    }
     for figures in result["us_per_row"].values():
         assert len(figures) == 2 and all(f > 0 for f in figures)
