@@ -315,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="publishers of the publish probe (default: 20)",
     )
+    conns.add_argument(
+        "--restart",
+        action="store_true",
+        help="then stop the hub and start it again on the same ports while the fleet stays "
+        "up: how long until every device is back (the reconnection storm)",
+    )
     conns.add_argument("--out", metavar="FILE", help="also write the JSON result to FILE")
     conns.add_argument(
         "--json", action="store_true", help="stdout: only the JSON line (the table goes to stderr)"
@@ -731,6 +737,7 @@ def _connections(args: argparse.Namespace) -> None:
             lean=args.lean,
             publish_probe_s=args.publish_probe,
             publish_probe_devices=args.publish_probe_devices,
+            restart=args.restart,
         )
     )
     _emit(result, connections_table(result), args)

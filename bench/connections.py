@@ -16,6 +16,12 @@ vhost of its own, SQLite database with the devices registered):
    devices the hub itself reports connected (its /status endpoint);
 4. RSS per connection = (RSS connected - RSS idle) / devices.
 
+With `--restart`, the hub is then stopped and started again on the same
+ports while the fleet stays up: every device loses its connection at once and
+reconnects (the device's backoff: 0.2 s doubling to 5 s, with jitter), and
+the run records how long until the new hub holds every device again, from
+the stop and from the new hub's start, and its connect errors meanwhile.
+
 With `--publish-probe S` (MQTT), a small fleet of lean QoS 1 publishers
 publishes as fast as it can for S seconds twice: on the idle hub, and while
 the fleet is held; both rates (messages acknowledged per second, that is
@@ -83,6 +89,8 @@ class ConnectionsConfig:
     #: Seconds of the publish probe (0: none); its publishers.
     publish_probe_s: float = 0.0
     publish_probe_devices: int = 20
+    #: Stop and start the hub while the fleet is held (the reconnection storm).
+    restart: bool = False
 
 
 def _status(http_port: int | None) -> dict[str, Any]:
@@ -237,6 +245,12 @@ def measure_transport(
         held = (status.get("devices_connected") or {}).get(transport)
         progress = _last(fleet, "progress") or {}
         cpu_hub = hub.cpu_s() - cpu_before
+        restarted = (
+            _restart(hub, hub_cfg, folder, broker_url, database_url, transport, ports, env,
+                     devices, cfg, fleet, stack)
+            if cfg.restart
+            else None
+        )  # fmt: skip
         fleet.signal(15)
         with contextlib.suppress(BenchError):
             fleet.wait(60)
@@ -263,6 +277,71 @@ def measure_transport(
         "fleet_max_rss_mb": round(result["max_rss_kb"] / 1024, 1) if result else None,
         **({} if probed is None else {"probe": probed}),
         **({"publish_probe": published} if published else {}),
+        **({"restart": restarted} if restarted is not None else {}),
+    }
+
+
+def _restart(
+    hub: Child,
+    hub_cfg: IngestConfig,
+    folder: Path,
+    broker_url: str,
+    database_url: str,
+    transport: str,
+    ports: dict[str, int],
+    env: dict[str, str],
+    devices: int,
+    cfg: ConnectionsConfig,
+    fleet: Child,
+    stack: contextlib.ExitStack,
+) -> dict[str, Any]:
+    """Stop the hub, start it again on the same ports, and time the fleet's return."""
+    errors_before = (_last(fleet, "progress") or {}).get("errors", 0)
+    if not cfg.quiet:
+        log(f"{transport}: stopping the hub with {devices} devices held, then starting it again")
+    stopped_at = time.monotonic()
+    hub.stop()
+    again, _ = start_hub(
+        hub_cfg,
+        folder,  # the same data directory and log: the same hub, started again
+        broker_url,
+        database_url,
+        mqtt=transport == "mqtt",
+        env=env,
+        ports={name: ports[name] for name in ("tcp", "mqtt", "http") if name in ports},
+    )
+    stack.callback(again.stop)
+    started_at = time.monotonic()
+    cpu_before = again.cpu_s()
+    deadline = started_at + cfg.connect_timeout_s
+    held, peak, back_at = 0, 0, None
+    while time.monotonic() < deadline:
+        again.check_alive()
+        fleet.check_alive()
+        held = (_status(ports.get("http")).get("devices_connected") or {}).get(transport) or 0
+        peak = max(peak, again.rss())
+        if held >= devices:
+            back_at = time.monotonic()
+            break
+        time.sleep(0.2)
+    if not cfg.quiet:
+        log(
+            f"{transport}: after the restart "
+            + (
+                f"all {devices} back {back_at - stopped_at:.1f} s after the stop"
+                if back_at is not None
+                else f"only {held} of {devices} back within {cfg.connect_timeout_s:g} s"
+            )
+        )
+    return {
+        "hub_down_s": round(started_at - stopped_at, 2),
+        "all_back_s": None if back_at is None else round(back_at - stopped_at, 2),
+        "all_back_after_start_s": None if back_at is None else round(back_at - started_at, 2),
+        "held_by_hub": held,
+        "connect_errors": ((_last(fleet, "progress") or {}).get("errors", 0) or 0)
+        - (errors_before or 0),
+        "hub_rss_peak_mb": round(peak / 2**20, 1),
+        "hub_cpu_s": round(again.cpu_s() - cpu_before, 2),
     }
 
 
@@ -331,6 +410,7 @@ def run_connections(cfg: ConnectionsConfig) -> dict[str, Any]:
             "lean": cfg.lean,
             "publish_probe_s": cfg.publish_probe_s,
             "publish_probe_devices": cfg.publish_probe_devices,
+            "restart": cfg.restart,
         },
         **results,
         "targets": targets,

@@ -158,9 +158,11 @@ def start_hub(
     *,
     mqtt: bool,
     env: dict[str, str] | None = None,
+    ports: dict[str, int] | None = None,
 ) -> tuple[Child, dict[str, int]]:
-    """`hub run --no-worker` on free ports (more `HUB_*` variables in `env`); the
-    process and its ports by listener name."""
+    """`hub run --no-worker` on free ports, or on `ports` ("tcp", "mqtt",
+    "http": a hub started again where the devices know it), with more `HUB_*`
+    variables in `env`; the process and its ports by listener name."""
     env = {
         # Every simulated device connects from the same loopback address: the
         # limits per source address would measure themselves, not the hub.
@@ -181,7 +183,9 @@ def start_hub(
     argv = [
         sys.executable, "-m", "bench.hub_process", "--loop", cfg.loop,
         "run", "--no-worker", "--host", LOCALHOST,
-        "--tcp-port", "0", "--mqtt-port", "0", "--http-port", "0",
+        "--tcp-port", str((ports or {}).get("tcp", 0)),
+        "--mqtt-port", str((ports or {}).get("mqtt", 0)),
+        "--http-port", str((ports or {}).get("http", 0)),
     ]  # fmt: skip
     if not mqtt:
         argv.append("--no-mqtt")

@@ -206,6 +206,21 @@ def connections_table(result: dict[str, Any]) -> str:
                 f"{idle:,.0f} msg/s idle hub, {held:,.0f} msg/s with {r['devices']} held "
                 f"({held / idle if idle else 0:.2f}x)"
             )
+        again = r.get("restart")
+        if again:
+            back = again["all_back_s"]
+            out.append(
+                f"  {name} hub restarted with the fleet up: "
+                + (
+                    f"all {r['devices']} back {back:.1f} s after the stop "
+                    f"({again['all_back_after_start_s']:.1f} s after the new hub started, "
+                    f"which took {again['hub_down_s']:.1f} s)"
+                    if back is not None
+                    else f"only {again['held_by_hub']} of {r['devices']} back"
+                )
+                + f", {again['connect_errors']} connect errors, "
+                f"hub RSS peak {again['hub_rss_peak_mb']:.0f} MB, CPU {again['hub_cpu_s']:.1f} s"
+            )
     for target in result.get("targets", []):
         out.append(f"  target: {target['text']}: {target['measured']} "
                    f"({'met' if target['met'] else 'NOT met'})")  # fmt: skip

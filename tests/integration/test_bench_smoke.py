@@ -132,6 +132,22 @@ def test_tls_connections_benchmark_prints_memory_and_handshake_figures() -> None
     assert "handshake ms p50" in stderr and "TLS/clear" in stderr
 
 
+def test_connections_benchmark_restarts_the_hub_and_sees_every_device_back() -> None:
+    require_rabbitmq()
+    result, stderr = _run_bench(
+        "connections", "--tcp", "0", "--mqtt", "30", "--lean", "--hold", "1", "--restart",
+        "--connect-timeout", "120", "--json", "--quiet",
+    )  # fmt: skip
+
+    mqtt = result["mqtt"]
+    assert mqtt["held_by_hub"] == mqtt["devices"] == 30
+    again = mqtt["restart"]
+    # Held by the new hub process: every device reconnected by itself.
+    assert again["held_by_hub"] == 30 and again["all_back_s"] is not None
+    assert again["all_back_s"] >= again["hub_down_s"] > 0
+    assert "hub restarted with the fleet up: all 30 back" in stderr
+
+
 def test_mqtt_ingest_benchmark_stores_every_message_of_hub_and_baseline() -> None:
     require_rabbitmq()
     result, _ = _run_bench(
