@@ -63,6 +63,26 @@ class LeanQueue(asyncio.Queue[_T]):
     def empty(self) -> bool:
         return self.qsize() == 0
 
+    def _get(self) -> _T:
+        queue = self._queue
+        item: _T = queue.popleft()
+        if not queue:
+            # Made again by the next put: most queues hold an item now and then.
+            del self._queue
+        return item
+
+    def wake_on_put(self, waiter: asyncio.Future[None]) -> None:
+        """Have the next put set `waiter`'s result, as it wakes a `get` waiting:
+        one future waits on several queues at once (bridges.mqtt.loop), where
+        a `get` would need a task per queue."""
+        self._getters.append(waiter)
+
+    def forget(self, waiter: asyncio.Future[None]) -> None:
+        """Undo `wake_on_put` (whether or not a put has woken `waiter`)."""
+        getters = self.__dict__.get("_getters")
+        if getters is not None and waiter in getters:
+            getters.remove(waiter)
+
 
 class LeanEvent(asyncio.Event):
     """An `asyncio.Event` whose waiters are kept in a list made when first waited on."""
