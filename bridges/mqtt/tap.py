@@ -213,6 +213,12 @@ class TapConfig:
 class BridgingHandler(QosFlowHandler):
     """amqtt's broker-side handler with the bridge tap; see the module docstring."""
 
+    # Slots keep the instance dict (amqtt's attributes) small (see QosFlowHandler).
+    __slots__ = (
+        "tap", "framed", "started", "counted", "connected_at", "announced", "finished",
+        "acks", "_own_topics", "_consumed", "taken", "passed_on",
+    )  # fmt: skip
+
     tap: TapConfig
 
     def __init__(self, *args: object, tap: TapConfig, **kwargs: object) -> None:
