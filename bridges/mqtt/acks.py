@@ -80,8 +80,19 @@ class AckSequencer:
     """One connection's queue of PUBACKs to send; see the module docstring."""
 
     __slots__ = (
-        "_write", "_drain", "_judge", "_on_acked", "_max_inflight", "_queue", "_reader",
-        "_paused", "_flush_scheduled", "_unflushed_bytes", "_draining", "_watched", "closed",
+        "_drain",
+        "_draining",
+        "_flush_scheduled",
+        "_judge",
+        "_max_inflight",
+        "_on_acked",
+        "_paused",
+        "_queue",
+        "_reader",
+        "_unflushed_bytes",
+        "_watched",
+        "_write",
+        "closed",
     )  # fmt: skip
 
     def __init__(
