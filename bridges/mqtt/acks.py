@@ -38,7 +38,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,22 @@ class _Fast:
 class AckSequencer:
     """One connection's queue of PUBACKs to send; see the module docstring."""
 
+    __slots__ = (
+        "_drain",
+        "_draining",
+        "_flush_scheduled",
+        "_judge",
+        "_max_inflight",
+        "_on_acked",
+        "_paused",
+        "_queue",
+        "_reader",
+        "_unflushed_bytes",
+        "_watched",
+        "_write",
+        "closed",
+    )  # fmt: skip
+
     def __init__(
         self,
         *,
@@ -95,7 +111,8 @@ class AckSequencer:
         self._judge = judge
         self._on_acked = on_acked
         self._max_inflight = max_inflight
-        self._queue: deque[_Fast | SlowTurn] = deque()
+        # `_queue`, made on first use (`__getattr__`): an empty deque takes
+        # about 760 bytes, and most connections never publish at QoS 1.
         self._reader: Pausable | None = None
         self._paused = False
         self._flush_scheduled = False
@@ -103,6 +120,15 @@ class AckSequencer:
         self._draining: asyncio.Task[None] | None = None
         self._watched: asyncio.Future[None] | None = None
         self.closed = False
+
+    _queue: deque[_Fast | SlowTurn]
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for a slot not set yet.
+        if name != "_queue":
+            raise AttributeError(name)
+        self._queue = deque()
+        return self._queue
 
     def attach(self, reader: Pausable) -> None:
         """The reader to pause while too much waits (backpressure)."""

@@ -36,6 +36,7 @@ from bridges.mqtt.listener import (
     bind_mqtt_tls,
     bind_mqtt_ws,
 )
+from bridges.mqtt.loop import MessageLoopBroker
 from bridges.mqtt.reachability import ReachableBroker
 from bridges.mqtt.sessions import SessionBroker
 from bridges.mqtt.state import device_of
@@ -65,7 +66,9 @@ def _plugin_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-class HubBroker(SessionBroker, ReachableBroker, DeliveringBroker, ListeningBroker):
+class HubBroker(
+    SessionBroker, ReachableBroker, MessageLoopBroker, DeliveringBroker, ListeningBroker
+):
     """amqtt's broker with the hub's overrides; see the module docstring."""
 
     def __init__(

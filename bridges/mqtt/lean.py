@@ -10,6 +10,8 @@ connection; with 10,000 connected devices that is tens of megabytes for
 queues that an idle device never uses. `LeanQueue` and `LeanEvent` make
 their parts on first use, and keep waiters in a list (an empty deque takes
 about 760 bytes, a list 56; there is rarely more than one waiter).
+`lean_drain_waiters` does the same for the drain waiters of a stream's
+protocol, which every connection holds as long as it lives.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import asyncio
 import collections
 from typing import Any, TypeVar
 
-__all__ = ["LeanEvent", "LeanQueue"]
+__all__ = ["LeanEvent", "LeanQueue", "lean_drain_waiters"]
 
 _T = TypeVar("_T")
 
@@ -63,6 +65,26 @@ class LeanQueue(asyncio.Queue[_T]):
     def empty(self) -> bool:
         return self.qsize() == 0
 
+    def _get(self) -> _T:
+        queue = self._queue
+        item: _T = queue.popleft()
+        if not queue:
+            # Made again by the next put: most queues hold an item now and then.
+            del self._queue
+        return item
+
+    def wake_on_put(self, waiter: asyncio.Future[None]) -> None:
+        """Have the next put set `waiter`'s result, as it wakes a `get` waiting:
+        one future waits on several queues at once (bridges.mqtt.loop), where
+        a `get` would need a task per queue."""
+        self._getters.append(waiter)
+
+    def forget(self, waiter: asyncio.Future[None]) -> None:
+        """Undo `wake_on_put` (whether or not a put has woken `waiter`)."""
+        getters = self.__dict__.get("_getters")
+        if getters is not None and waiter in getters:
+            getters.remove(waiter)
+
 
 class LeanEvent(asyncio.Event):
     """An `asyncio.Event` whose waiters are kept in a list made when first waited on."""
@@ -78,3 +100,14 @@ class LeanEvent(asyncio.Event):
         # The same as a deque for what asyncio does with it (append, remove, iterate).
         self._waiters = waiters  # type: ignore[assignment]
         return waiters
+
+
+def lean_drain_waiters(writer: asyncio.StreamWriter) -> None:
+    """Keep the waiters of `writer.drain()` in a list, not a deque: asyncio's
+    stream protocol makes an empty deque of them per connection (3.11's
+    `FlowControlMixin`), and a list does what it does with them (append,
+    remove, iterate). Left as it is where asyncio keeps them otherwise."""
+    protocol = getattr(writer, "_protocol", None)
+    waiters = getattr(protocol, "_drain_waiters", None)
+    if isinstance(waiters, collections.deque) and not waiters:
+        protocol._drain_waiters = _Waiters()  # type: ignore[union-attr]

@@ -52,6 +52,7 @@ from bridges.address_gate import AddressGate
 from bridges.backpressure import Room
 from bridges.listen import PortSetting, bind
 from bridges.mqtt.handshakes import HandshakeGate
+from bridges.mqtt.lean import lean_drain_waiters
 from bridges.mqtt.reader import ByteStream, PacketReader
 from bridges.mqtt.websocket import HandshakeFailed, WebSocketStream, WebSocketWriter
 from hub.metrics import Metrics
@@ -253,6 +254,7 @@ class ListeningBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
         first (within the CONNECT timeout), and handled only once the
         connection has a place among the handshakes in progress."""
         peer_text = _peer(writer)
+        lean_drain_waiters(writer)
         packets = PacketReader(
             source,
             max_packet_bytes=self._max_packet_bytes,

@@ -19,6 +19,13 @@ overrides (docs/mqtt.md, "What we override in amqtt"):
 - `_check_ack`, asked by the packet reader (bridges.mqtt.reader): an
   acknowledgement of the wrong type for a message's QoS closes the
   connection [MQTT-4.8.0-1].
+- `start`: stock amqtt's, with `LeanEvent`s (bridges.mqtt.lean) for the
+  two events of its reader task, which every connection holds as long as it
+  lives (an `asyncio.Event` takes about 850 bytes).
+- `_reader_loop`: stock amqtt's, but a packet's task is forgotten as soon
+  as it is done; stock amqtt kept its tasks in a deque (760 bytes) and a
+  done one until the next packet came, so an idle connection held its
+  SUBSCRIBE's task (600 bytes) for good.
 
 The publish tap (bridges.mqtt.tap) subclasses it.
 """
@@ -26,29 +33,95 @@ The publish tap (bridges.mqtt.tap) subclasses it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Coroutine
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter
+from amqtt.errors import MQTTError, NoDataError, ProtocolHandlerError
+from amqtt.events import MQTTEvents
+from amqtt.mqtt import packet_class
 from amqtt.mqtt.constants import QOS_1, QOS_2
-from amqtt.mqtt.packet import MQTTPacket
+from amqtt.mqtt.packet import (
+    CONNACK,
+    CONNECT,
+    DISCONNECT,
+    PINGREQ,
+    PINGRESP,
+    PUBLISH,
+    PUBREL,
+    RESERVED_0,
+    RESERVED_15,
+    SUBACK,
+    SUBSCRIBE,
+    UNSUBACK,
+    UNSUBSCRIBE,
+    MQTTFixedHeader,
+    MQTTPacket,
+)
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.pubcomp import PubcompPacket
 from amqtt.mqtt.pubrec import PubrecPacket
 from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.session import OUTGOING, ApplicationMessage, OutgoingApplicationMessage, Session
 
+from bridges.mqtt.lean import LeanEvent
 from bridges.mqtt.reader import PacketReader
 from hub.mqtt_rules import PUBACK, PUBCOMP, PUBREC
+
+log = logging.getLogger(__name__)
+
+#: The handler method of each packet type amqtt's reader loop runs in a task
+#: of its own (amqtt 0.12.1, `ProtocolHandler._reader_loop`); the packet
+#: types are MQTT's, the same numbers in `hub.mqtt_rules` and amqtt.
+_HANDLERS = {
+    CONNACK: "handle_connack",
+    SUBSCRIBE: "handle_subscribe",
+    UNSUBSCRIBE: "handle_unsubscribe",
+    SUBACK: "handle_suback",
+    UNSUBACK: "handle_unsuback",
+    PUBACK: "handle_puback",
+    PUBREC: "handle_pubrec",
+    PUBREL: "handle_pubrel",
+    PUBCOMP: "handle_pubcomp",
+    PINGREQ: "handle_pingreq",
+    PINGRESP: "handle_pingresp",
+    PUBLISH: "handle_publish",
+    DISCONNECT: "handle_disconnect",
+}
 
 
 class QosFlowHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is untyped
     """amqtt's broker-side handler with MQTT 3.1.1's QoS flows; see the module docstring."""
 
+    # Slots, not the instance dict: past 30 attributes an instance dict no
+    # longer shares its keys with the others of its class and costs ~1.5 KB.
+    __slots__ = ("_closed", "_resends")
+
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self._closed = False
-        self._resends: set[asyncio.Task[None]] = set()
+        # The resend tasks running, made on first resend (`_spawn`).
+        self._resends: set[asyncio.Task[None]] | None = None
+
+    async def start(self) -> None:
+        # `ProtocolHandler.start` and `BrokerProtocolHandler.start` of amqtt
+        # 0.12.1, with lean events. (mypy takes the slots for all there is:
+        # amqtt's untyped base class keeps its fields in the instance dict.)
+        if not self._is_attached():
+            raise ProtocolHandlerError("Handler is not attached to a stream")
+        self._reader_ready = LeanEvent()  # type: ignore[misc]
+        self._reader_stopped = LeanEvent()  # type: ignore[misc]
+        self._reader_task = asyncio.create_task(self._reader_loop())  # type: ignore[misc]
+        await self._reader_ready.wait()
+        if self.keepalive_timeout is not None:
+            self._keepalive_task = self._loop.call_later(  # type: ignore[misc]
+                self.keepalive_timeout, self.handle_write_timeout
+            )
+        await self._retry_deliveries()
+        ended: asyncio.Future[Any] | None = getattr(self, "_disconnect_waiter", None)
+        if ended is None or ended.done():
+            self._disconnect_waiter: asyncio.Future[Any] = asyncio.Future()  # type: ignore[misc]
 
     def attach(self, session: Session, reader: ReaderAdapter, writer: object) -> None:
         super().attach(session, reader, writer)
@@ -77,6 +150,61 @@ class QosFlowHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is u
             return f"PUBCOMP for packet {packet_id} before its PUBREC"
         return None
 
+    async def _reader_loop(self) -> None:
+        # amqtt 0.12.1's, but with the packets' tasks forgotten once done.
+        if self.session is None or not self._reader_ready:
+            raise ProtocolHandlerError("Handler is not started")
+        running: set[asyncio.Task[None]] = set()
+        keepalive_timeout: int | None = self.session.keep_alive
+        if keepalive_timeout is not None and keepalive_timeout <= 0:
+            keepalive_timeout = None
+        while True:
+            try:
+                self._reader_ready.set()
+                if self.reader is None:
+                    break
+                fixed_header = await asyncio.wait_for(
+                    MQTTFixedHeader.from_stream(self.reader), timeout=keepalive_timeout
+                )
+                if not fixed_header:
+                    break  # end of stream
+                packet_type = fixed_header.packet_type
+                if packet_type in (RESERVED_0, RESERVED_15):
+                    await self.handle_connection_closed()
+                    continue
+                packet = await packet_class(fixed_header).from_stream(
+                    self.reader, fixed_header=fixed_header
+                )
+                await self.plugins_manager.fire_event(
+                    MQTTEvents.PACKET_RECEIVED, packet=packet, session=self.session
+                )
+                if packet_type == CONNECT:
+                    # Awaited, as stock amqtt does (it only logs the error).
+                    await self.handle_connect(packet)
+                    continue
+                name = _HANDLERS.get(packet_type)
+                if name is None:
+                    continue
+                task = asyncio.create_task(getattr(self, name)(packet))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            except MQTTError:
+                pass  # stock amqtt: the packet is discarded
+            except asyncio.CancelledError:
+                break
+            except TimeoutError:
+                self.handle_read_timeout()
+            except NoDataError:
+                pass
+            except Exception:
+                log.warning("%s: unhandled error in the reader", type(self).__name__, exc_info=True)
+                break
+        for task in list(running):
+            task.cancel()
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        await self.stop()
+
     async def _retry_deliveries(self) -> None:
         # Stock amqtt waits here (inside `start`) until every resent message is
         # acknowledged, and resends PUBREC for incoming QoS 2 messages. The
@@ -91,6 +219,8 @@ class QosFlowHandler(BrokerProtocolHandler):  # type: ignore[misc]  # amqtt is u
 
     def _spawn(self, flow: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(flow)
+        if self._resends is None:
+            self._resends = set()
         self._resends.add(task)
         task.add_done_callback(self._resends.discard)
 

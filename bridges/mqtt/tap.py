@@ -219,6 +219,22 @@ class TapConfig:
 class BridgingHandler(QosFlowHandler):
     """amqtt's broker-side handler with the bridge tap; see the module docstring."""
 
+    # Slots keep the instance dict (amqtt's attributes) small (see QosFlowHandler).
+    __slots__ = (
+        "_consumed",
+        "_own_topics",
+        "acks",
+        "announced",
+        "connected_at",
+        "counted",
+        "finished",
+        "framed",
+        "passed_on",
+        "started",
+        "taken",
+        "tap",
+    )  # fmt: skip
+
     tap: TapConfig
 
     def __init__(self, *args: object, tap: TapConfig, **kwargs: object) -> None:
@@ -236,8 +252,9 @@ class BridgingHandler(QosFlowHandler):
         self.finished: asyncio.Event = LeanEvent()
         # amqtt's queues of SUBSCRIBE and UNSUBSCRIBE packets, made lean
         # (bridges.mqtt.state): most connections subscribe once, ever.
-        self._pending_subscriptions: LeanQueue[Subscription] = LeanQueue()
-        self._pending_unsubscriptions: LeanQueue[UnSubscription] = LeanQueue()
+        # (amqtt's fields: mypy takes the slots for all there is.)
+        self._pending_subscriptions: LeanQueue[Subscription] = LeanQueue()  # type: ignore[misc]
+        self._pending_unsubscriptions: LeanQueue[UnSubscription] = LeanQueue()  # type: ignore[misc]
         # The connection's PUBACKs, in the order the QoS 1 PUBLISHes came (MQTT
         # 3.1.1 section 4.6), those of the fast path and amqtt's (bridges.mqtt.acks).
         self.acks: AckSequencer | None = None

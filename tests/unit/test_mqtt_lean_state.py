@@ -8,7 +8,8 @@ import pytest
 from amqtt.session import Session
 from transitions import MachineError
 
-from bridges.mqtt.lean import LeanEvent, LeanQueue
+from bridges.mqtt.acks import AckSequencer
+from bridges.mqtt.lean import LeanEvent, LeanQueue, lean_drain_waiters
 from bridges.mqtt.state import LeanSession, SessionStates
 
 
@@ -33,6 +34,68 @@ def test_a_lean_queue_behaves_as_an_asyncio_queue() -> None:
         return [first, *rest]
 
     assert asyncio.run(scenario()) == [1, 2, 3]
+
+
+def test_a_lean_queue_drops_its_deque_once_emptied() -> None:
+    queue: LeanQueue[int] = LeanQueue()
+    queue.put_nowait(1)
+    queue.put_nowait(2)
+    assert queue.get_nowait() == 1
+    assert "_queue" in queue.__dict__  # one item left
+    assert queue.get_nowait() == 2
+    assert "_queue" not in queue.__dict__ and queue.empty()
+    queue.put_nowait(3)  # made again
+    assert queue.get_nowait() == 3
+
+
+def test_one_future_waits_on_several_lean_queues() -> None:
+    async def scenario() -> tuple[bool, bool, int]:
+        first: LeanQueue[int] = LeanQueue()
+        second: LeanQueue[int] = LeanQueue()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        first.wake_on_put(waiter)
+        second.wake_on_put(waiter)
+        await asyncio.sleep(0)
+        before = waiter.done()
+        second.put_nowait(7)
+        first.forget(waiter)
+        second.forget(waiter)  # woken already: nothing to undo
+        first.put_nowait(8)  # forgotten: wakes nobody, and fails nothing
+        return before, waiter.done(), second.get_nowait()
+
+    assert asyncio.run(scenario()) == (False, True, 7)
+
+
+def test_lean_drain_waiters_keep_a_stream_writing() -> None:
+    async def scenario() -> bytes:
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(await reader.readexactly(3))
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        lean_drain_waiters(writer)
+        assert isinstance(writer._protocol._drain_waiters, list)  # type: ignore[attr-defined]
+        writer.write(b"abc")
+        await writer.drain()
+        data = await reader.readexactly(3)
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return data
+
+    assert asyncio.run(scenario()) == b"abc"
+
+
+def test_a_puback_queue_is_made_on_first_use() -> None:
+    acks = AckSequencer(
+        write=lambda _data: None, drain=asyncio.sleep, judge=lambda _f: True, max_inflight=4
+    )
+    with pytest.raises(AttributeError):
+        acks.__getattribute__("_queue")  # not made yet
+    assert acks.pending == 0  # made now
 
 
 def test_a_bounded_lean_queue_makes_put_wait() -> None:
