@@ -199,7 +199,11 @@ class Settings(BaseSettings):
     )
 
     batch_max_messages: int = Field(default=500, ge=1, le=10000)
-    batch_window_ms: float = Field(default=2.0, ge=0)
+    #: Longest a new batch stays open for more envelopes; within it the window
+    #: follows the arrival rate (bridges/batch_window.py). 0: never waits.
+    batch_window_ms: float = Field(default=8.0, ge=0)
+    #: The batch size the window aims for at the recent arrival rate.
+    batch_target_messages: int = Field(default=100, ge=1, le=10000)
     spool_max_messages: int = Field(default=100_000, ge=1)
     broker_retry_interval_s: float = Field(default=1.0, gt=0)
     #: A publish RabbitMQ has not confirmed within this time counts as failed:
