@@ -4,10 +4,13 @@ Layer: bridges; imports the `hub` core only (tasks are sent by name).
 
 The event loop never waits on the broker. `submit()` appends the envelope to
 the open batch of its kind and returns a future. A batch is handed to the
-publisher thread when the loop has gone idle (a `call_soon` after the reads
-of one loop turn) or when it is full; while the thread is still busy with the
-previous batch, the open batch keeps growing, so batches grow with load and
-stay small (low latency) when the hub is quiet. See docs/delivery.md.
+publisher thread when its window has passed or when it is full; while the
+thread is still busy with the previous batch, the open batch keeps growing, so
+batches grow with load. The window follows the recent arrival rate
+(bridges/batch_window.py): zero when the hub is quiet (the batch goes once the
+loop is idle, a `call_soon` after the reads of one loop turn), up to
+`batch_window_ms` at a moderate load, so that more envelopes share the fixed
+cost of a task message. See docs/delivery.md.
 
 The publisher thread owns one broker connection with publisher confirms. A
 batch is one task message (its envelopes as a list); when RabbitMQ confirms
@@ -43,6 +46,7 @@ import threading
 from typing import Any
 
 from bridges.backpressure import Room
+from bridges.batch_window import BatchWindow
 from bridges.publisher import STOP, Batch, Publisher, check_broker, publisher_app
 from hub.envelope import Envelope, Kind
 from hub.errors import DispatchError
@@ -78,6 +82,8 @@ class Dispatcher:
         )
         # Read at each scrape: no gauge update (and its lock) per envelope.
         metrics.dispatch_pending.set_function(lambda: self.room.pending)
+        self._window = BatchWindow(settings.batch_target_messages, settings.batch_window_ms / 1000)
+        self._arrived = 0  # envelopes since the window was last asked
 
     # -- event loop side ---------------------------------------------------
 
@@ -134,12 +140,15 @@ class Dispatcher:
         return batch
 
     def _added(self, batch: Batch, loop: asyncio.AbstractEventLoop) -> None:
+        self._arrived += 1
         if len(batch.envelopes) >= self._max:
             self._hand_over(self._open.pop(batch.kind))
         elif not self._flush_scheduled:
             self._flush_scheduled = True
-            if self._settings.batch_window_ms > 0:
-                loop.call_later(self._settings.batch_window_ms / 1000, self._flush)
+            window = self._window.opened(loop.time(), self._arrived)
+            self._arrived = 0
+            if window > 0:
+                loop.call_later(window, self._flush)
             else:
                 loop.call_soon(self._flush)
 

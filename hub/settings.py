@@ -199,7 +199,11 @@ class Settings(BaseSettings):
     )
 
     batch_max_messages: int = Field(default=500, ge=1, le=10000)
-    batch_window_ms: float = Field(default=2.0, ge=0)
+    #: Longest a new batch stays open for more envelopes; within it the window
+    #: follows the arrival rate (bridges/batch_window.py). 0: never waits.
+    batch_window_ms: float = Field(default=8.0, ge=0)
+    #: The batch size the window aims for at the recent arrival rate.
+    batch_target_messages: int = Field(default=100, ge=1, le=10000)
     #: Envelopes accepted and not yet durable, on all connections together,
     #: before every device connection stops reading (backpressure, never a
     #: drop; docs/delivery.md, "Bounds and backpressure"). At least two batches.

@@ -26,6 +26,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Connection,
     DateTime,
     Engine,
     Index,
@@ -508,6 +509,7 @@ def store_envelopes(
     *,
     before_commit: Callable[[list[Envelope]], object] | None = None,
     retransmission_window: timedelta = DEFAULT_RETRANSMISSION_WINDOW,
+    count: Callable[[Connection, int], object] | None = None,
 ) -> int:
     """Store a batch in one transaction, idempotently on the envelope id.
 
@@ -526,6 +528,10 @@ def store_envelopes(
 
     A device's retransmission of a telemetry message is recognised within
     `retransmission_window` of the copy stored first (`_insert_telemetry`).
+
+    `count`, if given, is called inside the transaction with its connection
+    and the number of new rows (when there are any), to count them in the
+    same commit (hub.worker_metrics.add_within).
     """
     now = datetime.now(UTC)
     telemetry = [_row(e, now) for e in envelopes if e.kind is Kind.TELEMETRY]
@@ -556,6 +562,8 @@ def store_envelopes(
                 new.discard(e.id)
             changes.append(e)
         _update_state(conn, changes, now)
+        if count is not None and inserted:
+            count(conn, inserted)
         if before_commit is not None:
             # Once per id: a retransmission can sit in the same batch as its original.
             handled: dict[str, Envelope] = {}

@@ -8,9 +8,11 @@ mode needs a folder that every process shares, which workers on other
 machines do not. The database is what every worker and every hub already
 share, so each worker adds to its own rows (`worker_counters`, one row per
 worker name and counter, so workers never contend for one row), and the
-hub's `/metrics` and `hub status` read the sums. A worker killed between
-storing a batch and counting it under-counts by that batch; the counters are
-for watching, the stored rows are the truth.
+hub's `/metrics` and `hub status` read the sums. On SQLite the ingest tasks
+count their rows in the transaction that stores them (`add_within`; one
+commit, one fsync per task). On PostgreSQL they count in a transaction of
+their own after it, and a worker killed in between under-counts by that
+batch; the counters are for watching, the stored rows are the truth.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, Engine, String, func, select
+from sqlalchemy import BigInteger, Connection, Engine, String, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -55,6 +57,12 @@ class WorkerCounter(Base):
 
 def add(engine: Engine, worker: str, counts: Mapping[str, int]) -> None:
     """Add `counts` to `worker`'s counters (an upsert per counter, one transaction)."""
+    with engine.begin() as conn:
+        add_within(conn, worker, counts)
+
+
+def add_within(conn: Connection, worker: str, counts: Mapping[str, int]) -> None:
+    """`add`, inside the caller's transaction on `conn` (committed with it)."""
     rows = [
         {"worker": worker[:200], "name": name, "value": int(n), "updated_at": datetime.now(UTC)}
         for name, n in counts.items()
@@ -63,7 +71,7 @@ def add(engine: Engine, worker: str, counts: Mapping[str, int]) -> None:
     if not rows:
         return
     table = WorkerCounter.__table__
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     insert = dialect.insert(table)
     statement = insert.on_conflict_do_update(
         index_elements=[table.c.worker, table.c.name],
@@ -72,8 +80,7 @@ def add(engine: Engine, worker: str, counts: Mapping[str, int]) -> None:
             "updated_at": insert.excluded.updated_at,
         },
     )
-    with engine.begin() as conn:
-        conn.execute(statement, rows)
+    conn.execute(statement, rows)
 
 
 def totals(engine: Engine) -> dict[str, int]:
