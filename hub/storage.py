@@ -383,10 +383,82 @@ def _insert_returning_keys(
         ).columns(envelope_id=String, received_at=UtcDateTime)
         found = conn.execute(statement, {"rows": _dumps(rows, _iso)})
         return [(row[0], row[1]) for row in found]
-    statement = insert_ignore(conn.engine, table).returning(
-        table.c.envelope_id, table.c.received_at
-    )
-    return [(row[0], row[1]) for row in conn.execute(statement, rows)]
+    return _sqlite_insert_returning_keys(conn, table, rows)
+
+
+#: Host parameters one SQLite statement may hold (SQLITE_MAX_VARIABLE_NUMBER
+#: since SQLite 3.32; Python's sqlite3 links a newer one).
+_SQLITE_MAX_PARAMETERS = 32766
+
+
+def _sqlite_time(value: datetime | None) -> str | None:
+    """A datetime as SQLAlchemy's SQLite DATETIME stores a `UtcDateTime`:
+    UTC, `YYYY-MM-DD HH:MM:SS.ffffff`, no zone (tests/unit/test_storage.py)."""
+    if value is None:
+        return None
+    # In UTC the ISO text always ends in "+00:00"; cutting it is the cheapest
+    # way to the zone-less text (replace(tzinfo=None) costs as much again).
+    return value.astimezone(UTC).isoformat(" ", "microseconds")[:-6]
+
+
+def _sqlite_converters(table: Any) -> list[tuple[str, Callable[[Any], Any] | None]]:
+    """Each column of `table` with what turns a row's value into what SQLite stores."""
+    converters: list[tuple[str, Callable[[Any], Any] | None]] = []
+    for column in table.columns:
+        if isinstance(column.type, UtcDateTime):
+            converters.append((column.name, _sqlite_time))
+        elif isinstance(column.type, JSON):
+            converters.append((column.name, _dumps))
+        else:
+            converters.append((column.name, None))
+    return converters
+
+
+def _sqlite_insert_returning_keys(
+    conn: Any, table: Any, rows: list[dict[str, Any]]
+) -> list[tuple[str, datetime]]:
+    """The SQLite side of `_insert_returning_keys`: multi-row VALUES bound by
+    the driver itself.
+
+    SQLAlchemy's insert of the same rows ran every value through its type's
+    bind processor in Python, which cost more than SQLite storing the row. The
+    values here are converted to exactly what those processors give (text
+    times, compact JSON), so the stored text, and with it the key a batch
+    delivered again must collide with, is the same; what the driver refuses
+    (an integer beyond 64 bits, a string it cannot encode) it still refuses.
+    """
+    converters = _sqlite_converters(table)
+    columns = ", ".join(name for name, _ in converters)
+    chunk = _SQLITE_MAX_PARAMETERS // len(converters)
+    keys: list[tuple[str, datetime]] = []
+    times: dict[datetime, str | None] = {}  # stored_at is one time for the whole batch
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        values: list[Any] = []
+        by_key: dict[tuple[str, str | None], datetime] = {}
+        for row in part:
+            for name, convert in converters:
+                value = row[name]
+                if value is None or convert is None:
+                    values.append(value)
+                elif convert is _sqlite_time:
+                    text = times.get(value)
+                    if text is None:
+                        text = times[value] = _sqlite_time(value)
+                    values.append(text)
+                else:
+                    values.append(convert(value))
+            at = row["received_at"]
+            by_key[(row["envelope_id"], times[at])] = at
+        placeholders = "(" + ", ".join("?" * len(converters)) + ")"
+        found = conn.exec_driver_sql(
+            f"INSERT INTO {table.name} ({columns}) VALUES "
+            + ", ".join([placeholders] * len(part))
+            + " ON CONFLICT DO NOTHING RETURNING envelope_id, received_at",
+            tuple(values),
+        )
+        keys += [(envelope_id, by_key[(envelope_id, at)]) for envelope_id, at in found]
+    return keys
 
 
 #: How long after a message a device's retransmission of it is still recognised
