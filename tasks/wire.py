@@ -23,7 +23,7 @@ from typing import Any, Final
 from kombu import serialization
 from kombu.utils import json as kombu_json
 
-from hub.payloads import MAX_PAYLOAD_DEPTH_CEILING, exceeds_depth, text_exceeds_depth
+from hub.payloads import MAX_PAYLOAD_DEPTH_CEILING, exceeds_depth, parsed_text_exceeds_depth
 
 #: Deepest task body accepted as is: the envelope limit plus the body's own
 #: levels ([args, kwargs, embed], the batch list, the envelope dict), with room.
@@ -81,10 +81,14 @@ def guard(body: Any) -> Any:
 
 
 def loads(data: str | bytes | bytearray | memoryview) -> Any:
-    """kombu's JSON decoding, then `guard` on documents that may be too deep."""
+    """kombu's JSON decoding, then `guard` on documents that may be too deep.
+
+    The text decoded is what the pre-check reads (`parsed_text_exceeds_depth`):
+    a batch of ordinary envelopes passes it without `guard` walking every
+    value of every envelope, which cost more than decoding the batch."""
     value = kombu_json.loads(data)
     text = data.tobytes() if isinstance(data, memoryview) else data
-    if text_exceeds_depth(text, WIRE_MAX_DEPTH):
+    if parsed_text_exceeds_depth(text, WIRE_MAX_DEPTH):
         return guard(value)
     return value
 
