@@ -262,7 +262,13 @@ def make_engine(url: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> Engine:
     )
 
 
+#: Compact JSON, made once: json.dumps with separators builds an encoder per call.
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def _dumps(value: Any, default: Any = None) -> str:
+    if default is None:
+        return _ENCODE(value)
     return json.dumps(value, separators=(",", ":"), default=default)
 
 
@@ -456,7 +462,7 @@ def _sqlite_insert_returning_keys(
             + ", ".join([placeholders] * len(part))
             + " ON CONFLICT DO NOTHING RETURNING envelope_id, received_at",
             tuple(values),
-        )
+        ).all()
         keys += [(envelope_id, by_key[(envelope_id, at)]) for envelope_id, at in found]
     return keys
 
@@ -496,11 +502,14 @@ def _insert_telemetry(conn: Any, rows: list[dict[str, Any]], window: timedelta) 
         return set()
     mine = set(inserted)
     by_key = {(row["envelope_id"], row["received_at"]): row for row in rows}
-    probes = [
-        {"d": row["device_id"], "s": row["seq"], "e": key[0]}
+    # Each (device, seq, id) once: a row then matches at most one probe, and the
+    # copies counted below are distinct rows.
+    unique = {
+        (row["device_id"], row["seq"], key[0])
         for key in inserted
         if (row := by_key.get(key)) is not None and row["seq"] is not None
-    ]
+    }
+    probes = [{"d": d, "s": s, "e": e} for d, s, e in unique]
     if not probes:
         return {key[0] for key in inserted}
     since = min(key[1] for key in inserted) - window
@@ -526,15 +535,20 @@ def _insert_telemetry(conn: Any, rows: list[dict[str, Any]], window: timedelta) 
             "AND t.seq = json_extract(p.value, '$.s') "
             "AND t.envelope_id = json_extract(p.value, '$.e')"
         )
+    # Only the ids found more than once come back: every new row finds itself,
+    # and reading those back cost more than the lookup.
     found = conn.execute(
         text(
-            "SELECT DISTINCT t.envelope_id, t.received_at "
+            "SELECT envelope_id, received_at FROM ("
+            "SELECT t.envelope_id, t.received_at, "
+            "count(*) OVER (PARTITION BY t.envelope_id) AS copies "
             f"FROM {source} WHERE t.received_at >= :since"
+            ") AS found WHERE copies > 1"
         )
         .columns(envelope_id=String, received_at=UtcDateTime)
         .bindparams(bindparam("since", since, type_=UtcDateTime)),
         {"probes": _dumps(probes)},
-    )
+    ).all()
     copies: dict[str, list[tuple[datetime, bool]]] = {}
     for envelope_id, received_at in found:
         copies.setdefault(envelope_id, []).append((received_at, (envelope_id, received_at) in mine))
@@ -580,6 +594,7 @@ def store_envelopes(
     *,
     before_commit: Callable[[list[Envelope]], object] | None = None,
     retransmission_window: timedelta = DEFAULT_RETRANSMISSION_WINDOW,
+    count_stored: Callable[[Any, int], object] | None = None,
 ) -> int:
     """Store a batch in one transaction, idempotently on the envelope id.
 
@@ -598,6 +613,11 @@ def store_envelopes(
 
     A device's retransmission of a telemetry message is recognised within
     `retransmission_window` of the copy stored first (`_insert_telemetry`).
+
+    `count_stored(connection, n)` is called last in the transaction when `n`
+    rows were new (the worker's counter, hub/worker_metrics.py): the count
+    commits with the rows, in the same commit. Last, so that a lock it takes
+    on a counter row that other transactions share is held only for the commit.
     """
     now = datetime.now(UTC)
     telemetry = [_row(e, now) for e in envelopes if e.kind is Kind.TELEMETRY]
@@ -636,6 +656,8 @@ def store_envelopes(
                     handled.setdefault(e.id, e)
             if handled:
                 before_commit(list(handled.values()))
+        if count_stored is not None and inserted:
+            count_stored(conn, inserted)
     return inserted
 
 

@@ -8,9 +8,11 @@ mode needs a folder that every process shares, which workers on other
 machines do not. The database is what every worker and every hub already
 share, so each worker adds to its own rows (`worker_counters`, one row per
 worker name and counter, so workers never contend for one row), and the
-hub's `/metrics` and `hub status` read the sums. A worker killed between
-storing a batch and counting it under-counts by that batch; the counters are
-for watching, the stored rows are the truth.
+hub's `/metrics` and `hub status` read the sums. Stored rows are counted in
+the transaction that stores them (`add_in`): no commit of their own, and
+exact. The other counters are added after the fact, so a worker killed in
+between under-counts; the counters are for watching, the stored rows are the
+truth.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, Engine, String, func, select
+from sqlalchemy import BigInteger, Connection, Engine, String, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -55,6 +57,14 @@ class WorkerCounter(Base):
 
 def add(engine: Engine, worker: str, counts: Mapping[str, int]) -> None:
     """Add `counts` to `worker`'s counters (an upsert per counter, one transaction)."""
+    if any(counts.values()):
+        with engine.begin() as conn:
+            add_in(conn, worker, counts)
+
+
+def add_in(conn: Connection, worker: str, counts: Mapping[str, int]) -> None:
+    """`add` inside a transaction of the caller's, which commits the counts
+    with what they count (the ingest tasks count the rows they store so)."""
     rows = [
         {"worker": worker[:200], "name": name, "value": int(n), "updated_at": datetime.now(UTC)}
         for name, n in counts.items()
@@ -63,7 +73,7 @@ def add(engine: Engine, worker: str, counts: Mapping[str, int]) -> None:
     if not rows:
         return
     table = WorkerCounter.__table__
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     insert = dialect.insert(table)
     statement = insert.on_conflict_do_update(
         index_elements=[table.c.worker, table.c.name],
@@ -72,8 +82,7 @@ def add(engine: Engine, worker: str, counts: Mapping[str, int]) -> None:
             "updated_at": insert.excluded.updated_at,
         },
     )
-    with engine.begin() as conn:
-        conn.execute(statement, rows)
+    conn.execute(statement, rows)
 
 
 def totals(engine: Engine) -> dict[str, int]:

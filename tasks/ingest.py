@@ -23,6 +23,7 @@ from typing import Any
 
 from celery import current_task
 from kombu.exceptions import OperationalError as KombuOperationalError
+from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 
 import tasks.application
@@ -93,7 +94,11 @@ def store(
     window = timedelta(hours=tasks.application.context().settings.retransmission_window_h)
     try:
         return store_envelopes(
-            engine(), envelopes, before_commit=before_commit, retransmission_window=window
+            engine(),
+            envelopes,
+            before_commit=before_commit,
+            retransmission_window=window,
+            count_stored=_count_stored,
         )
     except (OperationalError, KombuOperationalError):
         raise  # the database or the broker is away: retry the task
@@ -105,6 +110,11 @@ def store(
             return 0
         log.warning("a batch of %d was refused (%s); storing one by one", len(envelopes), exc)
     return sum(store([envelope], task_name, before_commit) for envelope in envelopes)
+
+
+def _count_stored(conn: Connection, stored: int) -> None:
+    # In the storing transaction: one commit per batch, not a second one to count it.
+    worker_metrics.add_in(conn, worker_name(), {worker_metrics.ROWS_STORED: stored})
 
 
 def ingest(batch: Any, task_name: str = "tasks.ingest") -> int:
@@ -125,11 +135,6 @@ def ingest(batch: Any, task_name: str = "tasks.ingest") -> int:
     )
     if again:
         handlers.schedule(list({e.id: e for e in envelopes}.values()), modules)
-    if stored:
-        try:
-            worker_metrics.add(engine(), worker_name(), {worker_metrics.ROWS_STORED: stored})
-        except OperationalError:
-            log.warning("stored %d rows but could not count them", stored)
     return stored
 
 
