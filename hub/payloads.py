@@ -83,6 +83,45 @@ def text_exceeds_depth(text: str | bytes | bytearray, max_depth: int) -> bool:
     return text.count(b"{") + text.count(b"[") > max_depth
 
 
+#: Every byte but the brackets and the quote (for bytes.translate's delete argument).
+_NOT_STRUCTURE: Final = bytes(sorted(set(range(256)) - set(b'[]{}"')))
+
+
+def parsed_text_exceeds_depth(text: str | bytes | bytearray, max_depth: int) -> bool:
+    """A fast, sound pre-check on text that parsed as JSON: False when it cannot
+    nest deeper than `max_depth`.
+
+    Much tighter than `text_exceeds_depth`, which counts every opening bracket
+    and so says True of any batch of more than a few dozen envelopes. The
+    brackets inside strings are dropped first: in valid JSON a quote inside a
+    string is escaped, and escapes pair up left to right, so once the escaped
+    backslashes and then the escaped quotes are gone every quote left opens or
+    closes a string, and what lies between an opening quote and the next is
+    dropped. Then pairs of brackets are taken off from the inside,
+    round by round. A round takes off at most one level of each kind, so the
+    bound checked is at most twice the real depth: True may still be said of a
+    document up to half as deep as the limit, never False of one too deep.
+    Only for text known to be valid JSON (what comes out of a JSON decoder).
+    """
+    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
+    if b"\\\\" in data:
+        data = data.replace(b"\\\\", b"")
+    if b'\\"' in data:
+        data = data.replace(b'\\"', b"")
+    # Quotes with no bracket between them go first (most strings, and the gaps
+    # between them); what is left between the quotes still there is in strings.
+    brackets = data.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    if b'"' in brackets:
+        brackets = b"".join(brackets.split(b'"')[::2])
+    levels = 0
+    while brackets:
+        levels += 2
+        if levels > max_depth:
+            return True
+        brackets = brackets.replace(b"[]", b"").replace(b"{}", b"")
+    return False
+
+
 def check_depth(value: object, max_depth: int, what: str = "payload") -> None:
     """PayloadTooDeep if `value` nests deeper than `max_depth`."""
     if exceeds_depth(value, max_depth):

@@ -54,7 +54,14 @@ def presence_since(envelope: Envelope) -> datetime:
 
 def _text(moment: datetime) -> str:
     # Fixed width, UTC: string order is time order.
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    utc = moment.astimezone(UTC)
+    if utc.year < 1000:
+        # strftime writes such a year without its leading zeros; stamps stored
+        # so before must still compare the same.
+        return utc.strftime("%Y-%m-%dT%H:%M:%S.%f")
+    # The same text as strftime("%Y-%m-%dT%H:%M:%S.%f") (less the "+00:00"), at
+    # a fraction of its cost: this runs for every message stored.
+    return utc.isoformat(timespec="microseconds")[:-6]
 
 
 def message_stamp(envelope: Envelope) -> Stamp:

@@ -26,7 +26,6 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
-    Connection,
     DateTime,
     Engine,
     Index,
@@ -263,7 +262,13 @@ def make_engine(url: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> Engine:
     )
 
 
+#: Compact JSON, made once: json.dumps with separators builds an encoder per call.
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def _dumps(value: Any, default: Any = None) -> str:
+    if default is None:
+        return _ENCODE(value)
     return json.dumps(value, separators=(",", ":"), default=default)
 
 
@@ -384,10 +389,82 @@ def _insert_returning_keys(
         ).columns(envelope_id=String, received_at=UtcDateTime)
         found = conn.execute(statement, {"rows": _dumps(rows, _iso)})
         return [(row[0], row[1]) for row in found]
-    statement = insert_ignore(conn.engine, table).returning(
-        table.c.envelope_id, table.c.received_at
-    )
-    return [(row[0], row[1]) for row in conn.execute(statement, rows)]
+    return _sqlite_insert_returning_keys(conn, table, rows)
+
+
+#: Host parameters one SQLite statement may hold (SQLITE_MAX_VARIABLE_NUMBER
+#: since SQLite 3.32; Python's sqlite3 links a newer one).
+_SQLITE_MAX_PARAMETERS = 32766
+
+
+def _sqlite_time(value: datetime | None) -> str | None:
+    """A datetime as SQLAlchemy's SQLite DATETIME stores a `UtcDateTime`:
+    UTC, `YYYY-MM-DD HH:MM:SS.ffffff`, no zone (tests/unit/test_storage.py)."""
+    if value is None:
+        return None
+    # In UTC the ISO text always ends in "+00:00"; cutting it is the cheapest
+    # way to the zone-less text (replace(tzinfo=None) costs as much again).
+    return value.astimezone(UTC).isoformat(" ", "microseconds")[:-6]
+
+
+def _sqlite_converters(table: Any) -> list[tuple[str, Callable[[Any], Any] | None]]:
+    """Each column of `table` with what turns a row's value into what SQLite stores."""
+    converters: list[tuple[str, Callable[[Any], Any] | None]] = []
+    for column in table.columns:
+        if isinstance(column.type, UtcDateTime):
+            converters.append((column.name, _sqlite_time))
+        elif isinstance(column.type, JSON):
+            converters.append((column.name, _dumps))
+        else:
+            converters.append((column.name, None))
+    return converters
+
+
+def _sqlite_insert_returning_keys(
+    conn: Any, table: Any, rows: list[dict[str, Any]]
+) -> list[tuple[str, datetime]]:
+    """The SQLite side of `_insert_returning_keys`: multi-row VALUES bound by
+    the driver itself.
+
+    SQLAlchemy's insert of the same rows ran every value through its type's
+    bind processor in Python, which cost more than SQLite storing the row. The
+    values here are converted to exactly what those processors give (text
+    times, compact JSON), so the stored text, and with it the key a batch
+    delivered again must collide with, is the same; what the driver refuses
+    (an integer beyond 64 bits, a string it cannot encode) it still refuses.
+    """
+    converters = _sqlite_converters(table)
+    columns = ", ".join(name for name, _ in converters)
+    chunk = _SQLITE_MAX_PARAMETERS // len(converters)
+    keys: list[tuple[str, datetime]] = []
+    times: dict[datetime, str | None] = {}  # stored_at is one time for the whole batch
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        values: list[Any] = []
+        by_key: dict[tuple[str, str | None], datetime] = {}
+        for row in part:
+            for name, convert in converters:
+                value = row[name]
+                if value is None or convert is None:
+                    values.append(value)
+                elif convert is _sqlite_time:
+                    text = times.get(value)
+                    if text is None:
+                        text = times[value] = _sqlite_time(value)
+                    values.append(text)
+                else:
+                    values.append(convert(value))
+            at = row["received_at"]
+            by_key[(row["envelope_id"], times[at])] = at
+        placeholders = "(" + ", ".join("?" * len(converters)) + ")"
+        found = conn.exec_driver_sql(
+            f"INSERT INTO {table.name} ({columns}) VALUES "
+            + ", ".join([placeholders] * len(part))
+            + " ON CONFLICT DO NOTHING RETURNING envelope_id, received_at",
+            tuple(values),
+        ).all()
+        keys += [(envelope_id, by_key[(envelope_id, at)]) for envelope_id, at in found]
+    return keys
 
 
 #: How long after a message a device's retransmission of it is still recognised
@@ -425,11 +502,14 @@ def _insert_telemetry(conn: Any, rows: list[dict[str, Any]], window: timedelta) 
         return set()
     mine = set(inserted)
     by_key = {(row["envelope_id"], row["received_at"]): row for row in rows}
-    probes = [
-        {"d": row["device_id"], "s": row["seq"], "e": key[0]}
+    # Each (device, seq, id) once: a row then matches at most one probe, and the
+    # copies counted below are distinct rows.
+    unique = {
+        (row["device_id"], row["seq"], key[0])
         for key in inserted
         if (row := by_key.get(key)) is not None and row["seq"] is not None
-    ]
+    }
+    probes = [{"d": d, "s": s, "e": e} for d, s, e in unique]
     if not probes:
         return {key[0] for key in inserted}
     since = min(key[1] for key in inserted) - window
@@ -455,15 +535,20 @@ def _insert_telemetry(conn: Any, rows: list[dict[str, Any]], window: timedelta) 
             "AND t.seq = json_extract(p.value, '$.s') "
             "AND t.envelope_id = json_extract(p.value, '$.e')"
         )
+    # Only the ids found more than once come back: every new row finds itself,
+    # and reading those back cost more than the lookup.
     found = conn.execute(
         text(
-            "SELECT DISTINCT t.envelope_id, t.received_at "
+            "SELECT envelope_id, received_at FROM ("
+            "SELECT t.envelope_id, t.received_at, "
+            "count(*) OVER (PARTITION BY t.envelope_id) AS copies "
             f"FROM {source} WHERE t.received_at >= :since"
+            ") AS found WHERE copies > 1"
         )
         .columns(envelope_id=String, received_at=UtcDateTime)
         .bindparams(bindparam("since", since, type_=UtcDateTime)),
         {"probes": _dumps(probes)},
-    )
+    ).all()
     copies: dict[str, list[tuple[datetime, bool]]] = {}
     for envelope_id, received_at in found:
         copies.setdefault(envelope_id, []).append((received_at, (envelope_id, received_at) in mine))
@@ -509,7 +594,7 @@ def store_envelopes(
     *,
     before_commit: Callable[[list[Envelope]], object] | None = None,
     retransmission_window: timedelta = DEFAULT_RETRANSMISSION_WINDOW,
-    count: Callable[[Connection, int], object] | None = None,
+    count_stored: Callable[[Any, int], object] | None = None,
 ) -> int:
     """Store a batch in one transaction, idempotently on the envelope id.
 
@@ -529,9 +614,10 @@ def store_envelopes(
     A device's retransmission of a telemetry message is recognised within
     `retransmission_window` of the copy stored first (`_insert_telemetry`).
 
-    `count`, if given, is called inside the transaction with its connection
-    and the number of new rows (when there are any), to count them in the
-    same commit (hub.worker_metrics.add_within).
+    `count_stored(connection, n)` is called last in the transaction when `n`
+    rows were new (the worker's counter, hub/worker_metrics.py): the count
+    commits with the rows, in the same commit. Last, so that a lock it takes
+    on a counter row that other transactions share is held only for the commit.
     """
     now = datetime.now(UTC)
     telemetry = [_row(e, now) for e in envelopes if e.kind is Kind.TELEMETRY]
@@ -562,8 +648,6 @@ def store_envelopes(
                 new.discard(e.id)
             changes.append(e)
         _update_state(conn, changes, now)
-        if count is not None and inserted:
-            count(conn, inserted)
         if before_commit is not None:
             # Once per id: a retransmission can sit in the same batch as its original.
             handled: dict[str, Envelope] = {}
@@ -572,6 +656,8 @@ def store_envelopes(
                     handled.setdefault(e.id, e)
             if handled:
                 before_commit(list(handled.values()))
+        if count_stored is not None and inserted:
+            count_stored(conn, inserted)
     return inserted
 
 

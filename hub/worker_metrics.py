@@ -8,11 +8,11 @@ mode needs a folder that every process shares, which workers on other
 machines do not. The database is what every worker and every hub already
 share, so each worker adds to its own rows (`worker_counters`, one row per
 worker name and counter, so workers never contend for one row), and the
-hub's `/metrics` and `hub status` read the sums. On SQLite the ingest tasks
-count their rows in the transaction that stores them (`add_within`; one
-commit, one fsync per task). On PostgreSQL they count in a transaction of
-their own after it, and a worker killed in between under-counts by that
-batch; the counters are for watching, the stored rows are the truth.
+hub's `/metrics` and `hub status` read the sums. Stored rows are counted in
+the transaction that stores them (`add_in`): no commit of their own, and
+exact. The other counters are added after the fact, so a worker killed in
+between under-counts; the counters are for watching, the stored rows are the
+truth.
 """
 
 from __future__ import annotations
@@ -57,12 +57,14 @@ class WorkerCounter(Base):
 
 def add(engine: Engine, worker: str, counts: Mapping[str, int]) -> None:
     """Add `counts` to `worker`'s counters (an upsert per counter, one transaction)."""
-    with engine.begin() as conn:
-        add_within(conn, worker, counts)
+    if any(counts.values()):
+        with engine.begin() as conn:
+            add_in(conn, worker, counts)
 
 
-def add_within(conn: Connection, worker: str, counts: Mapping[str, int]) -> None:
-    """`add`, inside the caller's transaction on `conn` (committed with it)."""
+def add_in(conn: Connection, worker: str, counts: Mapping[str, int]) -> None:
+    """`add` inside a transaction of the caller's, which commits the counts
+    with what they count (the ingest tasks count the rows they store so)."""
     rows = [
         {"worker": worker[:200], "name": name, "value": int(n), "updated_at": datetime.now(UTC)}
         for name, n in counts.items()

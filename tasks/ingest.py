@@ -23,7 +23,7 @@ from typing import Any
 
 from celery import current_task
 from kombu.exceptions import OperationalError as KombuOperationalError
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 
 import tasks.application
@@ -92,14 +92,13 @@ def store(
     `before_commit` (the handler runs) is called inside each storing
     transaction with what was new (`store_envelopes`)."""
     window = timedelta(hours=tasks.application.context().settings.retransmission_window_h)
-    db = engine()
     try:
         return store_envelopes(
-            db,
+            engine(),
             envelopes,
             before_commit=before_commit,
             retransmission_window=window,
-            count=_count_rows if _count_in_store(db) else None,
+            count_stored=_count_stored,
         )
     except (OperationalError, KombuOperationalError):
         raise  # the database or the broker is away: retry the task
@@ -111,6 +110,11 @@ def store(
             return 0
         log.warning("a batch of %d was refused (%s); storing one by one", len(envelopes), exc)
     return sum(store([envelope], task_name, before_commit) for envelope in envelopes)
+
+
+def _count_stored(conn: Connection, stored: int) -> None:
+    # In the storing transaction: one commit per batch, not a second one to count it.
+    worker_metrics.add_in(conn, worker_name(), {worker_metrics.ROWS_STORED: stored})
 
 
 def ingest(batch: Any, task_name: str = "tasks.ingest") -> int:
@@ -131,28 +135,7 @@ def ingest(batch: Any, task_name: str = "tasks.ingest") -> int:
     )
     if again:
         handlers.schedule(list({e.id: e for e in envelopes}.values()), modules)
-    if stored and not _count_in_store(engine()):
-        try:
-            worker_metrics.add(engine(), worker_name(), {worker_metrics.ROWS_STORED: stored})
-        except OperationalError:
-            log.warning("stored %d rows but could not count them", stored)
     return stored
-
-
-def _count_in_store(db: Engine) -> bool:
-    """Whether the rows are counted in the transaction that stores them.
-
-    On SQLite, yes: it has one writer at a time anyway, and a commit of its
-    own would cost each task message a second fsync (synchronous=FULL), which
-    at a moderate load, with small batches, bounds what a worker stores. On
-    PostgreSQL, no: the worker's counter row would stay locked until the
-    storing transaction commits, and the pool processes of one worker (one
-    name, one row) would store one after the other."""
-    return db.dialect.name == "sqlite"
-
-
-def _count_rows(conn: Connection, rows: int) -> None:
-    worker_metrics.add_within(conn, worker_name(), {worker_metrics.ROWS_STORED: rows})
 
 
 def _delivered_before() -> bool:

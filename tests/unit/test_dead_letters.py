@@ -4,10 +4,13 @@ bounded task-body decoder (all pure code over a real SQLite database)."""
 from __future__ import annotations
 
 import json
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kombu.utils import json as kombu_json
 from sqlalchemy import Engine
 
 from hub import dead_letters, worker_metrics
@@ -118,6 +121,24 @@ def nested(depth: int) -> Any:
 def test_shallow_bodies_decode_unchanged() -> None:
     body = [[[ENVELOPE]], {}, {"callbacks": None}]
     assert wire.loads(json.dumps(body)) == body
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        kombu_json.dumps([[[ENVELOPE]], {"at": datetime(2026, 1, 2, tzinfo=UTC)}, {}]),
+        kombu_json.dumps([["x", {"id": uuid.UUID(int=7), "raw": b"\xff"}], {}, {}]),
+        # The same markers with an escape in the key: still kombu's values.
+        '[[{"\\u005f_type__": "datetime", "__value__": "2026-01-02T00:00:00+00:00"}], {}, {}]',
+        json.dumps([[[dict(ENVELOPE, payload={"t": "é", "__type__": 1})]], {}, {}]),
+        json.dumps([[[ENVELOPE]], {}, {"callbacks": None}]).encode(),
+    ],
+)
+def test_bodies_decode_as_kombu_decodes_them(text: str | bytes) -> None:
+    assert wire.loads(text) == kombu_json.loads(text)
+    assert wire.loads(memoryview(text.encode() if isinstance(text, str) else text)) == (
+        kombu_json.loads(text)
+    )
 
 
 def test_a_too_deep_envelope_in_a_batch_is_quarantined_and_the_rest_kept() -> None:

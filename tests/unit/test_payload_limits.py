@@ -17,7 +17,7 @@ import pytest
 
 from hub.envelope import Envelope, Kind
 from hub.errors import EnvelopeError, RemoteProtocolError
-from hub.payloads import PayloadTooDeep, exceeds_depth, loads_bounded
+from hub.payloads import PayloadTooDeep, exceeds_depth, loads_bounded, parsed_text_exceeds_depth
 from hub.protocol.events import Hello, NakReason, Role, Telemetry
 from hub.protocol.lines import LinesCodec
 from hub.protocol.native import NativeCodec
@@ -76,6 +76,43 @@ def test_depth_is_measured_without_recursion() -> None:
 def test_bounded_loads_refuses_deep_documents(depth: int) -> None:
     with pytest.raises(PayloadTooDeep):
         loads_bounded(nested_text(depth).decode(), 32)
+
+
+# Documents whose strings hold brackets, quotes and backslashes in every
+# arrangement the pre-check on parsed text must see through.
+TRICKY_DOCUMENTS = [
+    {"a": "]]]]}}}}", "b": nested(6)},
+    {"a": "[[[[{{{{", "b": nested(6)},
+    {"a": 'quote " then ]]]', "b": [[[["x"]]]]},
+    {"a": "backslash \\", "b": "]}", "c": nested(7)},
+    {"a": 'backslash then quote \\"', "b": '"]]]]"', "c": nested(7)},
+    {'\\"]]': ["\\", '\\"', '"[', nested(5)]},
+    [{"é\u00e9\ud800": "]" * 50}, [[[[[[[[["deep"]]]]]]]]]],
+    {"a": [{"b": [{"c": [{"d": [{"e": [{"f": "}]}]}]"}]}]}]}]}]},
+    {"a": "\\" * 5 + '"]]' + "\\" * 4, "b": ['"' * 3, "\\" * 2, nested(9)]},
+]
+
+
+@pytest.mark.parametrize("document", TRICKY_DOCUMENTS)
+@pytest.mark.parametrize("max_depth", range(1, 16))
+def test_the_pre_check_on_parsed_text_never_misses_a_document_too_deep(
+    document: Any, max_depth: int
+) -> None:
+    for text in (json.dumps(document), json.dumps(document, ensure_ascii=False)):
+        assert json.loads(text) == document
+        if exceeds_depth(document, max_depth):
+            assert parsed_text_exceeds_depth(text, max_depth)
+            assert parsed_text_exceeds_depth(text.encode("utf-8", "surrogatepass"), max_depth)
+        if not exceeds_depth(document, max_depth // 2):
+            # Within a factor of two of the real depth, whatever the strings hold.
+            assert not parsed_text_exceeds_depth(text, max_depth)
+
+
+def test_the_pre_check_on_parsed_text_passes_a_large_shallow_batch() -> None:
+    batch = [{"id": str(i), "payload": {"t": 21.5, "note": "[{" * 10}} for i in range(500)]
+    text = json.dumps([[batch], {}, {"callbacks": None}])
+    assert not parsed_text_exceeds_depth(text, 100)
+    assert parsed_text_exceeds_depth(text, 6)  # [args, [batch, {envelope, {payload: 5 levels
 
 
 # -- TCP codecs ------------------------------------------------------------------

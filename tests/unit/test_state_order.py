@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 
 from hub.envelope import Envelope, Kind, envelope_id
+from hub.presence import message_stamp
 from hub.settings import normalise_database_url
 from hub.storage import count_rows, device_state, make_engine, migrate, recent_telemetry
 from hub.storage import store_envelopes as store
@@ -273,3 +275,22 @@ def test_the_migration_goes_down_and_up_again(tmp_path: Path) -> None:
     store(eng, [telemetry("d", 1, {"t": 1}, 1)])
     assert device_state(eng, "d") is not None
     eng.dispose()
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        T0,
+        datetime(2026, 5, 6, 7, 8, 9, 10, tzinfo=timezone(timedelta(hours=3))),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(1000, 1, 1, tzinfo=UTC),
+        datetime(5, 1, 1, 12, tzinfo=UTC),
+    ],
+    ids=str,
+)
+def test_stamps_keep_the_text_of_stamps_stored_before(moment: datetime) -> None:
+    """Stamps are stored (last_values_at, state_at) and compared as text with
+    new ones: their text must never change, whatever makes it."""
+    message = telemetry("d", 42, {}, 0)
+    stamp = message_stamp(replace(message, device_time=moment))
+    assert stamp == f"{moment.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%S.%f')}|{42:020d}"

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
+from sqlalchemy import insert, select, text
+
 from hub.envelope import Envelope, Kind
-from hub.storage import count_rows, device_state, make_engine, migrate, store_envelopes
+from hub.storage import (
+    EventRow,
+    TelemetryRow,
+    count_rows,
+    device_state,
+    make_engine,
+    migrate,
+    store_envelopes,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -51,6 +62,62 @@ def test_batches_store_once_and_keep_the_newest_state(tmp_path: Path) -> None:
     assert b["online"] is False
     assert device_state(engine, "c") is None  # events are not state
     assert count_rows(engine) == 5 and count_rows(engine, Kind.EVENT) == 1
+
+
+MOMENTS = [
+    T0,
+    datetime(2026, 3, 4, 5, 6, 7, 890123, tzinfo=UTC),
+    datetime(2026, 3, 4, 23, 30, 0, 1, tzinfo=timezone(timedelta(hours=-5))),
+    datetime(999, 12, 31, 23, 59, 59, tzinfo=timezone(timedelta(hours=2))),
+]
+
+
+@pytest.mark.parametrize("moment", MOMENTS, ids=str)
+def test_sqlite_rows_are_written_as_sqlalchemy_writes_them(
+    tmp_path: Path, moment: datetime
+) -> None:
+    """store_envelopes binds SQLite's values itself: the same text as SQLAlchemy's
+    types give, or a batch delivered again would not collide with its first copy."""
+    url = f"sqlite:///{tmp_path / 'hub.sqlite3'}"
+    migrate(url)
+    engine = make_engine(url)
+    payload = {"t": 21.5, "note": "é\ud800", "deep": {"a": [1, None, True]}, "big": 2**70}
+    mine = [
+        Envelope(
+            device_id=f"dev-{kind.value}",
+            kind=kind,
+            payload=payload,
+            transport="tcp",
+            protocol="native",
+            seq=7,
+            device_time=moment,
+            received_at=moment,
+        )
+        for kind in (Kind.TELEMETRY, Kind.EVENT)
+    ]
+    assert store_envelopes(engine, mine) == 2
+    for table in (TelemetryRow.__table__, EventRow.__table__):
+        with engine.begin() as conn:
+            stored = dict(conn.execute(select(table)).one()._mapping)
+            copy = {**stored, "envelope_id": "copy"}
+            conn.execute(insert(table).values(copy))  # through SQLAlchemy's types
+            texts = conn.execute(
+                text(
+                    f"SELECT received_at, device_time, stored_at, payload FROM {table.name} "
+                    "ORDER BY envelope_id = 'copy'"
+                )
+            ).all()
+        assert texts[0] == texts[1]
+        assert stored["received_at"] == moment and stored["payload"] == payload
+    # And SQLAlchemy finds the row by its key, bound through the key's type.
+    table = TelemetryRow.__table__
+    with engine.connect() as conn:
+        found = conn.execute(
+            select(table.c.envelope_id).where(
+                table.c.received_at == moment, table.c.envelope_id == mine[0].id
+            )
+        ).all()
+    assert len(found) == 1
 
 
 def test_sqlite_commits_survive_a_power_loss(tmp_path: Path) -> None:
