@@ -126,6 +126,24 @@ def _publish_rate(port: int, credentials_file: Path, seconds: float) -> dict[str
     }
 
 
+def _probe_with_cpu(
+    hub: Child, fleet: Child | None, port: int, credentials_file: Path, seconds: float
+) -> dict[str, Any]:
+    """`_publish_rate`, with the CPU the hub spent per acknowledged message
+    meanwhile and the CPU seconds of the held fleet's own process (on a
+    machine of few CPUs, what the held devices' load generator takes from
+    everything else)."""
+    hub_before = hub.cpu_s()
+    fleet_before = fleet.cpu_s() if fleet is not None else 0.0
+    rate = _publish_rate(port, credentials_file, seconds)
+    hub_s = hub.cpu_s() - hub_before
+    rate["hub_cpu_us_per_msg"] = (
+        round(hub_s / rate["acknowledged"] * 1e6, 1) if rate["acknowledged"] else None
+    )
+    rate["held_fleet_cpu_s"] = round(fleet.cpu_s() - fleet_before, 2) if fleet is not None else None
+    return rate
+
+
 def _last(child: Child, kind: str) -> dict[str, Any] | None:
     return next((r for r in reversed(child.json_lines()) if r.get("type") == kind), None)
 
@@ -176,8 +194,8 @@ def measure_transport(
         event_loop = hub_event_loop(hub)
         time.sleep(1.0)  # let the freshly started hub settle before the idle reading
         if publishers:
-            published["idle"] = _publish_rate(
-                ports[transport], publishers_file, cfg.publish_probe_s
+            published["idle"] = _probe_with_cpu(
+                hub, None, ports[transport], publishers_file, cfg.publish_probe_s
             )
             if not cfg.quiet:
                 log(f"{transport}: publish probe on the idle hub: "
@@ -234,8 +252,8 @@ def measure_transport(
             time.sleep(0.5)
         rss_connected = hub.rss()
         if publishers:
-            published["held"] = _publish_rate(
-                ports[transport], publishers_file, cfg.publish_probe_s
+            published["held"] = _probe_with_cpu(
+                hub, fleet, ports[transport], publishers_file, cfg.publish_probe_s
             )
             if not cfg.quiet:
                 log(f"{transport}: publish probe with the fleet held: "

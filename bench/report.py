@@ -206,6 +206,13 @@ def connections_table(result: dict[str, Any]) -> str:
                 f"{idle:,.0f} msg/s idle hub, {held:,.0f} msg/s with {r['devices']} held "
                 f"({held / idle if idle else 0:.2f}x)"
             )
+            if probe["held"].get("hub_cpu_us_per_msg") is not None:
+                out.append(
+                    f"  {name} publish probe: hub CPU {probe['idle']['hub_cpu_us_per_msg']} "
+                    f"us/msg idle, {probe['held']['hub_cpu_us_per_msg']} us/msg held; the held "
+                    f"fleet's own process used {probe['held']['held_fleet_cpu_s']} CPU s "
+                    "meanwhile"
+                )
         again = r.get("restart")
         if again:
             back = again["all_back_s"]
