@@ -40,16 +40,14 @@ COLUMNS = "envelope_id, device_id, seq, received_at, stored_at, transport, proto
 FILL_CHUNK_ROWS = 1_000_000
 
 
-def _fill(
-    engine: Any, rows: int, devices: int, start: datetime, span: timedelta, quiet: bool
-) -> float:
-    """Insert `rows` rows spread evenly over `span` from `start`; seconds taken."""
+def _fill_range(
+    engine: Any, first: int, last: int, devices: int, start: datetime, step_us: int
+) -> None:
+    """Rows `first`..`last` (inclusive) of the same series as `_fill`, in chunks."""
     from sqlalchemy import text
 
-    step_us = max(1, int(span / timedelta(microseconds=1) / rows))
-    began = time.monotonic()
-    for first in range(0, rows, FILL_CHUNK_ROWS):
-        last = min(rows, first + FILL_CHUNK_ROWS) - 1
+    for low in range(first, last + 1, FILL_CHUNK_ROWS):
+        high = min(last, low + FILL_CHUNK_ROWS - 1)
         with engine.begin() as conn:
             conn.execute(
                 text(
@@ -60,13 +58,31 @@ def _fill(
                     "'tcp', 'native', json_build_object('t', i % 1000, 'h', i % 97) "
                     "FROM generate_series(CAST(:first AS bigint), :last) AS i"
                 ),
-                {"devices": devices, "start": start, "step": step_us, "first": first, "last": last},
+                {"devices": devices, "start": start, "step": step_us, "first": low, "last": high},
             )
+
+
+def _fill(
+    engine: Any, rows: int, devices: int, start: datetime, span: timedelta, quiet: bool
+) -> float:
+    """Insert `rows` rows spread evenly over `span` from `start`; seconds taken."""
+    step_us = max(1, int(span / timedelta(microseconds=1) / rows))
+    began = time.monotonic()
+    for first in range(0, rows, FILL_CHUNK_ROWS):
+        last = min(rows, first + FILL_CHUNK_ROWS) - 1
+        _fill_range(engine, first, last, devices, start, step_us)
         if not quiet:
             log(f"  {last + 1:,} / {rows:,} rows")
+    _analyze(engine)
+    return time.monotonic() - began
+
+
+def _analyze(engine: Any) -> None:
+    """Fresh planner statistics for the telemetry table (outside a transaction)."""
+    from sqlalchemy import text
+
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("ANALYZE telemetry"))
-    return time.monotonic() - began
 
 
 def _time_query(engine: Any, sql: str, device: str, since: datetime) -> tuple[float, int]:
@@ -297,28 +313,6 @@ def run_insert_cost(
 # ---------------------------------------------------------------------------
 
 
-def _fill_range(
-    engine: Any, first: int, last: int, devices: int, start: datetime, step_us: int
-) -> None:
-    """Rows `first`..`last` (inclusive) of the same series as `_fill`, in chunks."""
-    from sqlalchemy import text
-
-    for low in range(first, last + 1, FILL_CHUNK_ROWS):
-        high = min(last, low + FILL_CHUNK_ROWS - 1)
-        with engine.begin() as conn:
-            conn.execute(
-                text(
-                    f"INSERT INTO telemetry ({COLUMNS}) SELECT md5(i::text), "
-                    "'dev-' || (i % :devices), i / :devices, "
-                    "CAST(:start AS timestamptz) + make_interval(secs => i * :step / 1e6), "
-                    "CAST(:start AS timestamptz) + make_interval(secs => i * :step / 1e6), "
-                    "'tcp', 'native', json_build_object('t', i % 1000, 'h', i % 97) "
-                    "FROM generate_series(CAST(:first AS bigint), :last) AS i"
-                ),
-                {"devices": devices, "start": start, "step": step_us, "first": low, "last": high},
-            )
-
-
 def _probe_rows(
     size: int, batch_no: int, devices: int, at: datetime, seq_base: int
 ) -> list[dict[str, Any]]:
@@ -410,10 +404,7 @@ def run_insert_cost_postgres(
                     if not quiet:
                         log(f"  filling {name} to {target:,} rows")
                     _fill_range(engine, done, target - 1, devices, start, step_us)
-                    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                        from sqlalchemy import text
-
-                        conn.execute(text("ANALYZE telemetry"))
+                    _analyze(engine)
                 done = target
                 at = start + timedelta(microseconds=done * step_us)
                 sizes.append(done)
